@@ -1,0 +1,12 @@
+"""condmoe models: architecture only (no ranks, no config files, no environment).
+
+``models/ds_moe.py`` is the single adapter to DeepSpeed's expert parallelism and is imported only by train/.
+"""
+
+from models import _compat  # noqa: F401  (must precede every timm import; see the module docstring)
+from models.generalist import TASK_TYPES, TaskOutput, UniPerceiver
+from models.moe import MoEMLP, MoEStats, pop_moe_stats
+from models.registry import SIZES, create_model, moe_layer_indices
+
+__all__ = ["TASK_TYPES", "SIZES", "MoEMLP", "MoEStats", "TaskOutput", "UniPerceiver", "create_model",
+           "moe_layer_indices", "pop_moe_stats"]

@@ -1,0 +1,172 @@
+"""Uni-Perceiver: one shared Transformer for every modality, every task a similarity to encoded targets.
+
+Inputs (images) and targets (class names, captions) go through the same embeddings and the same pre-LN encoder; the
+``<|spe|>`` token at position 0 gives each sequence's representation, which passes ``ln_post`` and a projection, is
+L2-normalised and compared by cosine similarity times a learned, capped per-task-type temperature.
+
+Every task makes exactly two encoder passes per step: one over its inputs and one over its targets. With expert
+parallelism each MoE layer exchanges tokens with its peers once per pass, so ranks that drew different tasks still
+meet in the same collectives (see docs/ARCHITECTURE.md).
+
+Shape legend: B batch, N tokens, L text length, M targets, D width.
+"""
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn as nn
+from timm.layers import Mlp, trunc_normal_
+from timm.models.vision_transformer import Block
+
+from models.embeddings import ImageEmbed, TextEmbed
+from models.losses import classification_loss, contrastive_loss, similarity_logits
+from models.moe import MoEMLP
+
+TASK_TYPES = ("image_classification", "image_text_retrieval")
+
+
+@dataclass
+class TaskOutput:
+    loss: torch.Tensor
+    logits: torch.Tensor
+
+
+class UniPerceiver(nn.Module):
+    """The generalist encoder and its task heads.
+
+    Args:
+        vocab_size: text vocabulary (BPE plus special tokens).
+        spe_token_id: id of ``<|spe|>``, prepended to visual sequences (text sequences carry it already).
+        img_size, patch_size: visual tokenizer geometry.
+        max_text_len: longest text sequence (learned positions).
+        dim, depth, num_heads, mlp_ratio: encoder size.
+        drop_path_rate: stochastic depth, constant over blocks as in Uni-Perceiver.
+        layer_scale_init: LayerScale initial value (None disables).
+        moe_layers: indices of blocks whose MLP is an ``MoEMLP``.
+        moe_kwargs: keyword arguments of those ``MoEMLP`` (num_experts, top_k, capacity_factor, ...).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        spe_token_id: int,
+        img_size: int = 224,
+        patch_size: int = 16,
+        max_text_len: int = 64,
+        dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.1,
+        layer_scale_init: float | None = 1e-3,
+        moe_layers: tuple[int, ...] = (),
+        moe_kwargs: dict | None = None,
+    ):
+        super().__init__()
+        if any(not 0 <= i < depth for i in moe_layers):
+            raise ValueError(f"moe_layers {list(moe_layers)} must index blocks in [0, {depth})")
+        self.dim = dim
+        self.depth = depth
+        self.spe_token_id = spe_token_id
+        self.moe_layers = tuple(moe_layers)
+        self.image_embed = ImageEmbed(img_size, patch_size, dim)
+        self.text_embed = TextEmbed(vocab_size, max_text_len, dim)
+        self.embed_norm = nn.LayerNorm(dim)  # shared by all modalities
+        moe_mlp = partial(MoEMLP, **(moe_kwargs or {}))
+        self.blocks = nn.ModuleList([
+            Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, init_values=layer_scale_init,
+                  drop_path=drop_path_rate, mlp_layer=moe_mlp if i in self.moe_layers else Mlp)
+            for i in range(depth)
+        ])
+        self.ln_post = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, dim)
+        self.logit_scale = nn.Parameter(torch.full((len(TASK_TYPES),), math.log(1 / 0.07)))
+        self.init_weights()
+
+    # ----------------------------------------------------------------------------------------------- init / optim
+    def init_weights(self) -> None:
+        """MAE-style: xavier-uniform linears, truncated-normal embeddings, unit LayerNorms."""
+        self.apply(_init_module)
+        self.image_embed.init_weights()
+        self.text_embed.init_weights()
+        for m in self.modules():
+            if isinstance(m, MoEMLP):
+                m.init_weights()
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names excluded from weight decay besides biases and norms (which have ndim < 2)."""
+        return {"image_embed.pos_embed", "image_embed.type_embed", "text_embed.pos_embed", "text_embed.type_embed",
+                "logit_scale"}
+
+    # ---------------------------------------------------------------------------------------------------- encoder
+    def encode(self, x_BND: torch.Tensor, pad_mask_BN: torch.Tensor | None = None) -> torch.Tensor:
+        """Shared encoder over embedded tokens; returns the projected ``<|spe|>`` feature ``[B, D]``."""
+        attn_mask = None
+        if pad_mask_BN is not None:
+            # Additive float mask (works in timm's fused and unfused attention): padded keys get -inf-like scores.
+            attn_mask = torch.zeros(pad_mask_BN.shape, dtype=x_BND.dtype, device=x_BND.device)
+            attn_mask = attn_mask.masked_fill(~pad_mask_BN, torch.finfo(x_BND.dtype).min)[:, None, None, :]
+        x_BND = self.embed_norm(x_BND)
+        for block in self.blocks:
+            x_BND = block(x_BND, attn_mask=attn_mask)
+        return self.proj(self.ln_post(x_BND[:, 0]))
+
+    def encode_images(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        patches_BND = self.image_embed(images_BCHW)
+        spe_ids = torch.full((patches_BND.shape[0], 1), self.spe_token_id, device=patches_BND.device)
+        spe_B1D = self.text_embed.token_embed(spe_ids)
+        return self.encode(torch.cat([spe_B1D, patches_BND], dim=1))
+
+    def encode_texts(self, ids_BL: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
+        return self.encode(self.text_embed(ids_BL), mask_BL)
+
+    # ------------------------------------------------------------------------------------------------------ tasks
+    def forward(self, task_type: str, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> TaskOutput:
+        """One task step. ``batch`` keys by task type:
+
+        * ``image_classification``: ``images`` [B,3,H,W], ``labels`` [B], ``target_ids``/``target_mask`` [M, L]
+          (the tokenised class names).
+        * ``image_text_retrieval``: ``images`` [B,3,H,W], ``text_ids``/``text_mask`` [B, L].
+        """
+        if task_type == "image_classification":
+            return self.image_classification(batch, label_smoothing)
+        if task_type == "image_text_retrieval":
+            return self.image_text_retrieval(batch, label_smoothing)
+        raise ValueError(f"unknown task type {task_type!r}; known: {', '.join(TASK_TYPES)}")
+
+    def image_classification(self, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> TaskOutput:
+        inputs_BD = self.encode_images(batch["images"])
+        targets_MD = self.encode_texts(batch["target_ids"], batch["target_mask"])
+        logits = similarity_logits(inputs_BD, targets_MD, self.logit_scale[TASK_TYPES.index("image_classification")])
+        return TaskOutput(classification_loss(logits, batch["labels"], label_smoothing), logits)
+
+    def image_text_retrieval(self, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> TaskOutput:
+        images_BD = self.encode_images(batch["images"])
+        texts_BD = self.encode_texts(batch["text_ids"], batch["text_mask"])
+        logits = similarity_logits(images_BD, texts_BD, self.logit_scale[TASK_TYPES.index("image_text_retrieval")])
+        return TaskOutput(contrastive_loss(logits, label_smoothing), logits)
+
+    # ---------------------------------------------------------------------------------------------------- helpers
+    def num_params(self, active_only: bool = False) -> int:
+        """Parameter count; ``active_only`` counts each MoE layer's experts as ``top_k`` experts (per-token cost)."""
+        total = sum(p.numel() for p in self.parameters())
+        if active_only:
+            for m in self.modules():
+                if isinstance(m, MoEMLP):
+                    per_expert = sum(p.numel() for p in m.experts.deepspeed_experts[0].parameters())
+                    total -= per_expert * (m.num_local_experts - m.top_k)
+        return total
+
+
+def _init_module(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Embedding):
+        trunc_normal_(m.weight, std=0.02)

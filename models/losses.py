@@ -1,0 +1,29 @@
+"""Task losses of the "pick the most similar target" formulation (pure functions)."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def similarity_logits(inputs_ND: torch.Tensor, targets_MD: torch.Tensor, log_scale: torch.Tensor,
+                      max_scale: float = 100.0) -> torch.Tensor:
+    """Cosine similarity of L2-normalised features times a learned temperature ``exp(log_scale)``, capped.
+
+    The cap is applied to the log-scale (clamp, then exp) so the temperature stops growing at ``max_scale``.
+    """
+    scale = log_scale.clamp(max=math.log(max_scale)).exp()
+    return scale * F.normalize(inputs_ND, dim=-1) @ F.normalize(targets_MD, dim=-1).t()
+
+
+def classification_loss(logits_NM: torch.Tensor, labels_N: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy against the encoded class-name targets."""
+    return F.cross_entropy(logits_NM.float(), labels_N, label_smoothing=label_smoothing)
+
+
+def contrastive_loss(logits_NN: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Symmetric InfoNCE over in-batch negatives: mean of input->target and target->input cross-entropy."""
+    labels = torch.arange(logits_NN.shape[0], device=logits_NN.device)
+    logits_NN = logits_NN.float()
+    return 0.5 * (F.cross_entropy(logits_NN, labels, label_smoothing=label_smoothing)
+                  + F.cross_entropy(logits_NN.t(), labels, label_smoothing=label_smoothing))

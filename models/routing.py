@@ -1,0 +1,155 @@
+"""Routing maths for Mixture-of-Experts layers: pure functions from router logits to expert assignments.
+
+Nothing here owns parameters, reads a rank or talks to other processes; every function is tested on hand-written
+logits (tests/test_routing.py).
+
+Shape legend (suffixes on tensor names):
+    T  tokens routed in this call (batch and sequence flattened)
+    E  experts (global count)
+    K  experts chosen per token (top-k)
+    C  capacity: token slots per expert
+    D  model width
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Routing:
+    """Where each token goes and with which weight.
+
+    Attributes:
+        expert_idx_TK: chosen experts per token, best first.
+        gate_TK: combine weights; zero where the assignment was dropped for capacity.
+        slot_TK: position of the token in its expert's buffer of ``capacity`` slots; ``capacity`` where dropped.
+        probs_TE: router softmax over all experts (what the balance loss sees).
+        counts_E: assignments per expert before dropping (what logs and balance statistics see).
+        capacity: slots per expert used for this call.
+    """
+
+    expert_idx_TK: torch.Tensor
+    gate_TK: torch.Tensor
+    slot_TK: torch.Tensor
+    probs_TE: torch.Tensor
+    counts_E: torch.Tensor
+    capacity: int
+
+    @property
+    def kept_TK(self) -> torch.Tensor:
+        return self.slot_TK < self.capacity
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int) -> int:
+    """Token slots per expert: ``ceil(k * factor * T / E)``, at least ``min_capacity`` (GShard/Switch)."""
+    return max(min_capacity, math.ceil(top_k * capacity_factor * num_tokens / num_experts))
+
+
+def topk_experts(logits_TE: torch.Tensor, top_k: int, normalize: bool = True):
+    """Softmax over experts, then the top-k experts per token and their gate values.
+
+    Args:
+        logits_TE: router logits (noise, if any, already added).
+        top_k: experts per token.
+        normalize: renormalise the k gate values to sum to one (GShard top-2); otherwise keep raw probabilities.
+
+    Returns:
+        ``(probs_TE, expert_idx_TK, gate_TK)``.
+    """
+    num_experts = logits_TE.shape[-1]
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
+    probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+    gate_TK, expert_idx_TK = torch.topk(probs_TE, top_k, dim=-1)
+    if normalize and top_k > 1:
+        gate_TK = gate_TK / gate_TK.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(gate_TK.dtype).eps)
+    return probs_TE, expert_idx_TK, gate_TK
+
+
+def assign_slots(expert_idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position of every (token, choice) in its expert's queue.
+
+    Priority follows GShard: all first choices are queued before any second choice, and within one choice rank
+    tokens keep their order. Returns ``(slot_TK, counts_E)``; a slot >= capacity means the assignment is dropped.
+    """
+    num_tokens, top_k = expert_idx_TK.shape
+    # Queue order: choice rank major, token minor -> flatten the transposed [K, T] one-hot.
+    onehot_KTE = F.one_hot(expert_idx_TK.t(), num_experts).reshape(top_k * num_tokens, num_experts)
+    position_KTE = torch.cumsum(onehot_KTE, dim=0) - 1
+    slot_KT = (position_KTE * onehot_KTE).sum(dim=-1).reshape(top_k, num_tokens)
+    counts_E = onehot_KTE.sum(dim=0)
+    return slot_KT.t().contiguous(), counts_E
+
+
+def route(
+    logits_TE: torch.Tensor,
+    top_k: int,
+    capacity: int | None,
+    normalize: bool = True,
+    agree_capacity: Callable[[int], int] | None = None,
+) -> Routing:
+    """Top-k routing with a per-expert capacity.
+
+    Args:
+        logits_TE: router logits.
+        top_k: experts per token.
+        capacity: slots per expert; assignments beyond it are dropped (gate zero, token passes through the residual).
+            ``None`` means dropless: capacity becomes the largest expert load of this call.
+        normalize: renormalise the kept top-k gate values (see ``topk_experts``).
+        agree_capacity: maps this process's capacity to the one every expert-parallel peer uses (their max), since
+            the exchanged buffers must have one shape. Identity when omitted.
+    """
+    num_experts = logits_TE.shape[-1]
+    probs_TE, expert_idx_TK, gate_TK = topk_experts(logits_TE, top_k, normalize)
+    slot_TK, counts_E = assign_slots(expert_idx_TK, num_experts)
+    if capacity is None:
+        capacity = max(int(counts_E.max()), 1)  # host sync: the buffer shape depends on it
+    if agree_capacity is not None:
+        capacity = agree_capacity(capacity)
+    kept_TK = slot_TK < capacity
+    gate_TK = gate_TK * kept_TK
+    slot_TK = torch.where(kept_TK, slot_TK, torch.full_like(slot_TK, capacity))
+    return Routing(expert_idx_TK, gate_TK, slot_TK, probs_TE, counts_E, capacity)
+
+
+def load_balance_loss(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer balance loss generalised to top-k: ``E * sum_e f_e * P_e``.
+
+    ``f_e`` is the fraction of the T*K assignments that chose expert e (not differentiable), ``P_e`` the mean router
+    probability of e (differentiable). It equals 1 for perfectly uniform routing and grows with imbalance.
+    """
+    num_experts = probs_TE.shape[-1]
+    fraction_E = F.one_hot(expert_idx_TK, num_experts).float().mean(dim=(0, 1))
+    return num_experts * torch.sum(fraction_E * probs_TE.mean(dim=0))
+
+
+def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: mean squared log-partition, keeps router logits small."""
+    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+
+
+def dispatch(x_TD: torch.Tensor, routing: Routing, num_experts: int) -> torch.Tensor:
+    """Scatters tokens into per-expert buffers ``[E, C, D]``; unused slots are zero, dropped tokens go nowhere."""
+    num_tokens, dim = x_TD.shape
+    top_k = routing.expert_idx_TK.shape[1]
+    capacity = routing.capacity
+    # One flat row per (expert, slot), plus a scratch row that swallows dropped assignments: no boolean indexing,
+    # hence no host sync, and the shapes depend only on (E, C).
+    row_TK = torch.where(routing.kept_TK, routing.expert_idx_TK * capacity + routing.slot_TK, num_experts * capacity)
+    source_TKD = x_TD.unsqueeze(1).expand(num_tokens, top_k, dim)
+    buffer = x_TD.new_zeros(num_experts * capacity + 1, dim)
+    buffer = buffer.index_copy(0, row_TK.reshape(-1), source_TKD.reshape(-1, dim))
+    return buffer[:-1].reshape(num_experts, capacity, dim)
+
+
+def combine(y_ECD: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """Weighted sum of each token's expert outputs: ``sum_k gate_k * y[expert_k, slot_k]``; dropped -> 0."""
+    num_experts, capacity, dim = y_ECD.shape
+    row_TK = (routing.expert_idx_TK * capacity + routing.slot_TK.clamp_max(capacity - 1)).reshape(-1)
+    gathered_TKD = y_ECD.reshape(num_experts * capacity, dim).index_select(0, row_TK)
+    gathered_TKD = gathered_TKD.reshape(*routing.expert_idx_TK.shape, dim)
+    return torch.einsum("tk,tkd->td", routing.gate_TK.to(y_ECD.dtype), gathered_TKD)
