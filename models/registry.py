@@ -3,7 +3,9 @@
 from models.generalist import UniPerceiver
 
 SIZES: dict[str, dict] = {
-    "debug": dict(dim=64, depth=4, num_heads=4, mlp_ratio=2.0, patch_size=8, img_size=32, drop_path_rate=0.0),
+    # debug: LayerScale 0.1 rather than 1e-3 so that a few hundred CPU steps escape the collapsed start.
+    "debug": dict(dim=64, depth=4, num_heads=4, mlp_ratio=2.0, patch_size=8, img_size=32, drop_path_rate=0.0,
+                  layer_scale_init=0.1),
     "small": dict(dim=384, depth=12, num_heads=6),
     "base": dict(dim=768, depth=12, num_heads=12),
     "large": dict(dim=1024, depth=24, num_heads=16, drop_path_rate=0.2),

@@ -1,0 +1,164 @@
+"""``condmoe-prep``: command-line entry point for dataset preparation.
+
+Example::
+
+    condmoe-prep synthetic --out data/synthetic --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import NoReturn
+
+from data_prep.shards import read_manifest
+from data_prep.synthetic import SyntheticConfig, complete_dataset_sizes, write_synthetic_dataset
+
+__all__ = ["build_parser", "main"]
+
+_PROG = "condmoe-prep"
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are a single ``prog: error: message`` line on stderr, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        # The default prints the full usage block first; one line is easier to spot in job logs and to grep.
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``condmoe-prep`` argument parser (one subcommand per dataset source)."""
+    parser = _OneLineErrorParser(prog=_PROG, description="Prepare condmoe training data as webdataset shards.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    defaults = SyntheticConfig()
+    syn = sub.add_parser(
+        "synthetic",
+        help="generate the embedded synthetic image+video dataset (no download)",
+        description="Generate the embedded synthetic multi-task dataset (shape images with captions, moving-shape "
+        "videos) as webdataset shards, plus classes.json, sizes.json, manifest.json and a BPE tokenizer.",
+    )
+    d = " (default: %(default)s)"
+    syn.add_argument("--out", type=Path, required=True, help="output directory (created if missing)")
+    syn.add_argument("--seed", type=_non_negative_int, default=defaults.seed, help="generation seed" + d)
+    syn.add_argument("--image-size", type=_positive_int, default=defaults.image_size, help="image side in px" + d)
+    syn.add_argument("--video-size", type=_positive_int, default=defaults.video_size, help="frame side in px" + d)
+    syn.add_argument("--num-frames", type=_positive_int, default=defaults.num_frames, help="frames per clip" + d)
+    for kind, plural in (("image", "images"), ("video", "videos")):
+        for split in ("train", "val"):
+            syn.add_argument(
+                f"--num-{split}-{plural}",
+                type=_positive_int,
+                default=getattr(defaults, f"num_{split}_{plural}"),
+                help=f"{kind}s in {kind}/{split}" + d,
+            )
+    syn.add_argument("--shard-size", type=_positive_int, default=defaults.shard_size, help="max images per shard" + d)
+    syn.add_argument(
+        "--video-shard-size", type=_positive_int, default=defaults.video_shard_size, help="max clips per shard" + d
+    )
+    syn.add_argument("--vocab-size", type=_positive_int, default=defaults.vocab_size, help="max BPE vocabulary" + d)
+    syn.add_argument("--no-tokenizer", action="store_true", help="do not train the BPE tokenizer")
+    syn.add_argument("--overwrite", action="store_true", help="regenerate even if OUT already holds this dataset")
+    syn.add_argument("--no-progress", action="store_true", help="disable progress bars")
+    # The subcommand's own parser reports its errors, so messages name it ("condmoe-prep synthetic: error: ...").
+    syn.set_defaults(func=_run_synthetic, command_parser=syn)
+    return parser
+
+
+def _summarise(out: Path, elapsed: float | None) -> None:
+    manifest = read_manifest(out)
+    if manifest is None:  # pragma: no cover - write_synthetic_dataset always writes one
+        return
+    total_samples = total_shards = total_bytes = 0
+    for name, entry in manifest["datasets"].items():
+        shards = entry["shards"]
+        nbytes = sum(s["num_bytes"] for s in shards)
+        print(f"{name}: {entry['num_samples']} samples in {len(shards)} shard(s), {nbytes / 1e6:.1f} MB")
+        total_samples += entry["num_samples"]
+        total_shards += len(shards)
+        total_bytes += nbytes
+    timing = f" in {elapsed:.1f} s" if elapsed is not None else ""
+    tok = manifest.get("tokenizer")
+    tok_text = f", tokenizer {out / tok['path']} (vocab {tok['vocab_size']})" if tok else ""
+    print(
+        f"total: {total_samples} samples in {total_shards} shard(s), {total_bytes / 1e6:.1f} MB{timing}{tok_text} "
+        f"-> {out}"
+    )
+
+
+def _run_synthetic(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    config = SyntheticConfig(
+        seed=args.seed,
+        image_size=args.image_size,
+        video_size=args.video_size,
+        num_frames=args.num_frames,
+        num_train_images=args.num_train_images,
+        num_val_images=args.num_val_images,
+        num_train_videos=args.num_train_videos,
+        num_val_videos=args.num_val_videos,
+        shard_size=args.shard_size,
+        video_shard_size=args.video_shard_size,
+        vocab_size=args.vocab_size,
+        tokenizer=not args.no_tokenizer,
+    )
+    try:
+        config.validate()
+    except ValueError as e:
+        parser.error(str(e))
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} exists and is not a directory")
+    if not args.overwrite and out.is_dir() and complete_dataset_sizes(out, config) is not None:
+        print(f"{out} already holds a complete dataset with these parameters; skipping (use --overwrite to redo)")
+        _summarise(out, None)
+        return 0
+    start = time.perf_counter()
+    try:
+        write_synthetic_dataset(out, **asdict(config), overwrite=True, progress=not args.no_progress)
+    except (OSError, ValueError) as e:
+        parser.error(f"cannot write dataset to {out}: {e}")
+    _summarise(out, time.perf_counter() - start)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``condmoe-prep``.
+
+    Args:
+        argv: Arguments without the program name; ``None`` reads ``sys.argv[1:]``.
+
+    Returns:
+        The exit code (0 on success). Usage and I/O errors print one line to stderr and raise ``SystemExit(2)``.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args, args.command_parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""condmoe: train."""

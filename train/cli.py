@@ -1,0 +1,96 @@
+"""Console scripts: ``condmoe-train`` (under torchrun, the deepspeed launcher, srun or mpirun) and ``condmoe-eval``.
+
+Both take ``--config FILE`` and any number of ``key.sub=value`` overrides. User errors (bad config value, missing
+data or checkpoint) end with a one-line message and exit code 2.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", required=True, help="YAML config (see configs/ and docs/configs.md)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. run.max_steps=10")
+    # The deepspeed launcher appends --local_rank; the rank layout is read from the environment instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def _setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
+
+
+def _fail(prog: str, exc: Exception) -> int:
+    print(f"{prog}: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    args = _parser("condmoe-train", "Pre-train a condmoe model with DeepSpeed.").parse_args(argv)
+    from train.config import load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        cfg.validate_paths()
+    except (ValueError, FileNotFoundError) as exc:
+        return _fail("condmoe-train", exc)
+
+    from train.dist import init_distributed
+    from train.trainer import Trainer
+
+    info = init_distributed()
+    _setup_logging(info.rank)
+    if cfg.moe.num_experts and info.world_size % cfg.moe.ep_size:
+        return _fail("condmoe-train", ValueError(f"moe.ep_size={cfg.moe.ep_size} does not divide the world size "
+                                                 f"{info.world_size}"))
+    torch_threads = os.environ.get("CONDMOE_TORCH_THREADS")
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(int(torch_threads))
+    try:
+        Trainer(cfg, info).train()
+    except (ValueError, FileNotFoundError) as exc:
+        return _fail("condmoe-train", exc)
+    return 0
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    parser = _parser("condmoe-eval", "Zero-shot evaluation of a checkpoint on the val split (one process).")
+    parser.add_argument("--checkpoint", default="", help="checkpoint dir (step_N) or checkpoints folder; "
+                                                         "default: the latest in run.output_dir")
+    parser.add_argument("--dataset", default="image", help="dataset folder under data.root")
+    parser.add_argument("--batch-size", type=int, default=128)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+
+    from models.text_tokenizer import TextTokenizer
+    from train.checkpoint import checkpoint_dir, load_plain_state_dict
+    from train.config import load_config
+    from train.engine import build_model
+    from train.evaluate import evaluate
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        tokenizer = TextTokenizer(cfg.tokenizer_dir, cfg.data.max_text_len)
+        model = build_model(cfg, tokenizer.vocab_size, tokenizer.spe_id)
+        state = load_plain_state_dict(args.checkpoint or checkpoint_dir(cfg.run.output_dir))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match the config's model: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+        img_size = model.image_embed.patch_embed.img_size[0]
+        metrics = evaluate(model, cfg.data.root, args.dataset, tokenizer, img_size, args.batch_size)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        return _fail("condmoe-eval", exc)
+    print(json.dumps(metrics))
+    out = Path(cfg.run.output_dir) / "eval.json"
+    if out.parent.is_dir():
+        out.write_text(json.dumps(metrics, indent=2) + "\n")
+    return 0

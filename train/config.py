@@ -1,0 +1,307 @@
+"""Typed run configuration: YAML in, ``key.sub=value`` overrides, validation that names the bad field.
+
+A config file may name a ``_base_`` file (relative to itself) whose values it overrides. The resolved config is
+written next to the checkpoints (``<output_dir>/config.yaml``). DeepSpeed settings (ZeRO stage, precision, gradient
+clipping) live in the JSON file named by ``deepspeed_config`` and nowhere else.
+"""
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from models import SIZES, TASK_TYPES
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    """Checkpoints, logs and the resolved config go here."""
+    seed: int = 0
+    """Seeds model init, task sampling, data order and every step's randomness."""
+    max_steps: int = 1000
+    """Optimizer steps to train for."""
+    log_every: int = 10
+    """Steps between log lines (rank 0)."""
+    save_every: int = 500
+    """Steps between checkpoints (a final one is always written)."""
+    keep_last: int = 3
+    """Checkpoints to keep; older ones are deleted after a new one is complete."""
+    resume: str = "auto"
+    """'auto' (latest checkpoint in output_dir if any), 'none', or a checkpoint directory."""
+    gradient_accumulation_steps: int = 1
+    """Micro-steps per optimizer step (each draws its own task)."""
+
+    def __post_init__(self):
+        _positive(self, "max_steps", "log_every", "save_every", "keep_last", "gradient_accumulation_steps")
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/synthetic"
+    """Directory written by condmoe-prep (shards, sizes.json, classes.json, tokenizer/)."""
+    tokenizer: str = ""
+    """Tokenizer directory; empty means <root>/tokenizer. A local CLIP tokenizer directory also works."""
+    num_workers: int = 1
+    """DataLoader workers per task stream and rank."""
+    shuffle_buffer: int = 1000
+    """Samples held in the shuffle buffer of each stream."""
+    max_text_len: int = 32
+    """Text length including <|spe|> and <|endoftext|>."""
+
+    def __post_init__(self):
+        _positive(self, "shuffle_buffer", "max_text_len")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class ModelConfig:
+    size: str = "debug"
+    """A size from models.registry.SIZES (debug, small, base, large)."""
+    img_size: int = 0
+    """Input resolution; 0 keeps the size's default."""
+    patch_size: int = 0
+    """Patch size; 0 keeps the size's default."""
+    drop_path_rate: float = -1.0
+    """Stochastic depth; negative keeps the size's default."""
+
+    def __post_init__(self):
+        if self.size not in SIZES:
+            raise ValueError(f"model.size={self.size!r} is not one of {', '.join(SIZES)}")
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 8
+    """Experts per MoE layer (0 disables MoE: a dense model)."""
+    top_k: int = 2
+    """Experts per token."""
+    every: int = 2
+    """MoE in blocks offset, offset+every, ... (2: every other block, Uni-Perceiver-MoE's 'odd')."""
+    offset: int = 0
+    """First MoE block."""
+    ep_size: int = 1
+    """Expert-parallel group size; must divide the world size and num_experts."""
+    capacity_factor: float = 1.25
+    """Training capacity per expert, as a multiple of the balanced load k*T/E."""
+    eval_capacity_factor: float = 2.0
+    """The same at evaluation."""
+    min_capacity: int = 4
+    """Lower bound on slots per expert."""
+    drop_tokens: bool = True
+    """False: dropless (capacity follows the busiest expert)."""
+    gate_noise_std: float = 0.0
+    """Gaussian noise on router logits during training."""
+    balance_loss_weight: float = 0.01
+    """Switch load-balance loss weight per layer."""
+    z_loss_weight: float = 0.0
+    """Router z-loss weight per layer."""
+
+    def __post_init__(self):
+        if self.num_experts < 0:
+            raise ValueError(f"moe.num_experts must be >= 0, got {self.num_experts}")
+        if self.num_experts and not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"moe.top_k={self.top_k} must be in [1, moe.num_experts={self.num_experts}]")
+        _positive(self, "ep_size", "every", "capacity_factor", "eval_capacity_factor")
+        if self.num_experts and self.num_experts % self.ep_size:
+            raise ValueError(f"moe.num_experts={self.num_experts} is not divisible by moe.ep_size={self.ep_size}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-6
+    """Learning rate at the end of the cosine."""
+    warmup_steps: int = 100
+    """Linear warmup steps."""
+    weight_decay: float = 0.05
+    """AdamW decay, applied to >=2-dim weights only (not norms, biases, positions, temperatures)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+
+    def __post_init__(self):
+        _positive(self, "lr")
+        if self.warmup_steps < 0 or self.min_lr < 0 or self.weight_decay < 0:
+            raise ValueError("optim.warmup_steps, optim.min_lr and optim.weight_decay must be >= 0")
+        self.betas = tuple(self.betas)
+
+
+@dataclass
+class TaskConfig:
+    name: str = ""
+    """Unique task name (logs, metrics)."""
+    type: str = "image_classification"
+    """One of models.TASK_TYPES."""
+    dataset: str = "image"
+    """Dataset folder under data.root (shards in <dataset>/<split>/)."""
+    weight: float = 1.0
+    """Sampling weight: each rank draws one task per micro-step with probability weight / sum(weights)."""
+    batch_size: int = 32
+    """Per-rank batch size of this task."""
+    loss_weight: float = 1.0
+    """Multiplies this task's loss."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the task's cross-entropy."""
+
+    def __post_init__(self):
+        if not self.name:
+            raise ValueError("tasks[].name is required")
+        if self.type not in TASK_TYPES:
+            raise ValueError(f"tasks[{self.name}].type={self.type!r} is not one of {', '.join(TASK_TYPES)}")
+        if self.weight <= 0 or self.batch_size <= 0:
+            raise ValueError(f"tasks[{self.name}].weight and .batch_size must be > 0")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"tasks[{self.name}].label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    tasks: list[TaskConfig] = field(default_factory=list)
+    deepspeed_config: str = "ds_configs/zero2_cpu.json"
+    """DeepSpeed JSON (ZeRO stage, precision, clipping). Relative paths resolve against the repository root."""
+
+    def __post_init__(self):
+        if not self.tasks:
+            raise ValueError("tasks: at least one task is required")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tasks: names must be unique, got {names}")
+
+    def validate_paths(self) -> None:
+        """Checks what must exist on disk before training (separate so configs can be built without data)."""
+        root = Path(self.data.root)
+        if not (root / "sizes.json").is_file():
+            raise FileNotFoundError(f"data.root={root}: no sizes.json (run `condmoe-prep synthetic --out {root}`)")
+        for task in self.tasks:
+            shards = root / task.dataset / "train"
+            if not any(shards.glob("*.tar")):
+                raise FileNotFoundError(f"tasks[{task.name}].dataset: no shards in {shards}")
+        if not resolve_path(self.deepspeed_config).is_file():
+            raise FileNotFoundError(f"deepspeed_config: {self.deepspeed_config} not found")
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return Path(self.data.tokenizer) if self.data.tokenizer else Path(self.data.root) / "tokenizer"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(json.loads(json.dumps(self.to_dict())), sort_keys=False))
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_path(path: str | Path) -> Path:
+    """Absolute paths as given; relative ones against the working directory, else the repository root."""
+    path = Path(path)
+    if path.is_absolute() or path.exists():
+        return path
+    return REPO_ROOT / path
+
+
+def _positive(obj, *names: str) -> None:
+    section = type(obj).__name__.removesuffix("Config").lower()
+    for name in names:
+        value = getattr(obj, name)
+        if value <= 0:
+            raise ValueError(f"{section}.{name} must be > 0, got {value}")
+
+
+def _build(cls, values: dict[str, Any], where: str):
+    """Builds dataclass ``cls`` from a dict, refusing unknown keys and converting nested sections."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where or 'config'}: expected a mapping, got {type(values).__name__}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{where + '.' if where else ''}{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        key = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, key)
+        elif get_origin(hint) is list and dataclasses.is_dataclass(get_args(hint)[0]):
+            kwargs[name] = [_build(get_args(hint)[0], v, f"{key}[{i}]") for i, v in enumerate(value or [])]
+        else:
+            kwargs[name] = _coerce(value, hint, key)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{key}: expected true/false, got {value!r}")
+    if hint in (int, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{key}: expected a number, got {value!r}")
+        if hint is int and float(value) != int(value):
+            raise ValueError(f"{key}: expected an integer, got {value!r}")
+        return hint(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ValueError(f"_base_ cycle through {path}")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    base = data.pop("_base_", None)
+    if base:
+        data = _merge(_load_yaml(path.parent / base, (*seen, path)), data)
+    return data
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Applies ``a.b=value`` strings (value parsed as YAML) to a nested dict; ``tasks.0.weight=2`` indexes lists."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        node: Any = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        last = parts[-1]
+        value = yaml.safe_load(raw)
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Loads a YAML config (with ``_base_`` inheritance), applies overrides and validates every field."""
+    data = _load_yaml(Path(path)) if path else {}
+    data = apply_overrides(data, overrides or [])
+    return _build(Config, data, "")

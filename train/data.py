@@ -1,0 +1,185 @@
+"""Webdataset pipelines: one endless, seeded stream of batches per task and rank, plus the in-order val reader.
+
+Layout read here (written by ``condmoe-prep``): ``<root>/<dataset>/<split>/*.tar``, ``<root>/sizes.json``,
+``<root>/classes.json``. Image samples carry ``jpg``, ``cls`` and ``txt`` members.
+
+Reproducibility: shard choice, sample order and task choice are pure functions of (seed, rank, task, epoch/step), so
+a resumed run continues the exact stream: the sampler replays which task each past step drew, each task stream
+re-opens at its epoch and skips the batches already consumed in it.
+"""
+
+import json
+import logging
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, get_worker_info
+from webdataset.utils import make_seed
+
+from models.text_tokenizer import TextTokenizer
+from train.config import DataConfig, TaskConfig
+
+log = logging.getLogger(__name__)
+
+# Pixel normalisation of the synthetic data and of the demo; real datasets usually want ImageNet's.
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.5, 0.5, 0.5)
+
+
+def read_json(root: str | Path, name: str) -> dict:
+    path = Path(root) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (is {root} a condmoe-prep output directory?)")
+    return json.loads(path.read_text())
+
+
+def shard_urls(root: str | Path, dataset: str, split: str) -> list[str]:
+    urls = sorted(str(p) for p in (Path(root) / dataset / split).glob("*.tar"))
+    if not urls:
+        raise FileNotFoundError(f"no shards in {Path(root) / dataset / split}")
+    return urls
+
+
+def log_and_continue(exn: Exception) -> bool:
+    """Webdataset handler: a bad sample or shard is logged and skipped (no sleep, unlike ``warn_and_continue``)."""
+    log.warning("skipping bad sample: %s: %s", type(exn).__name__, exn)
+    return True
+
+
+def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """RGB, resized to ``size`` x ``size`` (bicubic), scaled to [0, 1] and normalised -> ``[3, size, size]``."""
+    image = image.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BICUBIC)
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    array = (array - np.asarray(MEAN, dtype=np.float32)) / np.asarray(STD, dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class Collate:
+    """Turns a list of (image, label, caption) into the model's batch dict (captions tokenised here, in workers)."""
+
+    def __init__(self, task_type: str, img_size: int, tokenizer: TextTokenizer):
+        self.task_type = task_type
+        self.img_size = img_size
+        self.tokenizer = tokenizer
+
+    def __call__(self, samples: Sequence[tuple]) -> dict[str, torch.Tensor]:
+        images, labels, captions = zip(*samples)
+        batch = {
+            "images": torch.stack([image_to_tensor(img, self.img_size) for img in images]),
+            "labels": torch.tensor([int(label) for label in labels], dtype=torch.long),
+        }
+        if self.task_type == "image_text_retrieval":
+            batch["text_ids"], batch["text_mask"] = self.tokenizer([str(c) for c in captions])
+        return batch
+
+
+def _worker_id() -> int:
+    info = get_worker_info()
+    return 0 if info is None else info.id
+
+
+def build_pipeline(urls: list[str], collate: Collate, batch_size: int, shuffle_buffer: int, seed: int,
+                   batches_per_worker: int) -> wds.DataPipeline:
+    """Resampled shards -> samples -> shuffle -> decode -> batches; deterministic in ``seed`` (and worker id)."""
+    return wds.DataPipeline(
+        # deterministic=True: the shard sequence depends only on (worker id, seed), never on pid or time.
+        wds.ResampledShards(urls, seed=seed, worker_seed=_worker_id, deterministic=True),
+        wds.tarfile_to_samples(handler=log_and_continue),
+        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed)),
+        wds.decode("pil", handler=log_and_continue),
+        wds.to_tuple("jpg", "cls", "txt", handler=log_and_continue),
+        wds.batched(batch_size, collation_fn=collate, partial=False),
+    ).with_epoch(batches_per_worker)
+
+
+class TaskStream:
+    """Endless batches of one task on one rank; ``position`` counts the batches handed out so far.
+
+    Epoch ``e`` is a fresh pipeline seeded with (seed, rank, task index, e); a stream restored to position p opens
+    epoch ``p // batches_per_epoch`` and skips ``p % batches_per_epoch`` batches.
+    """
+
+    def __init__(self, task: TaskConfig, task_index: int, data: DataConfig, tokenizer: TextTokenizer, img_size: int,
+                 rank: int, world_size: int, seed: int):
+        self.task = task
+        self.urls = shard_urls(data.root, task.dataset, "train")
+        num_samples = int(read_json(data.root, "sizes.json")[f"{task.dataset}/train"])
+        self.num_workers = data.num_workers
+        # An epoch is about one pass of the dataset over all ranks; with_epoch counts per worker.
+        batches = max(1, num_samples // (task.batch_size * world_size))
+        self.batches_per_worker = -(-batches // max(1, self.num_workers))
+        self.batches_per_epoch = self.batches_per_worker * max(1, self.num_workers)
+        self.collate = Collate(task.type, img_size, tokenizer)
+        self.shuffle_buffer = data.shuffle_buffer
+        self.seed_parts = (seed, rank, task_index)
+        self.position = 0
+        self._iterator: Iterator | None = None
+        self._remaining = 0  # batches left in the open epoch
+
+    def _open(self, epoch: int) -> Iterator:
+        pipeline = build_pipeline(self.urls, self.collate, self.task.batch_size, self.shuffle_buffer,
+                                  make_seed(*self.seed_parts, epoch), self.batches_per_worker)
+        if self.num_workers == 0:
+            return iter(pipeline)
+        loader = DataLoader(pipeline, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
+        return iter(loader)
+
+    def seek(self, position: int) -> None:
+        """Positions the stream so that the next batch is batch number ``position`` of the uninterrupted stream."""
+        epoch, offset = divmod(position, self.batches_per_epoch)
+        self._iterator = self._open(epoch)
+        for _ in range(offset):
+            next(self._iterator)
+        self._remaining = self.batches_per_epoch - offset
+        self.position = position
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._iterator is None or self._remaining == 0:
+            self.seek(self.position)
+        batch = next(self._iterator)
+        self._remaining -= 1
+        self.position += 1
+        return batch
+
+
+class TaskSampler:
+    """Which task each rank runs at each micro-step: a pure function of (seed, rank, step), weighted by config."""
+
+    def __init__(self, tasks: Sequence[TaskConfig], seed: int, rank: int):
+        weights = np.asarray([t.weight for t in tasks], dtype=np.float64)
+        self.probs = weights / weights.sum()
+        self.seed = seed
+        self.rank = rank
+
+    def __call__(self, step: int, micro_step: int = 0) -> int:
+        rng = np.random.default_rng([self.seed, self.rank, step, micro_step])
+        return int(rng.choice(len(self.probs), p=self.probs))
+
+    def counts_until(self, step: int, micro_steps: int = 1) -> list[int]:
+        """Batches each task consumed during steps ``[0, step)``: what a resumed stream must skip."""
+        counts = [0] * len(self.probs)
+        for s in range(step):
+            for m in range(micro_steps):
+                counts[self(s, m)] += 1
+        return counts
+
+
+def val_batches(root: str | Path, dataset: str, img_size: int, batch_size: int,
+                tokenizer: TextTokenizer) -> Iterator[dict[str, torch.Tensor]]:
+    """Every val sample exactly once, in shard order (single process), with captions tokenised."""
+    collate = Collate("image_text_retrieval", img_size, tokenizer)
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(shard_urls(root, dataset, "val")),
+        wds.tarfile_to_samples(handler=log_and_continue),
+        wds.decode("pil", handler=log_and_continue),
+        wds.to_tuple("jpg", "cls", "txt", handler=log_and_continue),
+        wds.batched(batch_size, collation_fn=collate, partial=True),
+    )
+    yield from pipeline

@@ -1,0 +1,89 @@
+"""Model construction and the DeepSpeed engine: expert parallelism, parameter groups, optimizer, schedule.
+
+The DeepSpeed JSON (ZeRO stage, precision, clipping) is read as is; only the batch fields DeepSpeed insists on are
+filled in from the run config, because task batches differ per task and are not DeepSpeed's to choose.
+"""
+
+import json
+import math
+
+import deepspeed
+import torch
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+from models import SIZES, UniPerceiver, create_model, moe_layer_indices
+from models.ds_moe import apply_expert_parallel
+from train.config import Config, resolve_path
+
+
+def build_model(cfg: Config, vocab_size: int, spe_token_id: int) -> UniPerceiver:
+    """The plain model (all experts, one process), identical on every rank for a given seed."""
+    overrides = {}
+    if cfg.model.img_size:
+        overrides["img_size"] = cfg.model.img_size
+    if cfg.model.patch_size:
+        overrides["patch_size"] = cfg.model.patch_size
+    if cfg.model.drop_path_rate >= 0:
+        overrides["drop_path_rate"] = cfg.model.drop_path_rate
+    moe = cfg.moe
+    depth = SIZES[cfg.model.size]["depth"]
+    moe_kwargs = dict(num_experts=moe.num_experts, top_k=moe.top_k, capacity_factor=moe.capacity_factor,
+                      eval_capacity_factor=moe.eval_capacity_factor, min_capacity=moe.min_capacity,
+                      drop_tokens=moe.drop_tokens, gate_noise_std=moe.gate_noise_std,
+                      balance_loss_weight=moe.balance_loss_weight, z_loss_weight=moe.z_loss_weight)
+    layers = moe_layer_indices(depth, moe.every, moe.offset) if moe.num_experts else ()
+    torch.manual_seed(cfg.run.seed)
+    return create_model(cfg.model.size, vocab_size=vocab_size, spe_token_id=spe_token_id,
+                        max_text_len=cfg.data.max_text_len, moe_layers=layers, moe_kwargs=moe_kwargs, **overrides)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Named groups: decay for >=2-dim weights; none for norms, biases, positions, temperatures (nanoGPT/timm)."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        plain = name.replace(".deepspeed_moe.", ".")
+        (no_decay if param.ndim < 2 or plain in skip else decay).append(param)
+    return [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+            {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine to ``min_ratio`` at ``max_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def load_ds_config(cfg: Config) -> dict:
+    path = resolve_path(cfg.deepspeed_config)
+    try:
+        ds_config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"deepspeed_config={cfg.deepspeed_config}: {exc}") from exc
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if stage == 3 and cfg.moe.num_experts:
+        raise ValueError(f"deepspeed_config={cfg.deepspeed_config}: ZeRO stage 3 is refused by DeepSpeed's native MoE;"
+                         " use ZeRO-1/2 with MoE (ZeRO-3 only for dense configs, moe.num_experts=0)")
+    ds_config["train_micro_batch_size_per_gpu"] = max(t.batch_size for t in cfg.tasks)
+    ds_config["gradient_accumulation_steps"] = cfg.run.gradient_accumulation_steps
+    ds_config.pop("train_batch_size", None)
+    return ds_config
+
+
+def create_engine(cfg: Config, model: UniPerceiver):
+    """Expert parallelism, then ``deepspeed.initialize`` with a torch AdamW (DeepSpeed's own CPU Adam would need a
+    C++ build) and a LambdaLR warmup-cosine schedule that DeepSpeed checkpoints with the engine."""
+    ds_config = load_ds_config(cfg)
+    apply_expert_parallel(model, cfg.moe.ep_size if cfg.moe.num_experts else 1)
+    groups = split_params_into_different_moe_groups_for_optimizer(param_groups(model, cfg.optim.weight_decay))
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+    min_ratio = cfg.optim.min_lr / cfg.optim.lr
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, cfg.optim.warmup_steps, cfg.run.max_steps, min_ratio))
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                           config=ds_config)
+    return engine

@@ -1,0 +1,142 @@
+"""The training run, top to bottom: set up, resume, loop over steps, log, checkpoint.
+
+One step (``train_step``) is separate from the run (``train``), like torchtitan's trainer.
+"""
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from deepspeed import comm as dist
+from webdataset.utils import make_seed
+
+from models import pop_moe_stats
+from models.text_tokenizer import TextTokenizer
+from train import checkpoint
+from train.config import Config
+from train.data import TaskSampler, TaskStream, read_json
+from train.dist import DistInfo
+from train.engine import build_model, create_engine
+
+log = logging.getLogger("condmoe.train")
+
+
+@dataclass
+class StepRecord:
+    step: int
+    task: str
+    loss: torch.Tensor  # weighted task loss + MoE aux loss, summed over micro-steps (kept on device until logged)
+    task_loss: torch.Tensor
+    aux_loss: torch.Tensor
+    expert_counts_LE: torch.Tensor | None
+
+
+class Trainer:
+    def __init__(self, cfg: Config, info: DistInfo):
+        self.cfg = cfg
+        self.info = info
+        self.output_dir = Path(cfg.run.output_dir)
+        self.tokenizer = TextTokenizer(cfg.tokenizer_dir, cfg.data.max_text_len)
+        model = build_model(cfg, self.tokenizer.vocab_size, self.tokenizer.spe_id)
+        self.img_size = model.image_embed.patch_embed.img_size[0]
+        self.engine = create_engine(cfg, model)
+        self.sampler = TaskSampler(cfg.tasks, cfg.run.seed, info.rank)
+        self.streams = [TaskStream(task, i, cfg.data, self.tokenizer, self.img_size, info.rank, info.world_size,
+                                   cfg.run.seed) for i, task in enumerate(cfg.tasks)]
+        # Class-name targets of each classification dataset: tokenised once, encoded every step (with gradients).
+        classes = read_json(cfg.data.root, "classes.json")
+        self.class_targets = {t.dataset: self.tokenizer(classes[t.dataset]) for t in cfg.tasks
+                              if t.type == "image_classification"}
+
+    @property
+    def model(self):
+        return self.engine.module
+
+    def train_step(self, step: int) -> StepRecord:
+        """One optimizer step: ``gradient_accumulation_steps`` micro-steps, each on a task this rank draws."""
+        cfg = self.cfg
+        total = task_total = aux_total = 0.0
+        counts = None
+        names = []
+        for micro in range(cfg.run.gradient_accumulation_steps):
+            index = self.sampler(step, micro)
+            task = cfg.tasks[index]
+            batch = next(self.streams[index])
+            if task.type == "image_classification":
+                batch["target_ids"], batch["target_mask"] = self.class_targets[task.dataset]
+            batch = {k: v.to(self.engine.device) for k, v in batch.items()}
+            # Dropout, drop-path and gate noise draw from a generator seeded by (seed, rank, step, micro): a resumed
+            # run replays them exactly without saving RNG states.
+            torch.manual_seed(make_seed(cfg.run.seed, self.info.rank, step, micro))
+            out = self.engine(task.type, batch, label_smoothing=task.label_smoothing)
+            stats = pop_moe_stats(self.model)
+            task_loss = task.loss_weight * out.loss
+            aux = stats.aux_loss if stats is not None else task_loss.new_zeros(())
+            loss = task_loss + aux
+            self.engine.backward(loss)
+            self.engine.step()
+            total = total + loss.detach()
+            task_total = task_total + task_loss.detach()
+            aux_total = aux_total + aux.detach()
+            if stats is not None:
+                counts = stats.expert_counts_LE if counts is None else counts + stats.expert_counts_LE
+            names.append(task.name)
+        return StepRecord(step, "+".join(names), total, task_total, aux_total, counts)
+
+    def train(self) -> list[StepRecord]:
+        cfg = self.cfg
+        if self.info.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.output_dir / "config.yaml")
+        start = checkpoint.resume(self.engine, self.output_dir, cfg.run.resume)
+        positions = self.sampler.counts_until(start, cfg.run.gradient_accumulation_steps)
+        for stream, position in zip(self.streams, positions):
+            stream.position = position  # the stream seeks lazily on its first batch
+        if self.info.is_main:
+            log.info("training steps %d..%d on %d ranks (ep_size=%d), tasks: %s", start, cfg.run.max_steps,
+                     self.info.world_size, cfg.moe.ep_size, ", ".join(t.name for t in cfg.tasks))
+
+        records, pending = [], []
+        metrics_file = self.output_dir / f"train_rank{self.info.rank}.jsonl"
+        t0 = time.time()
+        for step in range(start, cfg.run.max_steps):
+            record = self.train_step(step)
+            records.append(record)
+            pending.append(record)
+            last = step + 1 == cfg.run.max_steps
+            if (step + 1) % cfg.run.log_every == 0 or last:
+                self._log(pending, metrics_file, time.time() - t0)
+                pending, t0 = [], time.time()
+            if (step + 1) % cfg.run.save_every == 0 or last:
+                path = checkpoint.save(self.engine, self.output_dir, step + 1, cfg.run.keep_last)
+                if self.info.is_main:
+                    log.info("saved %s", path)
+        return records
+
+    def _log(self, records: list[StepRecord], metrics_file: Path, seconds: float) -> None:
+        """Writes this rank's per-step losses (one host sync per log interval) and prints a summary on rank 0."""
+        with metrics_file.open("a") as f:
+            for r in records:
+                f.write(json.dumps({"step": r.step, "task": r.task, "loss": float(r.loss),
+                                    "task_loss": float(r.task_loss), "aux_loss": float(r.aux_loss)}) + "\n")
+        last = records[-1]
+        mean_loss = torch.stack([torch.as_tensor(r.loss) for r in records]).mean().reshape(1).to(self.engine.device)
+        dist.all_reduce(mean_loss)
+        counts = last.expert_counts_LE
+        if counts is not None:
+            counts = counts.to(self.engine.device, torch.float32)
+            dist.all_reduce(counts)
+        if self.info.is_main:
+            usage = ""
+            if counts is not None:
+                share = counts / counts.sum(dim=-1, keepdim=True)
+                usage = " | expert share " + " ".join("[" + ",".join(f"{v:.2f}" for v in row) + "]"
+                                                      for row in share.tolist())
+            lr = self.engine.get_lr()[0]
+            log.info("step %d | loss %.4f (mean over ranks) | rank0 %s %.4f aux %.4f | lr %.2e | %.2f s/step%s",
+                     last.step + 1, float(mean_loss) / self.info.world_size, last.task, float(last.task_loss),
+                     float(last.aux_loss), lr, seconds / len(records), usage)
+
