@@ -229,7 +229,8 @@ def _build(cls, values: dict[str, Any], where: str):
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"{where + '.' if where else ''}{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
+        prefix = f"{where}." if where else ""
+        raise ValueError(f"{prefix}{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
     kwargs = {}
     for name, value in values.items():
         hint = hints[name]

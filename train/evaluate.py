@@ -15,7 +15,8 @@ from train.data import read_json, val_batches
 @torch.no_grad()
 def evaluate(model: UniPerceiver, root: str, dataset: str, tokenizer: TextTokenizer, img_size: int,
              batch_size: int = 128) -> dict[str, float]:
-    """Returns ``top1`` (classification), ``i2t_r1``/``t2i_r1`` (retrieval over the whole val split), ``num_samples``."""
+    """Returns ``top1`` (classification), ``i2t_r1``/``t2i_r1`` (retrieval over the whole val split) and
+    ``num_samples``."""
     model.eval()
     class_names = read_json(root, "classes.json")[dataset]
     class_ids, class_mask = tokenizer(class_names)
