@@ -10,7 +10,8 @@ Two datasets, each with a ``train`` and a ``val`` split:
 
 Every sample is rendered from its own random stream, ``SeedSequence([seed, dataset, split, index])``, so content does
 not depend on shard size or generation order, train and val never share a stream, and the same seed always gives
-byte-identical shards (fixed JPEG settings, fixed tar metadata; see :mod:`data_prep.shards`).
+byte-identical shards (fixed JPEG settings, fixed tar metadata; see :mod:`data_prep.shards`). The drawing primitives
+(shape masks, palette, backgrounds, noise) live in :mod:`data_prep.shapes`; ``COLORS`` is re-exported here.
 """
 
 from __future__ import annotations
@@ -27,8 +28,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image
 
+from data_prep.shapes import (
+    COLORS,
+    add_specks,
+    composite,
+    finish_image,
+    gradient_background,
+    sample_blur_radius,
+    shape_colour,
+    shape_mask,
+)
 from data_prep.shards import (
     MANIFEST_NAME,
     SIZES_NAME,
@@ -78,16 +89,6 @@ IMAGE_CLASSES: tuple[str, ...] = (
 VIDEO_CLASSES: tuple[str, ...] = ("moving left", "moving right", "moving up", "moving down")
 _DIRECTIONS: tuple[tuple[int, int], ...] = ((-1, 0), (1, 0), (0, -1), (0, 1))  # (dx, dy) per VIDEO_CLASSES entry
 
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 190, 60),
-    "blue": (50, 90, 235),
-    "yellow": (235, 220, 50),
-    "purple": (150, 60, 205),
-    "orange": (245, 140, 30),
-    "white": (235, 235, 235),
-    "cyan": (40, 210, 220),
-}
 # Shape radius as a fraction of the frame side; the gaps between ranges (after jitter) keep "small"/"medium"/"large"
 # unambiguous.
 SIZES: dict[str, float] = {"small": 0.12, "medium": 0.18, "large": 0.25}
@@ -109,7 +110,6 @@ _DATASET_IDS = {"image": 1, "video": 2}
 _SPLIT_IDS = {"train": 1, "val": 2}
 _LABEL_STREAM = 7  # distinct stream for the class-balancing permutations
 
-_SUPERSAMPLE = 4  # masks are drawn at 4x and box-filtered down, which gives anti-aliased edges
 _JPEG_QUALITY = 90
 
 _IMAGE_TEMPLATES = (
@@ -147,132 +147,8 @@ def _balanced_label(seed: int, dataset: str, split: str, index: int, num_classes
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Rendering
+# Rendering (layout, captions and whole samples; the drawing primitives are in data_prep.shapes)
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def _regular_polygon(n: int, radius: float, phase_deg: float) -> np.ndarray:
-    angles = np.deg2rad(phase_deg + 360.0 * np.arange(n) / n)
-    return np.stack([radius * np.cos(angles), radius * np.sin(angles)], axis=1)
-
-
-def _star(points: int, outer: float, inner: float) -> np.ndarray:
-    angles = np.deg2rad(-90.0 + 180.0 * np.arange(2 * points) / points)
-    radii = np.where(np.arange(2 * points) % 2 == 0, outer, inner)
-    return np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
-
-
-def _heart() -> np.ndarray:
-    t = np.linspace(0.0, 2.0 * math.pi, 48, endpoint=False)
-    x = 16.0 * np.sin(t) ** 3
-    y = -(13.0 * np.cos(t) - 5.0 * np.cos(2 * t) - 2.0 * np.cos(3 * t) - np.cos(4 * t))
-    pts = np.stack([x, y], axis=1)
-    pts -= (pts.max(axis=0) + pts.min(axis=0)) / 2.0  # centre the bounding box
-    return pts / np.abs(pts).max()
-
-
-def _cross(arm: float) -> np.ndarray:
-    a = arm
-    return np.array(
-        [[-a, -1], [a, -1], [a, -a], [1, -a], [1, a], [a, a], [a, 1], [-a, 1], [-a, a], [-1, a], [-1, -a], [-a, -a]],
-        dtype=np.float64,
-    )
-
-
-# Outlines in units of the shape radius, centred on the origin, y pointing down (image coordinates).
-_POLYGONS: dict[str, np.ndarray] = {
-    "square": _regular_polygon(4, 0.85 * math.sqrt(2.0), 45.0),
-    "triangle": _regular_polygon(3, 1.0, -90.0) + np.array([0.0, 0.2]),  # nudged down to centre its bounding box
-    "star": _star(5, 1.0, 0.45),
-    "cross": _cross(0.3),
-    "diamond": np.array([[0.0, -1.0], [0.62, 0.0], [0.0, 1.0], [-0.62, 0.0]]),
-    "hexagon": _regular_polygon(6, 1.0, 0.0),
-    "heart": _heart(),
-}
-
-
-def _shape_mask(shape: str, size_px: int, cx: float, cy: float, radius: float, angle_deg: float) -> np.ndarray:
-    """Anti-aliased coverage in [0, 1] of one shape, shape ``(size_px, size_px)`` float32."""
-    s = _SUPERSAMPLE
-    canvas = Image.new("L", (size_px * s, size_px * s), 0)
-    draw = ImageDraw.Draw(canvas)
-    cx, cy, r = cx * s, cy * s, radius * s
-    theta = math.radians(angle_deg)
-    if shape == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
-    elif shape == "ring":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
-        ri = 0.58 * r
-        draw.ellipse((cx - ri, cy - ri, cx + ri, cy + ri), fill=0)
-    elif shape == "crescent":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
-        # The bite is a slightly smaller disc shifted along the (rotated) x axis, so the crescent opens sideways.
-        ri, off = 0.82 * r, 0.48 * r
-        bx, by = cx + off * math.cos(theta), cy + off * math.sin(theta)
-        draw.ellipse((bx - ri, by - ri, bx + ri, by + ri), fill=0)
-    else:
-        pts = _POLYGONS[shape]
-        rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
-        xy = pts @ rot.T * r + np.array([cx, cy])
-        draw.polygon([tuple(p) for p in xy.tolist()], fill=255)
-    small = canvas.resize((size_px, size_px), Image.Resampling.BOX)
-    return np.asarray(small, dtype=np.float32) / 255.0
-
-
-def _background(rng: np.random.Generator, size_px: int) -> np.ndarray:
-    """Dark two-colour linear gradient with Gaussian noise, float32 HxWx3 in [0, 255] (not yet clipped)."""
-    c0 = rng.uniform(0.0, 60.0, size=3)
-    c1 = rng.uniform(0.0, 60.0, size=3)
-    phi = rng.uniform(0.0, 2.0 * math.pi)
-    coords = (np.arange(size_px, dtype=np.float32) + 0.5) / size_px - 0.5
-    t = np.cos(phi) * coords[None, :] + np.sin(phi) * coords[:, None]
-    t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
-    bg = c0[None, None, :] + (c1 - c0)[None, None, :] * t[:, :, None]
-    bg += rng.normal(0.0, rng.uniform(3.0, 9.0), size=bg.shape)
-    return bg.astype(np.float32)
-
-
-def _add_specks(rng: np.random.Generator, img: np.ndarray) -> None:
-    """Paint a few small dim specks in place: clutter that is not a shape and never uses a saturated palette colour."""
-    size_px = img.shape[0]
-    scale = size_px / 64.0
-    yy, xx = np.mgrid[0:size_px, 0:size_px].astype(np.float32) + 0.5
-    for _ in range(int(rng.integers(3, 8))):
-        x, y = rng.uniform(0, size_px, size=2)
-        rad = rng.uniform(0.6, 1.6) * max(scale, 0.5)
-        colour = rng.uniform(50.0, 130.0) + rng.uniform(-20.0, 20.0, size=3)
-        a = np.clip(rad + 0.5 - np.sqrt((xx - x) ** 2 + (yy - y) ** 2), 0.0, 1.0)[:, :, None]
-        img *= 1.0 - a
-        img += a * colour
-
-
-def _shape_colour(rng: np.random.Generator, colour: str) -> np.ndarray:
-    base = np.asarray(COLORS[colour], dtype=np.float32)
-    return np.clip(base * rng.uniform(0.82, 1.05) + rng.uniform(-18.0, 18.0, size=3), 0.0, 255.0)
-
-
-def _composite(img: np.ndarray, mask: np.ndarray, colour: np.ndarray, ramp_dir: float) -> None:
-    # A gentle brightness ramp across the shape (direction ramp_dir), so its pixels are not one flat colour.
-    size_px = img.shape[0]
-    coords = np.arange(size_px, dtype=np.float32) / size_px - 0.5
-    ramp = 1.0 + 0.25 * (math.cos(ramp_dir) * coords[None, :] + math.sin(ramp_dir) * coords[:, None])
-    a = mask[:, :, None]
-    img *= 1.0 - a
-    img += a * colour[None, None, :] * ramp[:, :, None]
-
-
-def _blur_radius(rng: np.random.Generator, size_px: int) -> float:
-    # Half of the samples get a mild Gaussian blur, scaled with resolution; 0 means no blur.
-    return float(rng.uniform(0.3, 0.9)) * size_px / 64.0 if rng.random() < 0.5 else 0.0
-
-
-def _finish(img: np.ndarray, rng: np.random.Generator, blur_radius: float) -> Image.Image:
-    """Mild augmentation (sensor noise, optional blur) and conversion to a PIL image."""
-    img = img + rng.normal(0.0, rng.uniform(0.0, 5.0), size=img.shape)
-    pil = Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), mode="RGB")
-    if blur_radius > 0.0:
-        pil = pil.filter(ImageFilter.GaussianBlur(radius=blur_radius))
-    return pil
 
 
 def _place(rng: np.random.Generator, position: str, radius: float, size_px: int) -> tuple[float, float]:
@@ -320,11 +196,11 @@ def render_image(seed: int, split: str, index: int, image_size: int = 64) -> tup
     angle = float(rng.uniform(-_MAX_ROTATION_DEG, _MAX_ROTATION_DEG))
     cx, cy = _place(rng, position, radius, image_size)
 
-    img = _background(rng, image_size)
-    _add_specks(rng, img)
-    mask = _shape_mask(shape, image_size, cx, cy, radius, angle)
-    _composite(img, mask, _shape_colour(rng, colour), ramp_dir=float(rng.uniform(0.0, 2.0 * math.pi)))
-    pil = _finish(img, rng, _blur_radius(rng, image_size))
+    img = gradient_background(rng, image_size)
+    add_specks(rng, img)
+    mask = shape_mask(shape, image_size, cx, cy, radius, angle)
+    composite(img, mask, shape_colour(rng, colour), ramp_dir=float(rng.uniform(0.0, 2.0 * math.pi)))
+    pil = finish_image(img, rng, sample_blur_radius(rng, image_size))
     meta = {
         "label": label,
         "class_name": shape,
@@ -375,18 +251,18 @@ def render_video(
     wobble = np.clip(across + rng.normal(0.0, 0.3, size=num_frames), lo, hi)
     xs, ys = (along, wobble) if dx != 0 else (wobble, along)
 
-    background = _background(rng, video_size)
-    _add_specks(rng, background)
-    fill = _shape_colour(rng, colour)
+    background = gradient_background(rng, video_size)
+    add_specks(rng, background)
+    fill = shape_colour(rng, colour)
     # Shading and blur are properties of the clip, drawn once, so they do not flicker between frames.
     ramp_dir = float(rng.uniform(0.0, 2.0 * math.pi))
-    blur = _blur_radius(rng, video_size)
+    blur = sample_blur_radius(rng, video_size)
     frames = []
     for t in range(num_frames):
         img = background.copy()
-        mask = _shape_mask(shape, video_size, float(xs[t]), float(ys[t]), radius, angle + spin * t)
-        _composite(img, mask, fill, ramp_dir)
-        frames.append(_finish(img, rng, blur))
+        mask = shape_mask(shape, video_size, float(xs[t]), float(ys[t]), radius, angle + spin * t)
+        composite(img, mask, fill, ramp_dir)
+        frames.append(finish_image(img, rng, blur))
 
     template = _VIDEO_TEMPLATES[int(rng.integers(len(_VIDEO_TEMPLATES)))]
     direction_word = direction.removeprefix("moving ")

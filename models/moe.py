@@ -47,10 +47,11 @@ class Experts(nn.Module):
         self.deepspeed_experts = nn.ModuleList(experts)
 
     def forward(self, x_SLCD: torch.Tensor) -> torch.Tensor:
-        num_ranks, num_local, capacity, dim = x_SLCD.shape
-        outputs = [expert(x_SLCD[:, i].reshape(num_ranks * capacity, dim)) for i, expert in enumerate(
-            self.deepspeed_experts)]
-        return torch.stack(outputs, dim=1).reshape(num_ranks, num_local, capacity, dim)
+        num_ranks, _, capacity, dim = x_SLCD.shape
+        # Expert i serves slot i of every source rank: one [S * C, D] matmul per local expert.
+        outputs = [expert(x_SLCD[:, i].reshape(num_ranks * capacity, dim)).reshape(num_ranks, capacity, dim)
+                   for i, expert in enumerate(self.deepspeed_experts)]
+        return torch.stack(outputs, dim=1)
 
 
 @dataclass

@@ -56,6 +56,7 @@ def topk_experts(logits_TE: torch.Tensor, top_k: int, normalize: bool = True):
         logits_TE: router logits (noise, if any, already added).
         top_k: experts per token.
         normalize: renormalise the k gate values to sum to one (GShard top-2); otherwise keep raw probabilities.
+            Top-1 always keeps the raw probability (Switch): a gate of exactly 1 would give the router no gradient.
 
     Returns:
         ``(probs_TE, expert_idx_TK, gate_TK)``.

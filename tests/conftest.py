@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny synthetic dataset, the subprocess environment for multi-process runs."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import models._compat  # noqa: F401  (before anything imports timm; see models/_compat.py)
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A small synthetic dataset (several shards per split, BPE tokenizer) shared by the whole session."""
+    from data_prep.synthetic import write_synthetic_dataset
+
+    out = tmp_path_factory.mktemp("data") / "synthetic"
+    write_synthetic_dataset(out, seed=0, num_train_images=240, num_val_images=60, num_train_videos=8,
+                            num_val_videos=4, shard_size=100)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run(cmd: list[str], timeout: float = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Runs a command, failing the test with its output (never hanging past ``timeout``)."""
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{exc.stdout}\n{exc.stderr}")
+    if proc.returncode != 0:
+        pytest.fail(f"exit {proc.returncode}: {' '.join(cmd)}\n--- stdout\n{proc.stdout[-6000:]}\n"
+                    f"--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def torchrun(nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}"]
