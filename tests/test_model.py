@@ -1,0 +1,165 @@
+"""Tier 1: the generalist model, its registry and the text tokenizer."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, CLIPTokenizer
+
+from models import SIZES, TASK_TYPES, MoEMLP, create_model, moe_layer_indices, pop_moe_stats
+from models.text_tokenizer import TextTokenizer
+
+VOCAB, SPE = 100, 4
+
+
+def debug_model(**kw):
+    torch.manual_seed(0)
+    return create_model("debug", vocab_size=VOCAB, spe_token_id=SPE, max_text_len=12,
+                        moe_layers=moe_layer_indices(SIZES["debug"]["depth"]), moe_kwargs=dict(num_experts=4, top_k=2),
+                        **kw)
+
+
+def task_batch(task_type: str, batch_size: int = 6, num_classes: int = 5) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(batch_size, 3, 32, 32, generator=g)
+    if task_type == "image_classification":
+        mask = torch.ones(num_classes, 12, dtype=torch.bool)
+        mask[:, 6:] = False
+        return {"images": images, "labels": torch.arange(batch_size) % num_classes,
+                "target_ids": torch.randint(5, VOCAB, (num_classes, 12), generator=g), "target_mask": mask}
+    mask = torch.ones(batch_size, 12, dtype=torch.bool)
+    mask[:, 8:] = False
+    return {"images": images, "text_ids": torch.randint(5, VOCAB, (batch_size, 12), generator=g), "text_mask": mask}
+
+
+@pytest.mark.parametrize("task_type", TASK_TYPES)
+def test_task_forward_shapes_and_every_parameter_gets_a_gradient(task_type):
+    """Every parameter must receive a gradient whatever the task: ranks that drew different tasks still reduce the
+    same gradient buckets under ZeRO (a parameter unused by one task would desynchronise them)."""
+    model = debug_model()
+    batch = task_batch(task_type)
+    out = model(task_type, batch, label_smoothing=0.1)
+    expected = (6, 5) if task_type == "image_classification" else (6, 6)
+    assert out.logits.shape == expected
+    assert torch.isfinite(out.loss)
+    stats = pop_moe_stats(model)
+    assert stats.expert_counts_LE.shape == (len(model.moe_layers), 4)
+    (out.loss + stats.aux_loss).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing
+
+
+def test_each_task_makes_exactly_two_encoder_passes():
+    """The lock-step contract of expert parallelism: one input pass and one target pass per task step."""
+    model = debug_model()
+    calls = []
+    model.blocks[0].register_forward_hook(lambda *_: calls.append(1))
+    for task_type in TASK_TYPES:
+        calls.clear()
+        model(task_type, task_batch(task_type))
+        assert len(calls) == 2, task_type
+
+
+def test_padding_does_not_change_text_features():
+    model = debug_model().eval()
+    ids = torch.randint(5, VOCAB, (1, 12))
+    short_mask = torch.zeros(1, 12, dtype=torch.bool)
+    short_mask[:, :5] = True
+    a = model.encode_texts(ids, short_mask)
+    ids2 = ids.clone()
+    ids2[:, 5:] = 0  # different padding content must not matter
+    b = model.encode_texts(ids2, short_mask)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_unknown_task_type_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown task type"):
+        debug_model()("captioning_v9", {})
+
+
+def test_moe_placement_and_validation():
+    model = debug_model()
+    kinds = [type(b.mlp).__name__ for b in model.blocks]
+    assert kinds == ["MoEMLP", "Mlp", "MoEMLP", "Mlp"]
+    assert moe_layer_indices(12) == (0, 2, 4, 6, 8, 10)
+    assert moe_layer_indices(4, every=1) == (0, 1, 2, 3)
+    with pytest.raises(ValueError):
+        moe_layer_indices(4, every=2, offset=2)
+    with pytest.raises(ValueError, match="moe_layers"):
+        create_model("debug", vocab_size=VOCAB, spe_token_id=SPE, moe_layers=(7,))
+    with pytest.raises(ValueError, match="unknown model size"):
+        create_model("huge", vocab_size=VOCAB, spe_token_id=SPE)
+
+
+def test_experts_start_different_and_active_params_count_top_k():
+    model = debug_model()
+    experts = model.blocks[0].mlp.experts.deepspeed_experts
+    assert not torch.equal(experts[0].fc1.weight, experts[1].fc1.weight)
+    per_expert = sum(p.numel() for p in experts[0].parameters())
+    assert model.num_params() - model.num_params(active_only=True) == 2 * (4 - 2) * per_expert
+
+
+def test_base_size_matches_vit_b_shape():
+    model = create_model("base", vocab_size=VOCAB, spe_token_id=SPE, max_text_len=16)
+    blocks = sum(p.numel() for p in model.blocks.parameters())
+    assert len(model.blocks) == 12 and model.dim == 768
+    assert 85.0e6 < blocks < 85.2e6  # 12 x (attention 2.36M + MLP 4.72M + norms and LayerScale)
+
+
+def test_no_weight_decay_names_exist():
+    model = debug_model()
+    names = dict(model.named_parameters())
+    assert model.no_weight_decay() <= set(names)
+
+
+# ------------------------------------------------------------------------------------------------- text tokenizer
+def test_bpe_tokenizer_from_prep(tiny_data):
+    tok = TextTokenizer(tiny_data / "tokenizer", max_length=10)
+    ids, mask = tok(["a small red circle", "a " * 40])
+    assert ids.shape == mask.shape == (2, 10)
+    assert (ids[:, 0] == tok.spe_id).all()
+    assert ids[0, mask[0].sum() - 1] == tok.eos_id
+    assert bool(mask[1].all())  # truncated to max_length, still ends with eos
+    assert ids[1, -1] == tok.eos_id
+    assert (ids[0][~mask[0]] == tok.pad_id).all()
+    assert tok.decode(ids[0]) == "a small red circle"
+    assert (tok.spe_id, tok.mask_id, tok.pad_id) == (4, 3, 0)
+
+
+def _bytes_to_unicode() -> list[str]:
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def test_local_clip_tokenizer_directory(tmp_path):
+    """A CLIP tokenizer saved locally loads through transformers; missing <|spe|>/<|mask|> are added."""
+    chars = _bytes_to_unicode()
+    vocab = chars + [c + "</w>" for c in chars] + ["ca", "cat</w>", "<|startoftext|>", "<|endoftext|>"]
+    CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[("c", "a"), ("ca", "t</w>")]).save_pretrained(
+        tmp_path)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"].startswith("CLIPTokenizer")
+    assert AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    tok = TextTokenizer(tmp_path, max_length=6)
+    ids, mask = tok(["a cat"])
+    cat = vocab.index("cat</w>")
+    assert ids[0, :4].tolist() == [tok.spe_id, vocab.index("a</w>"), cat, tok.eos_id]
+    assert tok.spe_id >= len(vocab) and tok.mask_id >= len(vocab)
+    assert tok.vocab_size == len(vocab) + 2
+
+
+def test_missing_tokenizer_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer directory"):
+        TextTokenizer(tmp_path / "nope")
+
+
+def test_moe_layers_are_plain_pytorch():
+    """models/ holds architecture only: an MoE layer runs in one process without DeepSpeed."""
+    layer = MoEMLP(8, 16, num_experts=2)
+    assert layer.comm.ep_size == 1
+    assert layer(torch.randn(2, 3, 8)).shape == (2, 3, 8)
