@@ -6,8 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import models._compat  # noqa: F401  (before anything imports timm; see models/_compat.py)
 import pytest
+
+import models._compat  # noqa: F401  (before anything imports timm; see models/_compat.py)
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -5,10 +5,10 @@ Exits non-zero with a message on the first violated invariant.
 
 import sys
 
-import models._compat  # noqa: F401
 import torch
 from deepspeed import comm as dist
 
+import models._compat  # noqa: F401
 from models import MoEMLP
 from train.checkpoint import load_plain_state_dict, save
 from train.cli import _setup_logging

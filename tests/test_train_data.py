@@ -443,3 +443,29 @@ def test_image_to_tensor_range_and_modes():
     assert gray.shape == (3, 5, 5) and (gray == -1.0).all()
     rgba = image_to_tensor(Image.new("RGBA", (4, 4), (255, 255, 255, 0)), 4)
     assert rgba.shape == (3, 4, 4) and (rgba == 1.0).all()  # alpha dropped, not blended
+
+
+def test_stream_without_usable_samples_raises_instead_of_hanging(tiny_data):
+    """An image task pointed at the video dataset (no .jpg members) can never yield a batch: a named error."""
+    import threading
+
+    from train.config import DataConfig, TaskConfig
+    from train.data import TaskStream
+
+    tokenizer = TextTokenizer(tiny_data / "tokenizer", 16)
+    task = TaskConfig(name="wrong", type="image_classification", dataset="video", batch_size=2)
+    stream = TaskStream(task, 0, DataConfig(root=str(tiny_data), num_workers=0, shuffle_buffer=4), tokenizer, 32,
+                        rank=0, world_size=1, seed=0)
+    outcome = {}
+
+    def pull():
+        try:
+            next(stream)
+        except ValueError as exc:
+            outcome["error"] = str(exc)
+
+    thread = threading.Thread(target=pull, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "stream hung"
+    assert "unusable samples in a row" in outcome["error"] and "video" in outcome["error"]

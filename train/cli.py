@@ -27,7 +27,9 @@ def _setup_logging(rank: int) -> None:
 
 
 def _fail(prog: str, exc: Exception) -> int:
-    print(f"{prog}: error: {exc}", file=sys.stderr)
+    # Errors raised in a DataLoader worker arrive wrapped with the worker's traceback: keep the original last line.
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    print(f"{prog}: error: {lines[-1] if lines else type(exc).__name__}", file=sys.stderr)
     return 2
 
 

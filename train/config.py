@@ -7,6 +7,7 @@ clipping) live in the JSON file named by ``deepspeed_config`` and nowhere else.
 
 import dataclasses
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -131,6 +132,8 @@ class OptimConfig:
         if self.warmup_steps < 0 or self.min_lr < 0 or self.weight_decay < 0:
             raise ValueError("optim.warmup_steps, optim.min_lr and optim.weight_decay must be >= 0")
         self.betas = tuple(self.betas)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two values in [0, 1), got {self.betas}")
 
 
 @dataclass
@@ -155,7 +158,7 @@ class TaskConfig:
             raise ValueError("tasks[].name is required")
         if self.type not in TASK_TYPES:
             raise ValueError(f"tasks[{self.name}].type={self.type!r} is not one of {', '.join(TASK_TYPES)}")
-        if self.weight <= 0 or self.batch_size <= 0:
+        if not (self.weight > 0 and self.batch_size > 0):  # "not >" also refuses NaN
             raise ValueError(f"tasks[{self.name}].weight and .batch_size must be > 0")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"tasks[{self.name}].label_smoothing must be in [0, 1), got {self.label_smoothing}")
@@ -217,7 +220,7 @@ def _positive(obj, *names: str) -> None:
     section = type(obj).__name__.removesuffix("Config").lower()
     for name in names:
         value = getattr(obj, name)
-        if value <= 0:
+        if not value > 0:  # also refuses NaN
             raise ValueError(f"{section}.{name} must be > 0, got {value}")
 
 
@@ -250,8 +253,15 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value
         raise ValueError(f"{key}: expected true/false, got {value!r}")
     if hint in (int, float):
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "1e-3" (no dot) as a string
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{key}: expected a finite number, got {value!r}")
         if hint is int and float(value) != int(value):
             raise ValueError(f"{key}: expected an integer, got {value!r}")
         return hint(value)
@@ -259,6 +269,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, str):
             raise ValueError(f"{key}: expected a string, got {value!r}")
         return value
+    if get_origin(hint) is tuple:
+        items = get_args(hint)
+        if not isinstance(value, list | tuple) or len(value) != len(items):
+            raise ValueError(f"{key}: expected a list of {len(items)} values, got {value!r}")
+        return tuple(_coerce(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, items)))
     return value
 
 
@@ -285,19 +300,23 @@ def _merge(base: dict, override: dict) -> dict:
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Applies ``a.b=value`` strings (value parsed as YAML) to a nested dict; ``tasks.0.weight=2`` indexes lists."""
     for item in overrides:
-        if "=" not in item:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
             raise ValueError(f"override {item!r} is not of the form key.sub=value")
-        key, raw = item.split("=", 1)
+        *path, last = key.split(".")
         node: Any = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-        last = parts[-1]
-        value = yaml.safe_load(raw)
-        if isinstance(node, list):
-            node[int(last)] = value
-        else:
-            node[last] = value
+        for depth, part in enumerate([*path, last]):
+            where = ".".join(key.split(".")[:depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ValueError(f"{where}: no list item {part!r} (the list has {len(node)})")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise ValueError(f"{where}: {'.'.join(key.split('.')[:depth])} is a value, not a section")
+            if depth == len(path):
+                node[part] = yaml.safe_load(raw)
+            else:
+                node = node[part] if isinstance(node, list) else node.setdefault(part, {})
     return data
 
 

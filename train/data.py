@@ -45,10 +45,30 @@ def shard_urls(root: str | Path, dataset: str, split: str) -> list[str]:
     return urls
 
 
-def log_and_continue(exn: Exception) -> bool:
-    """Webdataset handler: a bad sample or shard is logged and skipped (no sleep, unlike ``warn_and_continue``)."""
-    log.warning("skipping bad sample: %s: %s", type(exn).__name__, exn)
-    return True
+class SkipBadSamples:
+    """Webdataset handler: a bad sample or shard is logged and skipped (no sleep, unlike ``warn_and_continue``).
+
+    ``limit`` bad samples in a row with no good one between them means the stream can never produce a batch (all
+    shards corrupt, or a dataset whose samples lack what the task needs): raise instead of resampling for ever.
+    Good samples call ``reset`` (a pass-through stage placed after the last stage that can fail).
+    """
+
+    def __init__(self, source: str, limit: int = 200):
+        self.source = source
+        self.limit = limit
+        self.in_a_row = 0
+
+    def __call__(self, exn: Exception) -> bool:
+        self.in_a_row += 1
+        log.warning("%s: skipping bad sample: %s: %s", self.source, type(exn).__name__, exn)
+        if self.in_a_row >= self.limit:
+            raise ValueError(f"{self.source}: {self.limit} unusable samples in a row (last: {type(exn).__name__}: "
+                             f"{exn}); are the shards readable and does the task type match the dataset?")
+        return True
+
+    def reset(self, sample):
+        self.in_a_row = 0
+        return sample
 
 
 def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
@@ -88,13 +108,15 @@ def _worker_id() -> int:
 def build_pipeline(urls: list[str], collate: Collate, batch_size: int, shuffle_buffer: int, seed: int,
                    batches_per_worker: int) -> wds.DataPipeline:
     """Resampled shards -> samples -> shuffle -> decode -> batches; deterministic in ``seed`` (and worker id)."""
+    skip = SkipBadSamples(str(Path(urls[0]).parent))
     return wds.DataPipeline(
         # deterministic=True: the shard sequence depends only on (worker id, seed), never on pid or time.
         wds.ResampledShards(urls, seed=seed, worker_seed=_worker_id, deterministic=True),
-        wds.tarfile_to_samples(handler=log_and_continue),
+        wds.tarfile_to_samples(handler=skip),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed)),
-        wds.decode("pil", handler=log_and_continue),
-        wds.to_tuple("jpg", "cls", "txt", handler=log_and_continue),
+        wds.decode("pil", handler=skip),
+        wds.to_tuple("jpg", "cls", "txt", handler=skip),
+        wds.map(skip.reset),
         wds.batched(batch_size, collation_fn=collate, partial=False),
     ).with_epoch(batches_per_worker)
 
@@ -175,11 +197,14 @@ def val_batches(root: str | Path, dataset: str, img_size: int, batch_size: int,
                 tokenizer: TextTokenizer) -> Iterator[dict[str, torch.Tensor]]:
     """Every val sample exactly once, in shard order (single process), with captions tokenised."""
     collate = Collate("image_text_retrieval", img_size, tokenizer)
+    urls = shard_urls(root, dataset, "val")
+    skip = SkipBadSamples(str(Path(urls[0]).parent))
     pipeline = wds.DataPipeline(
-        wds.SimpleShardList(shard_urls(root, dataset, "val")),
-        wds.tarfile_to_samples(handler=log_and_continue),
-        wds.decode("pil", handler=log_and_continue),
-        wds.to_tuple("jpg", "cls", "txt", handler=log_and_continue),
+        wds.SimpleShardList(urls),
+        wds.tarfile_to_samples(handler=skip),
+        wds.decode("pil", handler=skip),
+        wds.to_tuple("jpg", "cls", "txt", handler=skip),
+        wds.map(skip.reset),
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )
     yield from pipeline
