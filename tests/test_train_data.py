@@ -469,3 +469,12 @@ def test_stream_without_usable_samples_raises_instead_of_hanging(tiny_data):
     thread.join(timeout=60)
     assert not thread.is_alive(), "stream hung"
     assert "unusable samples in a row" in outcome["error"] and "video" in outcome["error"]
+
+
+def test_split_by_rank_gives_disjoint_shards_or_all_when_too_few():
+    from train.data import split_by_rank
+
+    urls = [f"s{i}.tar" for i in range(5)]
+    parts = [split_by_rank(urls, r, 2) for r in range(2)]
+    assert parts == [["s0.tar", "s2.tar", "s4.tar"], ["s1.tar", "s3.tar"]]
+    assert split_by_rank(urls[:1], 1, 2) == ["s0.tar"]

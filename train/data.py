@@ -3,6 +3,9 @@
 Layout read here (written by ``condmoe-prep``): ``<root>/<dataset>/<split>/*.tar``, ``<root>/sizes.json``,
 ``<root>/classes.json``. Image samples carry ``jpg``, ``cls`` and ``txt`` members.
 
+Shards are split by rank (disjoint subsets when there are at least as many shards as ranks) and each DataLoader
+worker resamples its own seeded sequence from its rank's subset.
+
 Reproducibility: shard choice, sample order and task choice are pure functions of (seed, rank, task, epoch/step), so
 a resumed run continues the exact stream: the sampler replays which task each past step drew, each task stream
 re-opens at its epoch and skips the batches already consumed in it.
@@ -43,6 +46,18 @@ def shard_urls(root: str | Path, dataset: str, split: str) -> list[str]:
     if not urls:
         raise FileNotFoundError(f"no shards in {Path(root) / dataset / split}")
     return urls
+
+
+def split_by_rank(urls: list[str], rank: int, world_size: int) -> list[str]:
+    """This rank's shards: every ``world_size``-th one, so ranks read disjoint data, when there are enough shards.
+
+    With fewer shards than ranks every rank resamples from all of them (its own seed still gives it its own order):
+    an exact split would leave ranks without data, and a rank without data hangs the others in the next collective.
+    """
+    if len(urls) < world_size:
+        log.warning("%d shards for %d ranks: every rank samples from all shards", len(urls), world_size)
+        return urls
+    return urls[rank::world_size]
 
 
 class SkipBadSamples:
@@ -131,7 +146,7 @@ class TaskStream:
     def __init__(self, task: TaskConfig, task_index: int, data: DataConfig, tokenizer: TextTokenizer, img_size: int,
                  rank: int, world_size: int, seed: int):
         self.task = task
-        self.urls = shard_urls(data.root, task.dataset, "train")
+        self.urls = split_by_rank(shard_urls(data.root, task.dataset, "train"), rank, world_size)
         num_samples = int(read_json(data.root, "sizes.json")[f"{task.dataset}/train"])
         self.num_workers = data.num_workers
         # An epoch is about one pass of the dataset over all ranks; with_epoch counts per worker.
