@@ -10,44 +10,79 @@ expert-parallel layer:
 * expert parameters are tagged as DeepSpeed expects (``allreduce=False``, ``group_name``);
 * the layer is wrapped in a subclass of ``deepspeed.moe.layer.MoE``, which is how the engine recognises MoE layers
   and writes one checkpoint file per global expert;
-* the buffers of routed tokens travel with DeepSpeed's differentiable all-to-all.
+* routed rows travel with a differentiable variable-size all-to-all over DeepSpeed's expert-parallel group;
+* routed layers without expert parallelism (mixture of attention heads) get a communicator for their statistics
+  (the mutual-information loss sums over every rank).
 
 Routing and expert compute stay in ``models/moe.py``; DeepSpeed's own gate and ``MOELayer`` are not used.
 """
 
 import torch
+import torch.distributed.nn.functional
 import torch.nn as nn
 from deepspeed import comm as dist
-from deepspeed.accelerator import get_accelerator
 from deepspeed.moe.layer import MoE
-from deepspeed.moe.sharded_moe import _AllToAll
 from deepspeed.utils import groups
 
-from models.moe import MoEMLP
+from models.moe import MoEMLP, RoutedLayer
 
 
 class DeepSpeedExpertComm:
-    """Expert-parallel exchanges over one DeepSpeed expert-parallel group."""
+    """Expert-parallel exchanges over one DeepSpeed expert-parallel group, statistics over all ranks.
+
+    Rows arrive sorted by global expert; expert ``e`` lives on rank ``e // L``. ``dispatch`` first swaps the per-expert
+    row counts (a small all-to-all and one host sync for the split sizes), then the rows themselves with a
+    differentiable variable-size all-to-all, and regroups what arrived (ordered by source rank) by local expert.
+    Ranks may route different token counts (each draws its own task): no common buffer shape is needed.
+    """
 
     def __init__(self, group_name: str):
         self.group = groups._get_expert_parallel_group(group_name)
         self.ep_size = groups._get_expert_parallel_world_size(group_name)
         self.ep_rank = groups._get_expert_parallel_rank(group_name)
 
-    def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
-        # [E, C, D] ordered by global expert: chunk s of dim 0 goes to rank s; what comes back is [S * L, C, D]
-        # ordered by source rank. The same call maps expert outputs back.
+    def dispatch(self, x_RD: torch.Tensor, counts_E: torch.Tensor):
         if self.ep_size == 1:
-            return x
-        return _AllToAll.apply(self.group, x)
+            return x_RD, counts_E, None
+        send_SL = counts_E.reshape(self.ep_size, -1)
+        recv_SL = torch.empty_like(send_SL)
+        torch.distributed.all_to_all_single(recv_SL, send_SL, group=self.group)
+        send_splits = send_SL.sum(1).tolist()
+        recv_splits = recv_SL.sum(1).tolist()
+        x_recv = _all_to_all(x_RD, recv_splits, send_splits, self.group)
+        # What arrived is ordered (source rank, local expert); the experts want (local expert, source rank).
+        num_local = send_SL.shape[1]
+        local_expert_R = torch.repeat_interleave(torch.arange(num_local, device=x_RD.device).repeat(self.ep_size),
+                                                 recv_SL.reshape(-1), output_size=x_recv.shape[0])
+        order = torch.argsort(local_expert_R, stable=True)
+        return x_recv.index_select(0, order), recv_SL.sum(0), (order, send_splits, recv_splits)
 
-    def agree_capacity(self, capacity: int) -> int:
-        if self.ep_size == 1:
-            return capacity
-        # Ranks may route different token counts (each draws its own task): all must use the largest buffer.
-        value = torch.tensor([capacity], dtype=torch.int64, device=get_accelerator().current_device_name())
-        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
-        return int(value.item())
+    def combine(self, y_RD: torch.Tensor, handle) -> torch.Tensor:
+        if handle is None:
+            return y_RD
+        order, send_splits, recv_splits = handle
+        y_recv = torch.empty_like(y_RD).index_copy(0, order, y_RD)
+        return _all_to_all(y_recv, send_splits, recv_splits, self.group)
+
+    def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        # Autograd-aware: the backward all-reduces the gradient, which is what the engine's gradient averaging of a
+        # loss computed identically on every rank needs.
+        if torch.distributed.get_world_size() == 1:
+            return x
+        return torch.distributed.nn.functional.all_reduce(x)
+
+
+def _all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
+    output = x.new_empty(sum(output_splits), *x.shape[1:])
+    return torch.distributed.nn.functional.all_to_all_single(output, x.contiguous(), output_splits, input_splits,
+                                                            group=group)
+
+
+class StatsComm(DeepSpeedExpertComm):
+    """For routed layers without expert parallelism (MoA): only the statistics reduction is distributed."""
+
+    def __init__(self):
+        self.group, self.ep_size, self.ep_rank = None, 1, 0
 
 
 class ExpertParallelMoE(MoE):
@@ -68,12 +103,14 @@ class ExpertParallelMoE(MoE):
         self.num_local_experts = moe.num_local_experts
         self.deepspeed_moe = moe
 
+    takes_routing_context = True
+
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         # Called by deepspeed.initialize; the groups already exist (apply_expert_parallel made them).
         self.deepspeed_moe.comm = DeepSpeedExpertComm(self.expert_group_name)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.deepspeed_moe(x)
+    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
+        return self.deepspeed_moe(x, ctx)
 
 
 def apply_expert_parallel(model: nn.Module, ep_size: int) -> nn.Module:
@@ -105,4 +142,7 @@ def apply_expert_parallel(model: nn.Module, ep_size: int) -> nn.Module:
             wrapped = ExpertParallelMoE(child, ep_size)
             wrapped.set_deepspeed_parallelism()
             setattr(parent, child_name, wrapped)
+    for layer in model.modules():
+        if isinstance(layer, RoutedLayer) and not isinstance(layer, MoEMLP):
+            layer.comm = StatsComm()
     return model

@@ -17,12 +17,14 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-from timm.layers import Mlp, trunc_normal_
+from timm.layers import Attention, Mlp, trunc_normal_
 from timm.models.vision_transformer import Block
 
 from models.embeddings import ImageEmbed, TextEmbed
 from models.losses import classification_loss, contrastive_loss, similarity_logits
+from models.moa import MoAttention
 from models.moe import MoEMLP
+from models.router import ATTRIBUTES, MODALITIES, RoutingContext
 
 TASK_TYPES = ("image_classification", "image_text_retrieval")
 
@@ -31,6 +33,22 @@ TASK_TYPES = ("image_classification", "image_text_retrieval")
 class TaskOutput:
     loss: torch.Tensor
     logits: torch.Tensor
+
+
+class ConditionalBlock(Block):
+    """timm's pre-LN ``Block`` that hands the pass's ``RoutingContext`` to routed sublayers (MoE MLP, MoA)."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                ctx: RoutingContext | None = None) -> torch.Tensor:
+        h = self.norm1(x)
+        if getattr(self.attn, "takes_routing_context", False):
+            h = self.attn(h, attn_mask=attn_mask, is_causal=is_causal, ctx=ctx)
+        else:
+            h = self.attn(h, attn_mask=attn_mask, is_causal=is_causal)
+        x = x + self.drop_path1(self.ls1(h))
+        h = self.norm2(x)
+        h = self.mlp(h, ctx) if getattr(self.mlp, "takes_routing_context", False) else self.mlp(h)
+        return x + self.drop_path2(self.ls2(h))
 
 
 class UniPerceiver(nn.Module):
@@ -45,7 +63,9 @@ class UniPerceiver(nn.Module):
         drop_path_rate: stochastic depth, constant over blocks as in Uni-Perceiver.
         layer_scale_init: LayerScale initial value (None disables).
         moe_layers: indices of blocks whose MLP is an ``MoEMLP``.
-        moe_kwargs: keyword arguments of those ``MoEMLP`` (num_experts, top_k, capacity_factor, ...).
+        moe_kwargs: keyword arguments of those ``MoEMLP`` (num_experts, top_k, routing_level, capacity_factor, ...).
+        moa_layers: indices of blocks whose attention is a mixture of attention heads (``MoAttention``).
+        moa_kwargs: keyword arguments of those ``MoAttention`` (num_experts, num_heads, head_dim, routing_level, ...).
     """
 
     def __init__(
@@ -63,21 +83,27 @@ class UniPerceiver(nn.Module):
         layer_scale_init: float | None = 1e-3,
         moe_layers: tuple[int, ...] = (),
         moe_kwargs: dict | None = None,
+        moa_layers: tuple[int, ...] = (),
+        moa_kwargs: dict | None = None,
     ):
         super().__init__()
-        if any(not 0 <= i < depth for i in moe_layers):
-            raise ValueError(f"moe_layers {list(moe_layers)} must index blocks in [0, {depth})")
+        for name, layers in (("moe_layers", moe_layers), ("moa_layers", moa_layers)):
+            if any(not 0 <= i < depth for i in layers):
+                raise ValueError(f"{name} {list(layers)} must index blocks in [0, {depth})")
         self.dim = dim
         self.depth = depth
         self.spe_token_id = spe_token_id
         self.moe_layers = tuple(moe_layers)
+        self.moa_layers = tuple(moa_layers)
         self.image_embed = ImageEmbed(img_size, patch_size, dim)
         self.text_embed = TextEmbed(vocab_size, max_text_len, dim)
         self.embed_norm = nn.LayerNorm(dim)  # shared by all modalities
         moe_mlp = partial(MoEMLP, **(moe_kwargs or {}))
+        moa = partial(MoAttention, **{"num_heads": num_heads, **(moa_kwargs or {})})
         self.blocks = nn.ModuleList([
-            Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, init_values=layer_scale_init,
-                  drop_path=drop_path_rate, mlp_layer=moe_mlp if i in self.moe_layers else Mlp)
+            ConditionalBlock(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, init_values=layer_scale_init,
+                             drop_path=drop_path_rate, mlp_layer=moe_mlp if i in self.moe_layers else Mlp,
+                             attn_layer=moa if i in self.moa_layers else Attention)
             for i in range(depth)
         ])
         self.ln_post = nn.LayerNorm(dim)
@@ -92,7 +118,7 @@ class UniPerceiver(nn.Module):
         self.image_embed.init_weights()
         self.text_embed.init_weights()
         for m in self.modules():
-            if isinstance(m, MoEMLP):
+            if isinstance(m, MoEMLP | MoAttention):
                 m.init_weights()
 
     def no_weight_decay(self) -> set[str]:
@@ -101,7 +127,8 @@ class UniPerceiver(nn.Module):
                 "logit_scale"}
 
     # ---------------------------------------------------------------------------------------------------- encoder
-    def encode(self, x_BND: torch.Tensor, pad_mask_BN: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(self, x_BND: torch.Tensor, pad_mask_BN: torch.Tensor | None = None,
+               ctx: RoutingContext | None = None) -> torch.Tensor:
         """Shared encoder over embedded tokens; returns the projected ``<|spe|>`` feature ``[B, D]``."""
         attn_mask = None
         if pad_mask_BN is not None:
@@ -110,41 +137,48 @@ class UniPerceiver(nn.Module):
             attn_mask = attn_mask.masked_fill(~pad_mask_BN, torch.finfo(x_BND.dtype).min)[:, None, None, :]
         x_BND = self.embed_norm(x_BND)
         for block in self.blocks:
-            x_BND = block(x_BND, attn_mask=attn_mask)
+            x_BND = block(x_BND, attn_mask=attn_mask, ctx=ctx)
         return self.proj(self.ln_post(x_BND[:, 0]))
 
-    def encode_images(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, images_BCHW: torch.Tensor, task_id: int = 0, attribute: str = "visual_input"
+                      ) -> torch.Tensor:
         patches_BND = self.image_embed(images_BCHW)
         spe_ids = torch.full((patches_BND.shape[0], 1), self.spe_token_id, device=patches_BND.device)
         spe_B1D = self.text_embed.token_embed(spe_ids)
-        return self.encode(torch.cat([spe_B1D, patches_BND], dim=1))
+        x_BND = torch.cat([spe_B1D, patches_BND], dim=1)
+        return self.encode(x_BND, ctx=routing_context(x_BND, "image", attribute, task_id))
 
-    def encode_texts(self, ids_BL: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
-        return self.encode(self.text_embed(ids_BL), mask_BL)
+    def encode_texts(self, ids_BL: torch.Tensor, mask_BL: torch.Tensor, task_id: int = 0,
+                     attribute: str = "text_target") -> torch.Tensor:
+        x_BND = self.text_embed(ids_BL)
+        return self.encode(x_BND, mask_BL, routing_context(x_BND, "text", attribute, task_id, mask_BL))
 
     # ------------------------------------------------------------------------------------------------------ tasks
-    def forward(self, task_type: str, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> TaskOutput:
-        """One task step. ``batch`` keys by task type:
+    def forward(self, task_type: str, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0,
+                task_id: int = 0) -> TaskOutput:
+        """One task step; ``task_id`` (the task's index in the run) feeds task-conditioned routing. ``batch`` keys:
 
         * ``image_classification``: ``images`` [B,3,H,W], ``labels`` [B], ``target_ids``/``target_mask`` [M, L]
           (the tokenised class names).
         * ``image_text_retrieval``: ``images`` [B,3,H,W], ``text_ids``/``text_mask`` [B, L].
         """
         if task_type == "image_classification":
-            return self.image_classification(batch, label_smoothing)
+            return self.image_classification(batch, label_smoothing, task_id)
         if task_type == "image_text_retrieval":
-            return self.image_text_retrieval(batch, label_smoothing)
+            return self.image_text_retrieval(batch, label_smoothing, task_id)
         raise ValueError(f"unknown task type {task_type!r}; known: {', '.join(TASK_TYPES)}")
 
-    def image_classification(self, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> TaskOutput:
-        inputs_BD = self.encode_images(batch["images"])
-        targets_MD = self.encode_texts(batch["target_ids"], batch["target_mask"])
+    def image_classification(self, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0,
+                             task_id: int = 0) -> TaskOutput:
+        inputs_BD = self.encode_images(batch["images"], task_id)
+        targets_MD = self.encode_texts(batch["target_ids"], batch["target_mask"], task_id)
         logits = similarity_logits(inputs_BD, targets_MD, self.logit_scale[TASK_TYPES.index("image_classification")])
         return TaskOutput(classification_loss(logits, batch["labels"], label_smoothing), logits)
 
-    def image_text_retrieval(self, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> TaskOutput:
-        images_BD = self.encode_images(batch["images"])
-        texts_BD = self.encode_texts(batch["text_ids"], batch["text_mask"])
+    def image_text_retrieval(self, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0,
+                             task_id: int = 0) -> TaskOutput:
+        images_BD = self.encode_images(batch["images"], task_id)
+        texts_BD = self.encode_texts(batch["text_ids"], batch["text_mask"], task_id)
         logits = similarity_logits(images_BD, texts_BD, self.logit_scale[TASK_TYPES.index("image_text_retrieval")])
         return TaskOutput(contrastive_loss(logits, label_smoothing), logits)
 
@@ -158,6 +192,17 @@ class UniPerceiver(nn.Module):
                     per_expert = sum(p.numel() for p in m.experts.deepspeed_experts[0].parameters())
                     total -= per_expert * (m.num_local_experts - m.top_k)
         return total
+
+
+def routing_context(x_BND: torch.Tensor, modality: str, attribute: str, task_id: int,
+                    pad_mask_BN: torch.Tensor | None = None) -> RoutingContext:
+    """Side information of one pass: its modality and Uni-Perceiver-MoE attribute vector on every token."""
+    batch, length, _ = x_BND.shape
+    modality_BN = torch.full((batch, length), MODALITIES.index(modality), device=x_BND.device)
+    attribute_A = torch.tensor(ATTRIBUTES[attribute], dtype=x_BND.dtype, device=x_BND.device)
+    attribute_BNA = attribute_A.expand(batch, length, -1)
+    return RoutingContext(task_id=task_id, modality_BN=modality_BN, attribute_BNA=attribute_BNA,
+                          pad_mask_BN=pad_mask_BN)
 
 
 def _init_module(m: nn.Module) -> None:

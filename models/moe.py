@@ -1,72 +1,160 @@
-"""Token-routed Mixture-of-Experts MLP (plain PyTorch, runs in one process).
+"""Conditional Mixture-of-Experts MLP (plain PyTorch, runs in one process).
 
-``MoEMLP`` is a drop-in for timm's ``Mlp`` (same constructor keywords), so a timm ``Block`` takes it as
-``mlp_layer``. ``forward(x) -> x``; the auxiliary losses and expert counts of every call are accumulated on the layer
-and read (and cleared) by the trainer with ``pop_moe_stats(model)``: no tuple-returning forward.
+``MoEMLP`` is a drop-in for timm's ``Mlp`` (same constructor keywords) whose ``forward(x, ctx)`` routes at any level of
+``models/router.py``. ``forward`` returns only the output; the auxiliary losses and expert counts of every call are
+accumulated on the layer and read (and cleared) by the trainer with ``pop_moe_stats(model)``.
 
-Expert parallelism is not this file's business: the layer exchanges expert buffers through ``self.comm``
-(``LocalExpertComm`` here, all experts local). ``models/ds_moe.py`` swaps in DeepSpeed's expert-parallel all-to-all
-and keeps only this rank's experts.
+Two execution paths, the same maths:
 
-Shape legend: B batch, N sequence, T = B*N tokens, E experts, L local experts, S expert-parallel ranks,
-C capacity, D model width.
+* **dispatch** (token, context, task-gate levels; or any level under expert parallelism): (token, expert) pairs are
+  sorted by expert, each expert runs on its contiguous rows (one grouped GEMM on GPU, a loop on CPU), and the outputs
+  are gathered back and gated. Under expert parallelism ``self.comm`` moves the sorted rows to the ranks that hold
+  their experts and back (``models/ds_moe.py``); locally it is the identity.
+* **static** (modality, task, attribute levels, all experts local): one decision per group of tokens, so each group
+  goes straight through its k experts, ``sum_k g_k * FFN_k(x_group)``, with no per-token dispatch.
+
+Shape legend: B batch, N sequence, T = B*N tokens, K experts per token, R sorted (token, expert) rows, E experts,
+L local experts, X tasks, D width, H expert hidden width.
 """
 
+import copy
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
-from timm.layers import Mlp, trunc_normal_
+from timm.layers import Mlp
+from torch import nn
 
 from models import routing
+from models.router import Router, RoutingContext
 
 
-class LocalExpertComm:
-    """All experts live in this process: exchanges are identities."""
+class LocalComm:
+    """All experts live in this process and no peer takes part in the statistics: every exchange is an identity."""
 
     ep_size = 1
     ep_rank = 0
 
-    def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+    def dispatch(self, x_RD: torch.Tensor, counts_E: torch.Tensor):
+        """Sends rows sorted by global expert to their experts' ranks. Returns (rows for my experts sorted by local
+        expert, their counts per local expert, a handle for ``combine``)."""
+        return x_RD, counts_E, None
 
-    def agree_capacity(self, capacity: int) -> int:
-        return capacity
+    def combine(self, y_RD: torch.Tensor, handle) -> torch.Tensor:
+        """The inverse of ``dispatch`` for the expert outputs."""
+        return y_RD
+
+    def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Differentiable sum over every data-parallel rank (statistics such as the mutual-information loss)."""
+        return x
 
 
 class Experts(nn.Module):
-    """The experts held by this process.
+    """The experts held by this process, run on rows sorted by expert.
 
     The list is called ``deepspeed_experts`` because DeepSpeed's engine finds expert weights by that name when it
     writes one checkpoint file per global expert (``layer_{l}_expert_{e}_mp_rank_00_model_states.pt``) and maps them
     back to local experts on load; keeping its naming lets those files work across expert-parallel sizes.
     """
 
-    def __init__(self, experts: list[nn.Module]):
+    def __init__(self, experts: list[nn.Module], backend: str = "auto"):
         super().__init__()
+        if backend not in ("auto", "loop", "grouped"):
+            raise ValueError(f"expert backend must be auto, loop or grouped, got {backend!r}")
         self.deepspeed_experts = nn.ModuleList(experts)
+        self.backend = backend
 
-    def forward(self, x_SLCD: torch.Tensor) -> torch.Tensor:
-        num_ranks, _, capacity, dim = x_SLCD.shape
-        # Expert i serves slot i of every source rank: one [S * C, D] matmul per local expert.
-        outputs = [expert(x_SLCD[:, i].reshape(num_ranks * capacity, dim)).reshape(num_ranks, capacity, dim)
-                   for i, expert in enumerate(self.deepspeed_experts)]
-        return torch.stack(outputs, dim=1)
+    def forward(self, x_RD: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
+        use_grouped = self.backend == "grouped" or (self.backend == "auto" and x_RD.is_cuda)
+        if use_grouped and self._groupable():
+            return self._grouped(x_RD, counts_L)
+        chunks = torch.split(x_RD, counts_L.tolist())  # host sync: the split sizes
+        return torch.cat([expert(chunk) for expert, chunk in zip(self.deepspeed_experts, chunks)])
+
+    def _groupable(self) -> bool:
+        first = self.deepspeed_experts[0]
+        return (isinstance(first, Mlp) and isinstance(first.norm, nn.Identity) and first.drop1.p == 0
+                and first.drop2.p == 0 and first.fc1.bias is not None and first.fc2.bias is not None)
+
+    def _grouped(self, x_RD: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
+        """Both expert matmuls as grouped GEMMs over the sorted rows (``torch._grouped_mm``, no Python loop)."""
+        experts = self.deepspeed_experts
+        offsets = torch.cumsum(counts_L, 0).to(torch.int32)
+        expert_of_row = torch.repeat_interleave(torch.arange(len(experts), device=x_RD.device), counts_L,
+                                                output_size=x_RD.shape[0])
+        w1_LDH = torch.stack([e.fc1.weight.t() for e in experts])
+        w2_LHD = torch.stack([e.fc2.weight.t() for e in experts])
+        b1_LH = torch.stack([e.fc1.bias for e in experts])
+        b2_LD = torch.stack([e.fc2.bias for e in experts])
+        h_RH = torch._grouped_mm(x_RD, w1_LDH.to(x_RD.dtype), offs=offsets) + b1_LH[expert_of_row].to(x_RD.dtype)
+        h_RH = experts[0].act(h_RH)
+        return torch._grouped_mm(h_RH, w2_LHD.to(x_RD.dtype), offs=offsets) + b2_LD[expert_of_row].to(x_RD.dtype)
 
 
 @dataclass
 class MoEStats:
-    """What MoE layers report for one training step (summed over every call since the last pop)."""
+    """What routed layers report for one training step (summed over every call since the last pop)."""
 
-    aux_loss: torch.Tensor  # weighted sum of balance and z losses over layers; differentiable
+    aux_loss: torch.Tensor  # weighted balance + z + mutual-information losses over layers; differentiable
     balance_loss: torch.Tensor  # detached, mean over layers and calls
     z_loss: torch.Tensor  # detached, mean over layers and calls
-    expert_counts_LE: torch.Tensor  # assignments per expert per MoE layer (before capacity dropping)
+    mi_loss: torch.Tensor  # detached, sum over layers (0 when no layer has a mutual-information weight)
+    expert_counts_LE: torch.Tensor  # assignments per expert per routed layer (before capacity dropping)
     dropped_fraction: torch.Tensor  # share of assignments dropped for capacity, over all layers
 
 
-class MoEMLP(nn.Module):
-    """Top-k token-routed MoE MLP with capacity, gate noise, balance and z losses.
+class RoutedLayer(nn.Module):
+    """Shared bookkeeping of layers with a router: per-call statistics accumulated until ``pop_moe_stats``."""
+
+    num_experts: int
+    comm: LocalComm
+    takes_routing_context = True  # blocks pass the RoutingContext of the encoder pass to forward
+
+    def _setup_stats(self, num_tasks: int, balance_loss_weight: float, z_loss_weight: float,
+                     mi_loss_weight: float) -> None:
+        self.num_tasks = num_tasks
+        self.balance_loss_weight = balance_loss_weight
+        self.z_loss_weight = z_loss_weight
+        self.mi_loss_weight = mi_loss_weight
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self._aux_loss = None
+        self._balance, self._z, self._dropped = [], [], []
+        self._counts_E = None
+        self._task_expert_XE = None  # summed router probabilities per (task, expert), for the MI loss
+
+    def _record(self, logits_TE: torch.Tensor, r: routing.Routing, task_id: int) -> None:
+        balance = routing.load_balance_loss(r.probs_TE, r.expert_idx_TK)
+        z = routing.router_z_loss(logits_TE) if self.z_loss_weight > 0 else logits_TE.new_zeros(())
+        aux = self.balance_loss_weight * balance + self.z_loss_weight * z
+        self._aux_loss = aux if self._aux_loss is None else self._aux_loss + aux
+        self._balance.append(balance.detach())
+        self._z.append(z.detach())
+        counts_E = r.counts_E.detach()
+        self._counts_E = counts_E if self._counts_E is None else self._counts_E + counts_E
+        self._dropped.append(1.0 - r.kept_TK.float().mean().detach())
+        if self.mi_loss_weight > 0:
+            joint_XE = r.probs_TE.new_zeros(self.num_tasks, self.num_experts)
+            joint_XE = joint_XE.index_add(0, torch.tensor([task_id], device=joint_XE.device),
+                                          r.probs_TE.sum(0, keepdim=True))
+            self._task_expert_XE = joint_XE if self._task_expert_XE is None else self._task_expert_XE + joint_XE
+
+    def _pop(self):
+        if self._aux_loss is None:
+            return None
+        aux, mi = self._aux_loss, self._aux_loss.new_zeros(())
+        if self._task_expert_XE is not None:
+            # Summed over every rank first: one rank often runs one task per step, so its own P(t, e) alone is
+            # degenerate (the original Mod-Squad summed per GPU only).
+            mi = routing.mutual_information_loss(self.comm.all_reduce_sum(self._task_expert_XE))
+            aux = aux + self.mi_loss_weight * mi
+        out = (aux, self._balance, self._z, mi.detach(), self._counts_E, self._dropped)
+        self.reset_stats()
+        return out
+
+
+class MoEMLP(RoutedLayer):
+    """Top-k MoE MLP with conditional routing, capacity, gate noise, balance, z and mutual-information losses.
 
     Args:
         in_features: model width D.
@@ -75,13 +163,16 @@ class MoEMLP(nn.Module):
         act_layer, norm_layer, bias, drop: forwarded to every expert (timm ``Mlp`` semantics).
         num_experts: experts E in this layer.
         top_k: experts per token.
-        capacity_factor: training capacity, ``ceil(k * factor * T / E)`` slots per expert.
-        eval_capacity_factor: the same in eval mode.
+        routing_level: what the router sees (``models.router.ROUTING_LEVELS``).
+        num_tasks: tasks known to task-level routers, task gates and the MI loss.
+        capacity_factor / eval_capacity_factor: ``ceil(k * factor * T / E)`` slots per expert in training / eval.
         min_capacity: lower bound on slots per expert.
-        drop_tokens: if False, dropless: capacity grows to the busiest expert's load.
-        normalize_gates: renormalise the top-k gate values.
-        gate_noise_std: std of Gaussian noise added to router logits in training (0 disables).
-        balance_loss_weight, z_loss_weight: weights of the auxiliary losses this layer reports.
+        drop_tokens: False = dropless.
+        normalize_gates: renormalise the top-k gate values (k > 1).
+        gate_noise_std: std of Gaussian noise on router logits in training.
+        balance_loss_weight, z_loss_weight, mi_loss_weight: weights of the auxiliary losses this layer reports.
+        static_dispatch: run static levels (modality, task, attribute) group by group without per-token dispatch.
+        expert_backend: ``auto`` (grouped GEMM on GPU, loop on CPU), ``loop`` or ``grouped``.
     """
 
     def __init__(
@@ -95,6 +186,8 @@ class MoEMLP(nn.Module):
         drop: float = 0.0,
         num_experts: int = 8,
         top_k: int = 2,
+        routing_level: str = "token",
+        num_tasks: int = 1,
         capacity_factor: float = 1.25,
         eval_capacity_factor: float = 2.0,
         min_capacity: int = 4,
@@ -103,6 +196,9 @@ class MoEMLP(nn.Module):
         gate_noise_std: float = 0.0,
         balance_loss_weight: float = 0.01,
         z_loss_weight: float = 0.0,
+        mi_loss_weight: float = 0.0,
+        static_dispatch: bool = True,
+        expert_backend: str = "auto",
         device=None,
         dtype=None,
     ):
@@ -119,70 +215,80 @@ class MoEMLP(nn.Module):
         self.min_capacity = min_capacity
         self.drop_tokens = drop_tokens
         self.normalize_gates = normalize_gates
-        self.gate_noise_std = gate_noise_std
-        self.balance_loss_weight = balance_loss_weight
-        self.z_loss_weight = z_loss_weight
+        self.static_dispatch = static_dispatch
         dd = {"device": device, "dtype": dtype}
-        # Router kept in fp32 (cast in forward): tiny, and routing decisions are sensitive to rounding.
-        self.router = nn.Linear(in_features, num_experts, bias=False, **dd)
+        self.router = Router(in_features, num_experts, routing_level, num_tasks, noise_std=gate_noise_std)
         self.experts = Experts([
             Mlp(in_features, hidden_features, act_layer=act_layer, norm_layer=norm_layer, bias=bias, drop=drop, **dd)
             for _ in range(num_experts)
-        ])
-        self.comm = LocalExpertComm()
-        self.reset_stats()
+        ], backend=expert_backend)
+        self.comm = LocalComm()
+        self._setup_stats(num_tasks, balance_loss_weight, z_loss_weight, mi_loss_weight)
 
     @property
     def num_local_experts(self) -> int:
         return len(self.experts.deepspeed_experts)
 
-    def init_weights(self, std: float = 0.02) -> None:
-        trunc_normal_(self.router.weight, std=std)
+    def init_weights(self) -> None:
+        self.router.init_weights()
 
-    def reset_stats(self) -> None:
-        self._aux_loss = None
-        self._balance = []
-        self._z = []
-        self._counts_E = None
-        self._dropped = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: RoutingContext | None = None) -> torch.Tensor:
         shape = x.shape
-        x_TD = x.reshape(-1, self.dim)
-        num_tokens = x_TD.shape[0]
+        x_BND = x.reshape(-1, *shape[-2:]) if x.dim() >= 3 else x.reshape(1, -1, shape[-1])
+        x_TD = x_BND.reshape(-1, self.dim)
+        logits_GE, group_T = self.router(x_BND, ctx)
+        logits_TE = logits_GE if group_T is None else logits_GE.index_select(0, group_T)
 
-        logits_TE = nn.functional.linear(x_TD.float(), self.router.weight.float())
-        if self.training and self.gate_noise_std > 0:
-            logits_TE = logits_TE + torch.randn_like(logits_TE) * self.gate_noise_std
-
-        if self.drop_tokens:
-            factor = self.capacity_factor if self.training else self.eval_capacity_factor
-            capacity = routing.expert_capacity(num_tokens, self.num_experts, self.top_k, factor, self.min_capacity)
+        static = group_T is not None and self.router.is_static and self.static_dispatch and self.comm.ep_size == 1
+        if static or not self.drop_tokens:
+            capacity = None  # static groups and dropless runs keep every assignment
         else:
-            capacity = None
-        # Every expert-parallel rank must use the same buffer shape, whatever its own token count.
-        r = routing.route(logits_TE, self.top_k, capacity, self.normalize_gates, self.comm.agree_capacity)
-        capacity = r.capacity
+            factor = self.capacity_factor if self.training else self.eval_capacity_factor
+            capacity = routing.expert_capacity(x_TD.shape[0], self.num_experts, self.top_k, factor, self.min_capacity)
+        r = routing.route(logits_TE, self.top_k, capacity, self.normalize_gates)
+        y_TD = self._static(x_TD, logits_GE, group_T) if static else self._dispatch(x_TD, r)
 
-        x_ECD = routing.dispatch(x_TD, r, self.num_experts)
-        x_SLCD = self.comm.all_to_all(x_ECD).reshape(self.comm.ep_size, self.num_local_experts, capacity, self.dim)
-        y_SLCD = self.experts(x_SLCD)
-        y_ECD = self.comm.all_to_all(y_SLCD).reshape(self.num_experts, capacity, self.dim)
-        y_TD = routing.combine(y_ECD, r)
-
-        self._record(logits_TE, r)
+        self._record(logits_TE, r, ctx.task_id if ctx is not None else 0)
         return y_TD.to(x.dtype).reshape(shape)
 
-    def _record(self, logits_TE: torch.Tensor, r: routing.Routing) -> None:
-        balance = routing.load_balance_loss(r.probs_TE, r.expert_idx_TK)
-        z = routing.router_z_loss(logits_TE) if self.z_loss_weight > 0 else logits_TE.new_zeros(())
-        aux = self.balance_loss_weight * balance + self.z_loss_weight * z
-        self._aux_loss = aux if self._aux_loss is None else self._aux_loss + aux
-        self._balance.append(balance.detach())
-        self._z.append(z.detach())
-        counts_E = r.counts_E.detach()
-        self._counts_E = counts_E if self._counts_E is None else self._counts_E + counts_E
-        self._dropped.append(1.0 - r.kept_TK.float().mean().detach())
+    def _dispatch(self, x_TD: torch.Tensor, r: routing.Routing) -> torch.Tensor:
+        plan = routing.plan_dispatch(r, self.num_experts)
+        x_RD = x_TD.index_select(0, plan.token_R)
+        x_local, counts_L, handle = self.comm.dispatch(x_RD, plan.counts_E)
+        y_RD = self.comm.combine(self.experts(x_local, counts_L), handle)
+        return routing.combine_sorted(y_RD, plan, r)
+
+    def _static(self, x_TD: torch.Tensor, logits_GE: torch.Tensor, group_T: torch.Tensor) -> torch.Tensor:
+        """Each group's tokens through the group's k experts: ``sum_k g_k * FFN_k(x_group)``, no dispatch."""
+        _, idx_GK, gate_GK = routing.topk_experts(logits_GE, self.top_k, self.normalize_gates)
+        experts = self.experts.deepspeed_experts
+        y_TD = torch.zeros_like(x_TD)
+        for g in range(logits_GE.shape[0]):
+            rows = torch.nonzero(group_T == g).squeeze(1)
+            x_g = x_TD.index_select(0, rows)
+            y_g = sum(gate_GK[g, k].to(x_g.dtype) * experts[int(idx_GK[g, k])](x_g) for k in range(self.top_k))
+            y_TD = y_TD.index_copy(0, rows, y_g)
+        return y_TD
+
+
+def merge_experts(experts: list[nn.Module], gates: list[float] | torch.Tensor) -> nn.Module:
+    """One module whose every parameter is ``sum_k g_k * param_k``: Uni-Perceiver-MoE's deployment merge.
+
+    Exact for experts linear in their parameters and input (``nn.Linear``: ``sum_k g_k (W_k x + b_k)``). For MLP
+    experts it merges ``fc1`` and ``fc2`` separately, which is NOT ``sum_k g_k FFN_k(x)`` (the activation sits between
+    them): an approximation, exact only when the experts are equal or one gate is 1. Use it for deployment of static
+    (attribute/task/modality) routing, where the decision per group is fixed.
+    """
+    merged = copy.deepcopy(experts[0])
+    with torch.no_grad():
+        for name, param in merged.named_parameters():
+            sources = [dict(e.named_parameters())[name] for e in experts]
+            param.copy_(sum(float(g) * p for g, p in zip(gates, sources)))
+    return merged
+
+
+def routed_layers(model: nn.Module) -> list[RoutedLayer]:
+    return [m for m in model.modules() if isinstance(m, RoutedLayer)]
 
 
 def moe_layers(model: nn.Module) -> list[MoEMLP]:
@@ -190,17 +296,21 @@ def moe_layers(model: nn.Module) -> list[MoEMLP]:
 
 
 def pop_moe_stats(model: nn.Module) -> MoEStats | None:
-    """Collects and clears what every MoE layer recorded since the last call; None if nothing ran."""
-    layers = [m for m in moe_layers(model) if m._aux_loss is not None]
-    if not layers:
+    """Collects and clears what every routed layer recorded since the last call; None if nothing ran.
+
+    Layers with a mutual-information weight all-reduce their (task, expert) statistics here: call it on every rank
+    at the same point of each micro-step.
+    """
+    popped = [p for p in (m._pop() for m in routed_layers(model)) if p is not None]
+    if not popped:
         return None
-    stats = MoEStats(
-        aux_loss=torch.stack([m._aux_loss for m in layers]).sum(),
-        balance_loss=torch.stack([b for m in layers for b in m._balance]).mean(),
-        z_loss=torch.stack([z for m in layers for z in m._z]).mean(),
-        expert_counts_LE=torch.stack([m._counts_E for m in layers]),
-        dropped_fraction=torch.stack([d for m in layers for d in m._dropped]).mean(),
+    width = max(p[4].shape[0] for p in popped)
+    counts = [nn.functional.pad(p[4], (0, width - p[4].shape[0])) for p in popped]
+    return MoEStats(
+        aux_loss=torch.stack([p[0] for p in popped]).sum(),
+        balance_loss=torch.stack([b for p in popped for b in p[1]]).mean(),
+        z_loss=torch.stack([z for p in popped for z in p[2]]).mean(),
+        mi_loss=torch.stack([p[3] for p in popped]).sum(),
+        expert_counts_LE=torch.stack(counts),
+        dropped_fraction=torch.stack([d for p in popped for d in p[5]]).mean(),
     )
-    for m in layers:
-        m.reset_stats()
-    return stats

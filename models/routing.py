@@ -8,11 +8,12 @@ Shape legend (suffixes on tensor names):
     E  experts (global count)
     K  experts chosen per token (top-k)
     C  capacity: token slots per expert
+    R  kept (token, expert) pairs, sorted by expert
+    X  tasks
     D  model width
 """
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,10 +27,10 @@ class Routing:
     Attributes:
         expert_idx_TK: chosen experts per token, best first.
         gate_TK: combine weights; zero where the assignment was dropped for capacity.
-        slot_TK: position of the token in its expert's buffer of ``capacity`` slots; ``capacity`` where dropped.
+        slot_TK: position of the token in its expert's queue; ``capacity`` where dropped.
         probs_TE: router softmax over all experts (what the balance loss sees).
         counts_E: assignments per expert before dropping (what logs and balance statistics see).
-        capacity: slots per expert used for this call.
+        capacity: token slots per expert used for this call.
     """
 
     expert_idx_TK: torch.Tensor
@@ -91,7 +92,6 @@ def route(
     top_k: int,
     capacity: int | None,
     normalize: bool = True,
-    agree_capacity: Callable[[int], int] | None = None,
 ) -> Routing:
     """Top-k routing with a per-expert capacity.
 
@@ -99,18 +99,14 @@ def route(
         logits_TE: router logits.
         top_k: experts per token.
         capacity: slots per expert; assignments beyond it are dropped (gate zero, token passes through the residual).
-            ``None`` means dropless: capacity becomes the largest expert load of this call.
+            ``None`` means dropless (every assignment kept).
         normalize: renormalise the kept top-k gate values (see ``topk_experts``).
-        agree_capacity: maps this process's capacity to the one every expert-parallel peer uses (their max), since
-            the exchanged buffers must have one shape. Identity when omitted.
     """
     num_experts = logits_TE.shape[-1]
     probs_TE, expert_idx_TK, gate_TK = topk_experts(logits_TE, top_k, normalize)
     slot_TK, counts_E = assign_slots(expert_idx_TK, num_experts)
     if capacity is None:
-        capacity = max(int(counts_E.max()), 1)  # host sync: the buffer shape depends on it
-    if agree_capacity is not None:
-        capacity = agree_capacity(capacity)
+        capacity = num_experts * expert_idx_TK.shape[0]  # more slots than assignments: nothing dropped
     kept_TK = slot_TK < capacity
     gate_TK = gate_TK * kept_TK
     slot_TK = torch.where(kept_TK, slot_TK, torch.full_like(slot_TK, capacity))
@@ -133,24 +129,53 @@ def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
 
 
-def dispatch(x_TD: torch.Tensor, routing: Routing, num_experts: int) -> torch.Tensor:
-    """Scatters tokens into per-expert buffers ``[E, C, D]``; unused slots are zero, dropped tokens go nowhere."""
-    num_tokens, dim = x_TD.shape
-    top_k = routing.expert_idx_TK.shape[1]
-    capacity = routing.capacity
-    # One flat row per (expert, slot), plus a scratch row that swallows dropped assignments: no boolean indexing,
-    # hence no host sync, and the shapes depend only on (E, C).
-    row_TK = torch.where(routing.kept_TK, routing.expert_idx_TK * capacity + routing.slot_TK, num_experts * capacity)
-    source_TKD = x_TD.unsqueeze(1).expand(num_tokens, top_k, dim)
-    buffer = x_TD.new_zeros(num_experts * capacity + 1, dim)
-    buffer = buffer.index_copy(0, row_TK.reshape(-1), source_TKD.reshape(-1, dim))
-    return buffer[:-1].reshape(num_experts, capacity, dim)
+def mutual_information_loss(joint_XE: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
+    """Mod-Squad's loss: minus the mutual information between tasks and experts.
+
+    Args:
+        joint_XE: summed router probabilities per (task, expert) over the tokens of every task (X tasks); the caller
+            sums it over every data-parallel rank first. Normalised here, so ``P(t, e) = joint / joint.sum()``.
+
+    Returns:
+        ``-sum_{t,e} P(t,e) log(P(t,e) / (P(t) P(e)))``, with ``0 log 0 = 0``. Minimising it spreads the load over
+        experts (high H(E)) while making each task's expert distribution sharp (low H(E|T)).
+    """
+    p_te = joint_XE.float() / joint_XE.float().sum().clamp_min(eps)
+    p_t = p_te.sum(dim=1, keepdim=True)
+    p_e = p_te.sum(dim=0, keepdim=True)
+    ratio = p_te / (p_t * p_e).clamp_min(eps)
+    return -(p_te * torch.log(ratio.clamp_min(eps))).sum()
 
 
-def combine(y_ECD: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """Weighted sum of each token's expert outputs: ``sum_k gate_k * y[expert_k, slot_k]``; dropped -> 0."""
-    num_experts, capacity, dim = y_ECD.shape
-    row_TK = (routing.expert_idx_TK * capacity + routing.slot_TK.clamp_max(capacity - 1)).reshape(-1)
-    gathered_TKD = y_ECD.reshape(num_experts * capacity, dim).index_select(0, row_TK)
-    gathered_TKD = gathered_TKD.reshape(*routing.expert_idx_TK.shape, dim)
-    return torch.einsum("tk,tkd->td", routing.gate_TK.to(y_ECD.dtype), gathered_TKD)
+@dataclass
+class DispatchPlan:
+    """(token, choice) pairs sorted by expert, the layout grouped GEMMs and all-to-all exchanges want.
+
+    Attributes:
+        order_R: for each of the R kept pairs in expert order, its flat index ``t * K + k`` among the T*K pairs.
+        token_R: the token of each sorted pair.
+        counts_E: kept pairs per expert (sums to R).
+    """
+
+    order_R: torch.Tensor
+    token_R: torch.Tensor
+    counts_E: torch.Tensor
+
+
+def plan_dispatch(routing: Routing, num_experts: int) -> DispatchPlan:
+    """Sorts the kept (token, expert) pairs by expert (stable: token order within an expert)."""
+    num_tokens, top_k = routing.expert_idx_TK.shape
+    # Dropped pairs get the sentinel expert E and sort last; slicing them off needs their count (one host sync).
+    key_P = torch.where(routing.kept_TK, routing.expert_idx_TK, num_experts).reshape(-1)
+    counts_E = torch.bincount(key_P, minlength=num_experts + 1)[:num_experts]
+    num_kept = int(counts_E.sum())
+    order_R = torch.argsort(key_P, stable=True)[:num_kept]
+    return DispatchPlan(order_R, order_R // top_k, counts_E)
+
+
+def combine_sorted(y_RD: torch.Tensor, plan: DispatchPlan, routing: Routing) -> torch.Tensor:
+    """Gated sum per token of the expert outputs of its kept pairs: ``sum_k gate_k * y[pair (t, k)]``."""
+    num_tokens, top_k = routing.expert_idx_TK.shape
+    gate_R = routing.gate_TK.reshape(-1).index_select(0, plan.order_R).to(y_RD.dtype)
+    out_TD = y_RD.new_zeros(num_tokens, y_RD.shape[-1])
+    return out_TD.index_add(0, plan.token_R, y_RD * gate_R[:, None])

@@ -382,7 +382,7 @@ def test_save_round_trips(tmp_path):
     cfg.save(path)
     raw = yaml.safe_load(path.read_text())  # plain YAML: no Python tags
     assert raw["optim"]["betas"] == [0.8, 0.9] and raw["tasks"][0]["weight"] == 3.0
-    assert set(raw) == {"run", "data", "model", "moe", "optim", "tasks", "deepspeed_config"}
+    assert set(raw) == {"run", "data", "model", "moe", "moa", "optim", "tasks", "deepspeed_config"}
     assert load_config(path) == cfg
     assert load_config(path).to_dict() == cfg.to_dict()
 

@@ -46,12 +46,11 @@ def test_route_drops_assignments_beyond_capacity():
     assert r.counts_E.tolist() == [3, 2, 1]
 
 
-def test_route_dropless_grows_capacity_and_agree_capacity_wins():
+def test_route_dropless_keeps_everything():
     logits = torch.tensor([[5.0, 1.0, 0.0]] * 5)
-    r = routing.route(logits, top_k=1, capacity=None)
-    assert r.capacity == 5 and bool(r.kept_TK.all())
-    r = routing.route(logits, top_k=1, capacity=2, agree_capacity=lambda c: 7)
-    assert r.capacity == 7 and bool(r.kept_TK.all())
+    r = routing.route(logits, top_k=2, capacity=None)
+    assert bool(r.kept_TK.all())
+    assert r.counts_E.tolist() == [5, 5, 0]
 
 
 def test_expert_capacity_formula():
@@ -72,23 +71,40 @@ def test_router_z_loss():
     assert routing.router_z_loss(torch.zeros(3, 4)).item() == pytest.approx(math.log(4) ** 2)
 
 
-def test_dispatch_then_combine_with_identity_experts_returns_gated_tokens():
-    torch.manual_seed(0)
-    x = torch.randn(6, 5)
-    logits = torch.randn(6, 3)
+def test_plan_dispatch_sorts_kept_pairs_by_expert():
+    # token 0 -> (2, 0), token 1 -> (0, 1), token 2 -> (0, 2) with expert 0's capacity 1: token 2's pick is dropped.
+    logits = torch.tensor([[2.0, 0.0, 3.0], [3.0, 2.0, 0.0], [3.0, 0.0, 2.0]])
     r = routing.route(logits, top_k=2, capacity=2)
-    buffers = routing.dispatch(x, r, num_experts=3)
-    assert buffers.shape == (3, 2, 5)
-    y = routing.combine(buffers, r)
-    expected = x * r.gate_TK.sum(-1, keepdim=True)
+    assert r.expert_idx_TK.tolist() == [[2, 0], [0, 1], [0, 2]]
+    assert r.kept_TK.tolist() == [[True, False], [True, True], [True, True]]  # expert 0: tokens 1, 2 come first
+    plan = routing.plan_dispatch(r, num_experts=3)
+    assert plan.counts_E.tolist() == [2, 1, 2]
+    assert plan.token_R.tolist() == [1, 2, 1, 0, 2]  # expert 0: tokens 1, 2; expert 1: token 1; expert 2: 0, 2
+    assert plan.order_R.tolist() == [2, 4, 3, 0, 5]  # flat t * K + k
+
+
+def test_combine_sorted_with_identity_experts_returns_gated_tokens():
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, requires_grad=True)
+    r = routing.route(torch.randn(6, 3), top_k=2, capacity=2)
+    plan = routing.plan_dispatch(r, num_experts=3)
+    y = routing.combine_sorted(x.index_select(0, plan.token_R) * 2.0, plan, r)
+    expected = 2.0 * x * r.gate_TK.sum(-1, keepdim=True)
     assert torch.allclose(y, expected, atol=1e-6)
-    # each kept (token, expert) sits in its slot
-    for t, k in zip(*torch.nonzero(r.kept_TK, as_tuple=True)):
-        assert torch.equal(buffers[r.expert_idx_TK[t, k], r.slot_TK[t, k]], x[t])
-
-
-def test_dispatch_is_differentiable():
-    x = torch.randn(4, 3, requires_grad=True)
-    r = routing.route(torch.randn(4, 2), top_k=1, capacity=None)
-    routing.combine(routing.dispatch(x, r, 2) * 2.0, r).sum().backward()
+    y.sum().backward()
     assert torch.allclose(x.grad, 2.0 * r.gate_TK.sum(-1, keepdim=True).expand_as(x))
+
+
+def test_mutual_information_loss_hand_computed():
+    # Two tasks, each always on its own expert: MI = H(T) = log 2, loss = -log 2.
+    separated = torch.tensor([[5.0, 0.0], [0.0, 5.0]])
+    assert routing.mutual_information_loss(separated).item() == pytest.approx(-math.log(2))
+    # Both tasks use experts identically: independent, MI = 0.
+    shared = torch.tensor([[3.0, 1.0], [6.0, 2.0]])
+    assert routing.mutual_information_loss(shared).item() == pytest.approx(0.0, abs=1e-6)
+    # A hand-computed mixed case: P = [[.4, .1], [.1, .4]].
+    mixed = torch.tensor([[4.0, 1.0], [1.0, 4.0]])
+    expected = -(2 * 0.4 * math.log(0.4 / 0.25) + 2 * 0.1 * math.log(0.1 / 0.25))
+    assert routing.mutual_information_loss(mixed).item() == pytest.approx(expected, rel=1e-6)
+    # Scale-free: the counts' normalisation does not matter.
+    assert routing.mutual_information_loss(mixed * 7).item() == pytest.approx(expected, rel=1e-6)

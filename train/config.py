@@ -15,6 +15,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from models import SIZES, TASK_TYPES
+from models.router import ROUTING_LEVELS
 
 
 @dataclass
@@ -81,10 +82,14 @@ class MoEConfig:
     """Experts per MoE layer (0 disables MoE: a dense model)."""
     top_k: int = 2
     """Experts per token."""
+    routing: str = "token"
+    """What the router sees: token, context, modality, task, attribute, or task_gate (Mod-Squad). See docs/moe.md."""
     every: int = 2
     """MoE in blocks offset, offset+every, ... (2: every other block, Uni-Perceiver-MoE's 'odd')."""
     offset: int = 0
     """First MoE block."""
+    layers: list[int] = field(default_factory=list)
+    """Explicit MoE blocks; overrides every/offset when not empty."""
     ep_size: int = 1
     """Expert-parallel group size; must divide the world size and num_experts."""
     capacity_factor: float = 1.25
@@ -101,8 +106,20 @@ class MoEConfig:
     """Switch load-balance loss weight per layer."""
     z_loss_weight: float = 0.0
     """Router z-loss weight per layer."""
+    mi_loss_weight: float = 0.0
+    """Mod-Squad mutual-information loss weight per layer (statistics summed over all ranks); 0 disables."""
+    static_dispatch: bool = True
+    """Run static levels (modality, task, attribute) group by group without per-token dispatch (ep_size 1 only)."""
+    expert_backend: str = "auto"
+    """auto (grouped GEMM on GPU, loop on CPU), loop, or grouped."""
 
     def __post_init__(self):
+        if self.routing not in ROUTING_LEVELS:
+            raise ValueError(f"moe.routing={self.routing!r} is not one of {', '.join(ROUTING_LEVELS)}")
+        if self.expert_backend not in ("auto", "loop", "grouped"):
+            raise ValueError(f"moe.expert_backend={self.expert_backend!r} is not one of auto, loop, grouped")
+        if self.mi_loss_weight < 0 or self.balance_loss_weight < 0 or self.z_loss_weight < 0:
+            raise ValueError("moe.balance_loss_weight, moe.z_loss_weight and moe.mi_loss_weight must be >= 0")
         if self.num_experts < 0:
             raise ValueError(f"moe.num_experts must be >= 0, got {self.num_experts}")
         if self.num_experts and not 1 <= self.top_k <= self.num_experts:
@@ -110,6 +127,37 @@ class MoEConfig:
         _positive(self, "ep_size", "every", "capacity_factor", "eval_capacity_factor")
         if self.num_experts and self.num_experts % self.ep_size:
             raise ValueError(f"moe.num_experts={self.num_experts} is not divisible by moe.ep_size={self.ep_size}")
+
+
+@dataclass
+class MoAConfig:
+    num_experts: int = 0
+    """Head experts per mixture-of-attention-heads layer (0 disables MoA)."""
+    num_heads: int = 0
+    """Heads each token picks (0: the model's num_heads)."""
+    head_dim: int = 0
+    """Width per head (0: dim / num_heads)."""
+    routing: str = "task_gate"
+    """Router level (Mod-Squad: task_gate)."""
+    every: int = 2
+    """MoA in blocks offset, offset+every, ... (Mod-Squad: even blocks, with MoE MLPs on odd ones)."""
+    offset: int = 0
+    """First MoA block."""
+    layers: list[int] = field(default_factory=list)
+    """Explicit MoA blocks; overrides every/offset when not empty."""
+    balance_loss_weight: float = 0.0
+    """Balance loss weight per layer."""
+    mi_loss_weight: float = 0.005
+    """Mutual-information loss weight per layer (Mod-Squad's 0.005)."""
+
+    def __post_init__(self):
+        if self.routing not in ROUTING_LEVELS:
+            raise ValueError(f"moa.routing={self.routing!r} is not one of {', '.join(ROUTING_LEVELS)}")
+        if self.num_experts < 0 or self.num_heads < 0 or self.head_dim < 0:
+            raise ValueError("moa.num_experts, moa.num_heads and moa.head_dim must be >= 0")
+        if self.num_experts and self.num_heads > self.num_experts:
+            raise ValueError(f"moa.num_heads={self.num_heads} exceeds moa.num_experts={self.num_experts}")
+        _positive(self, "every")
 
 
 @dataclass
@@ -170,6 +218,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    moa: MoAConfig = field(default_factory=MoAConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     tasks: list[TaskConfig] = field(default_factory=list)
     deepspeed_config: str = "ds_configs/zero2_cpu.json"
@@ -269,6 +318,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, str):
             raise ValueError(f"{key}: expected a string, got {value!r}")
         return value
+    if get_origin(hint) is list and get_args(hint)[0] is int:
+        if not isinstance(value, list):
+            raise ValueError(f"{key}: expected a list of integers, got {value!r}")
+        return [_coerce(v, int, f"{key}[{i}]") for i, v in enumerate(value)]
     if get_origin(hint) is tuple:
         items = get_args(hint)
         if not isinstance(value, list | tuple) or len(value) != len(items):

@@ -25,16 +25,39 @@ def build_model(cfg: Config, vocab_size: int, spe_token_id: int) -> UniPerceiver
         overrides["patch_size"] = cfg.model.patch_size
     if cfg.model.drop_path_rate >= 0:
         overrides["drop_path_rate"] = cfg.model.drop_path_rate
-    moe = cfg.moe
     depth = SIZES[cfg.model.size]["depth"]
-    moe_kwargs = dict(num_experts=moe.num_experts, top_k=moe.top_k, capacity_factor=moe.capacity_factor,
-                      eval_capacity_factor=moe.eval_capacity_factor, min_capacity=moe.min_capacity,
-                      drop_tokens=moe.drop_tokens, gate_noise_std=moe.gate_noise_std,
-                      balance_loss_weight=moe.balance_loss_weight, z_loss_weight=moe.z_loss_weight)
-    layers = moe_layer_indices(depth, moe.every, moe.offset) if moe.num_experts else ()
+    moe, moa, num_tasks = cfg.moe, cfg.moa, len(cfg.tasks)
+    moe_kwargs = dict(num_experts=moe.num_experts, top_k=moe.top_k, routing_level=moe.routing, num_tasks=num_tasks,
+                      capacity_factor=moe.capacity_factor, eval_capacity_factor=moe.eval_capacity_factor,
+                      min_capacity=moe.min_capacity, drop_tokens=moe.drop_tokens, gate_noise_std=moe.gate_noise_std,
+                      balance_loss_weight=moe.balance_loss_weight, z_loss_weight=moe.z_loss_weight,
+                      mi_loss_weight=moe.mi_loss_weight, static_dispatch=moe.static_dispatch,
+                      expert_backend=moe.expert_backend)
+    moa_kwargs = dict(num_experts=moa.num_experts, routing_level=moa.routing, num_tasks=num_tasks,
+                      balance_loss_weight=moa.balance_loss_weight, mi_loss_weight=moa.mi_loss_weight)
+    if moa.num_heads:
+        moa_kwargs["num_heads"] = moa.num_heads
+    if moa.head_dim:
+        moa_kwargs["head_dim"] = moa.head_dim
     torch.manual_seed(cfg.run.seed)
     return create_model(cfg.model.size, vocab_size=vocab_size, spe_token_id=spe_token_id,
-                        max_text_len=cfg.data.max_text_len, moe_layers=layers, moe_kwargs=moe_kwargs, **overrides)
+                        max_text_len=cfg.data.max_text_len,
+                        moe_layers=_placement(moe.num_experts, moe.layers, depth, moe.every, moe.offset, "moe"),
+                        moe_kwargs=moe_kwargs,
+                        moa_layers=_placement(moa.num_experts, moa.layers, depth, moa.every, moa.offset, "moa"),
+                        moa_kwargs=moa_kwargs, **overrides)
+
+
+def _placement(num_experts: int, layers: list[int], depth: int, every: int, offset: int, name: str) -> tuple:
+    if not num_experts:
+        return ()
+    if layers:
+        if any(not 0 <= i < depth for i in layers):
+            raise ValueError(f"{name}.layers={layers} must index blocks in [0, {depth})")
+        return tuple(sorted(set(layers)))
+    if not 0 <= offset < every:
+        raise ValueError(f"{name}.offset={offset} must be in [0, {name}.every={every})")
+    return moe_layer_indices(depth, every, offset)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

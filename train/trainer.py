@@ -71,7 +71,7 @@ class Trainer:
             # Dropout, drop-path and gate noise draw from a generator seeded by (seed, rank, step, micro): a resumed
             # run replays them exactly without saving RNG states.
             torch.manual_seed(make_seed(cfg.run.seed, self.info.rank, step, micro))
-            out = self.engine(task.type, batch, label_smoothing=task.label_smoothing)
+            out = self.engine(task.type, batch, label_smoothing=task.label_smoothing, task_id=index)
             stats = pop_moe_stats(self.model)
             task_loss = task.loss_weight * out.loss
             aux = stats.aux_loss if stats is not None else task_loss.new_zeros(())
