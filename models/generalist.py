@@ -17,7 +17,7 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-from timm.layers import Attention, Mlp, trunc_normal_
+from timm.layers import Mlp, trunc_normal_
 from timm.models.vision_transformer import Block
 
 from models.embeddings import ImageEmbed, TextEmbed
@@ -99,13 +99,13 @@ class UniPerceiver(nn.Module):
         self.text_embed = TextEmbed(vocab_size, max_text_len, dim)
         self.embed_norm = nn.LayerNorm(dim)  # shared by all modalities
         moe_mlp = partial(MoEMLP, **(moe_kwargs or {}))
-        moa = partial(MoAttention, **{"num_heads": num_heads, **(moa_kwargs or {})})
         self.blocks = nn.ModuleList([
             ConditionalBlock(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, init_values=layer_scale_init,
-                             drop_path=drop_path_rate, mlp_layer=moe_mlp if i in self.moe_layers else Mlp,
-                             attn_layer=moa if i in self.moa_layers else Attention)
+                             drop_path=drop_path_rate, mlp_layer=moe_mlp if i in self.moe_layers else Mlp)
             for i in range(depth)
         ])
+        for i in self.moa_layers:  # timm's Block only takes attention classes: swap the layer in afterwards
+            self.blocks[i].attn = MoAttention(dim, **{"num_heads": num_heads, **(moa_kwargs or {})})
         self.ln_post = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, dim)
         self.logit_scale = nn.Parameter(torch.full((len(TASK_TYPES),), math.log(1 / 0.07)))

@@ -268,6 +268,10 @@ class MoEMLP(RoutedLayer):
             x_g = x_TD.index_select(0, rows)
             y_g = sum(gate_GK[g, k].to(x_g.dtype) * experts[int(idx_GK[g, k])](x_g) for k in range(self.top_k))
             y_TD = y_TD.index_copy(0, rows, y_g)
+        # Experts no group chose still run on zero rows, adding an exact zero: every parameter then has a gradient,
+        # so ranks whose groups chose different experts reduce the same ZeRO buckets.
+        for e in sorted(set(range(len(experts))) - set(idx_GK.flatten().tolist())):
+            y_TD = y_TD + experts[e](x_TD[:0]).sum()
         return y_TD
 
 

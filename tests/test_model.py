@@ -163,3 +163,23 @@ def test_moe_layers_are_plain_pytorch():
     layer = MoEMLP(8, 16, num_experts=2)
     assert layer.comm.ep_size == 1
     assert layer(torch.randn(2, 3, 8)).shape == (2, 3, 8)
+
+
+@pytest.mark.parametrize("level", ["token", "context", "modality", "task", "attribute", "task_gate"])
+def test_mod_squad_placement_and_every_level_gives_every_parameter_a_gradient(level):
+    """MoA in even blocks, MoE MLP in odd ones (Mod-Squad); whatever the level, every parameter gets a gradient."""
+    torch.manual_seed(0)
+    model = create_model("debug", vocab_size=VOCAB, spe_token_id=SPE, max_text_len=12,
+                         moe_layers=moe_layer_indices(4, 2, 1),
+                         moe_kwargs=dict(num_experts=4, top_k=2, routing_level=level, num_tasks=2, mi_loss_weight=0.01),
+                         moa_layers=moe_layer_indices(4, 2, 0),
+                         moa_kwargs=dict(num_experts=6, num_heads=2, routing_level="task_gate", num_tasks=2))
+    assert [type(b.attn).__name__ for b in model.blocks] == ["MoAttention", "Attention"] * 2
+    assert [type(b.mlp).__name__ for b in model.blocks] == ["Mlp", "MoEMLP"] * 2
+    for task_id, task_type in enumerate(TASK_TYPES):
+        out = model(task_type, task_batch(task_type), task_id=task_id)
+        stats = pop_moe_stats(model)
+        assert stats.expert_counts_LE.shape == (4, 6)  # 2 MoA + 2 MoE layers, padded to the widest
+        (out.loss + stats.aux_loss).backward()
+        assert not [n for n, p in model.named_parameters() if p.grad is None], task_type
+        model.zero_grad(set_to_none=True)
