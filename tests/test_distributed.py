@@ -74,3 +74,14 @@ def test_deepspeed_launcher_two_ranks(tiny_data, tmp_path):
     for rank in (0, 1):
         assert sorted(losses(tmp_path / "run", rank)) == [0, 1]
     assert (tmp_path / "run" / "checkpoints" / "step_2").is_dir()
+
+
+@pytest.mark.parametrize("config", ["demo_modsquad.yaml", "demo_attribute.yaml"])
+def test_conditional_configs_train_on_two_ranks(tiny_data, tmp_path, config):
+    """Mod-Squad (task gates, MoA, MI over ranks, ep_size 2) and attribute routing train and checkpoint."""
+    run([*torchrun(2), "-m", "train", "--config", str(REPO / "configs" / config), f"data.root={tiny_data}",
+         f"run.output_dir={tmp_path / 'run'}", "run.max_steps=3", "run.log_every=1", "tasks.0.batch_size=8",
+         "tasks.1.batch_size=8", "data.shuffle_buffer=50"])
+    for rank in (0, 1):
+        assert sorted(losses(tmp_path / "run", rank)) == [0, 1, 2]
+    assert (tmp_path / "run" / "checkpoints" / "step_3").is_dir()

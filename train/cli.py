@@ -88,7 +88,9 @@ def eval_main(argv: list[str] | None = None) -> int:
             raise ValueError(f"checkpoint does not match the config's model: missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}")
         img_size = model.image_embed.patch_embed.img_size[0]
-        metrics = evaluate(model, cfg.data.root, args.dataset, tokenizer, img_size, args.batch_size)
+        task_of = {t.type: i for i, t in reversed(list(enumerate(cfg.tasks))) if t.dataset == args.dataset}
+        metrics = evaluate(model, cfg.data.root, args.dataset, tokenizer, img_size, args.batch_size,
+                           task_of.get("image_classification", 0), task_of.get("image_text_retrieval", 0))
     except (ValueError, FileNotFoundError, KeyError) as exc:
         return _fail("condmoe-eval", exc)
     print(json.dumps(metrics))

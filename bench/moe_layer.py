@@ -1,0 +1,117 @@
+"""MoE layer benchmark: condmoe's MoE MLP vs DeepSpeed's stock ``deepspeed.moe.layer.MoE`` vs the dense FFN floor.
+
+Forward + backward time per call (median over iterations, after warm-up) of:
+  * dense FFN (timm ``Mlp``) on k x the tokens: the compute floor of a top-k MoE;
+  * DeepSpeed's stock MoE layer (top-k gate, capacity einsum dispatch, experts in a Python loop);
+  * condmoe ``MoEMLP`` with token routing (sort-based dispatch; grouped GEMM on GPU, loop on CPU);
+  * condmoe ``MoEMLP`` with attribute routing (two attribute segments, static no-dispatch path).
+
+    python bench/moe_layer.py                                  # CPU, float32, small sizes
+    python bench/moe_layer.py --device cuda --dtype bfloat16 --tokens 12608 --dim 768 --hidden 3072
+
+Prints a table and writes JSON (``--json``). Not a test: numbers depend on the machine.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# `python bench/x.py` from anywhere: the repository root on the path, models._compat before timm.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import models._compat  # noqa: F401  (before timm)
+import torch
+from timm.layers import Mlp
+from models import MoEMLP, pop_moe_stats
+from models.router import ATTRIBUTES, RoutingContext
+
+
+def timed(fn, iters: int, warmup: int, device: str) -> float:
+    """Median milliseconds of ``fn`` (forward + backward)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", default="bench/moe_layer.json")
+    args = parser.parse_args()
+    device, dtype = args.device, getattr(torch, args.dtype)
+    torch.manual_seed(0)
+
+    from train.dist import init_distributed  # DeepSpeed's stock layer needs a (one-rank) process group
+
+    init_distributed()
+    from deepspeed.moe.layer import MoE
+
+    x = torch.randn(1, args.tokens, args.dim, device=device, dtype=dtype, requires_grad=True)
+    rows = []
+
+    def run_layer(layer, inputs, extra=()):
+        def step():
+            out = layer(inputs, *extra)
+            out = out[0] if isinstance(out, tuple) else out
+            out.float().sum().backward()
+            pop_moe_stats(layer) if isinstance(layer, MoEMLP) else None
+        return step
+
+    for k in (2, 1):
+        dense = Mlp(args.dim, args.hidden).to(device, dtype)
+        x_dense = torch.randn(1, k * args.tokens, args.dim, device=device, dtype=dtype, requires_grad=True)
+        rows.append((f"dense FFN on {k}x tokens (floor)", k, timed(run_layer(dense, x_dense), args.iters,
+                                                                     args.warmup, device)))
+        stock = MoE(hidden_size=args.dim, expert=Mlp(args.dim, args.hidden), num_experts=args.experts, k=k,
+                    capacity_factor=1.25, eval_capacity_factor=1.25, min_capacity=4).to(device, dtype)
+        stock.set_deepspeed_parallelism()
+        rows.append(("DeepSpeed stock MoE", k, timed(run_layer(stock, x), args.iters, args.warmup, device)))
+        ours = MoEMLP(args.dim, args.hidden, num_experts=args.experts, top_k=k, capacity_factor=1.25).to(device, dtype)
+        rows.append(("condmoe MoEMLP, token routing", k, timed(run_layer(ours, x), args.iters, args.warmup, device)))
+        attr = MoEMLP(args.dim, args.hidden, num_experts=args.experts, top_k=k, routing_level="attribute")
+        attr = attr.to(device, dtype)
+        attributes = torch.tensor(ATTRIBUTES["visual_input"], device=device, dtype=dtype).repeat(1, args.tokens, 1)
+        attributes[:, args.tokens // 2:] = torch.tensor(ATTRIBUTES["text_target"], device=device, dtype=dtype)
+        ctx = RoutingContext(attribute_BNA=attributes)
+        rows.append(("condmoe MoEMLP, attribute routing (static)", k,
+                     timed(run_layer(attr, x, (ctx,)), args.iters, args.warmup, device)))
+
+    env = {"device": torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or 'x86_64'}"
+                     f", {torch.get_num_threads()} threads)",
+           "dtype": args.dtype, "torch": torch.__version__, "tokens": args.tokens, "dim": args.dim,
+           "hidden": args.hidden, "experts": args.experts}
+    print(f"# MoE layer, forward+backward, {env['device']}, {args.dtype}, {args.tokens} tokens, "
+          f"{args.dim}/{args.hidden}, {args.experts} experts")
+    print(f"| {'layer':<45} | k | ms (median) | vs floor |")
+    print(f"|{'-' * 47}|---|-------------|----------|")
+    results = []
+    for name, k, ms in rows:
+        floor = next(m for n, kk, m in rows if kk == k and n.startswith("dense"))
+        print(f"| {name:<45} | {k} | {ms:11.2f} | {ms / floor:7.2f}x |")
+        results.append({"layer": name, "top_k": k, "ms": ms, "vs_floor": ms / floor})
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"env": env, "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
