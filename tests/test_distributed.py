@@ -85,3 +85,39 @@ def test_conditional_configs_train_on_two_ranks(tiny_data, tmp_path, config):
     for rank in (0, 1):
         assert sorted(losses(tmp_path / "run", rank)) == [0, 1, 2]
     assert (tmp_path / "run" / "checkpoints" / "step_3").is_dir()
+
+
+def test_sigusr1_checkpoints_every_rank_and_exits_for_requeue(tiny_data, tmp_path):
+    """A stop signal reaching one rank: both ranks finish the step, checkpoint, exit 75; the run then resumes."""
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+    from conftest import subprocess_env
+
+    cfg = small_config(tmp_path, tiny_data, **{"run.max_steps": 10000, "run.save_every": 10000})
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*torchrun(2), "-m", "train", "--config", str(cfg)], cwd=REPO, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "train_rank1.jsonl").is_file():
+            time.sleep(0.5)
+        assert (out / "train_rank1.jsonl").is_file(), "training did not start"
+        workers = psutil.Process(proc.pid).children()  # the two ranks (their data workers are grandchildren)
+        assert len(workers) == 2
+        workers[0].send_signal(signal.SIGUSR1)  # only one rank hears it
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    stopped_at = int(tag.removeprefix("step_"))
+    assert 0 < stopped_at < 10000
+    for rank in (0, 1):
+        assert max(losses(out, rank)) == stopped_at - 1  # both ranks stopped after the same step
+    output = proc.stdout.read()
+    assert proc.returncode != 0 and "exitcode  : 75" in output, output[-3000:]
+    run([*torchrun(2), "-m", "train", "--config", str(cfg), f"run.max_steps={stopped_at + 2}"])
+    assert sorted(losses(out, 0))[-1] == stopped_at + 1

@@ -57,10 +57,9 @@ def train_main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(int(torch_threads))
     try:
-        Trainer(cfg, info).train()
+        return Trainer(cfg, info).train()  # 0, or EXIT_PREEMPTED (75) after a stop signal and a checkpoint
     except (ValueError, FileNotFoundError) as exc:
         return _fail("condmoe-train", exc)
-    return 0
 
 
 def eval_main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ from train.config import Config
 from train.data import TaskSampler, TaskStream, read_json
 from train.dist import DistInfo
 from train.engine import build_model, create_engine
+from train.signals import EXIT_PREEMPTED, StopRequest
 
 log = logging.getLogger("condmoe.train")
 
@@ -86,7 +87,15 @@ class Trainer:
             names.append(task.name)
         return StepRecord(step, "+".join(names), total, task_total, aux_total, counts)
 
-    def train(self) -> list[StepRecord]:
+    def train(self) -> int:
+        """Runs to ``max_steps`` (exit code 0) or until a stop signal (checkpoint, then ``EXIT_PREEMPTED``)."""
+        stop = StopRequest(self.engine.device).install()
+        try:
+            return self._train(stop)
+        finally:
+            stop.uninstall()
+
+    def _train(self, stop: StopRequest) -> int:
         cfg = self.cfg
         if self.info.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -99,14 +108,13 @@ class Trainer:
             log.info("training steps %d..%d on %d ranks (ep_size=%d), tasks: %s", start, cfg.run.max_steps,
                      self.info.world_size, cfg.moe.ep_size, ", ".join(t.name for t in cfg.tasks))
 
-        records, pending = [], []
+        pending = []
         metrics_file = self.output_dir / f"train_rank{self.info.rank}.jsonl"
         t0 = time.time()
         for step in range(start, cfg.run.max_steps):
-            record = self.train_step(step)
-            records.append(record)
-            pending.append(record)
-            last = step + 1 == cfg.run.max_steps
+            pending.append(self.train_step(step))
+            stopping = stop.agreed()
+            last = step + 1 == cfg.run.max_steps or stopping
             if (step + 1) % cfg.run.log_every == 0 or last:
                 self._log(pending, metrics_file, time.time() - t0)
                 pending, t0 = [], time.time()
@@ -114,7 +122,9 @@ class Trainer:
                 path = checkpoint.save(self.engine, self.output_dir, step + 1, cfg.run.keep_last)
                 if self.info.is_main:
                     log.info("saved %s", path)
-        return records
+            if stopping:
+                return EXIT_PREEMPTED
+        return 0
 
     def _log(self, records: list[StepRecord], metrics_file: Path, seconds: float) -> None:
         """Writes this rank's per-step losses (one host sync per log interval) and prints a summary on rank 0."""
