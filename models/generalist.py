@@ -66,6 +66,7 @@ class UniPerceiver(nn.Module):
         moe_kwargs: keyword arguments of those ``MoEMLP`` (num_experts, top_k, routing_level, capacity_factor, ...).
         moa_layers: indices of blocks whose attention is a mixture of attention heads (``MoAttention``).
         moa_kwargs: keyword arguments of those ``MoAttention`` (num_experts, num_heads, head_dim, routing_level, ...).
+        moe_kept, moa_kept: per block, the experts to build (an extracted model, see ``models/extract.py``).
     """
 
     def __init__(
@@ -85,8 +86,20 @@ class UniPerceiver(nn.Module):
         moe_kwargs: dict | None = None,
         moa_layers: tuple[int, ...] = (),
         moa_kwargs: dict | None = None,
+        moe_kept: dict[int, list[int]] | None = None,
+        moa_kept: dict[int, list[int]] | None = None,
     ):
         super().__init__()
+        # What it takes to rebuild this model (extracted models are saved with it).
+        self.init_args = dict(vocab_size=vocab_size, spe_token_id=spe_token_id, img_size=img_size,
+                              patch_size=patch_size, max_text_len=max_text_len, dim=dim, depth=depth,
+                              num_heads=num_heads, mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate,
+                              layer_scale_init=layer_scale_init, moe_layers=list(moe_layers),
+                              moe_kwargs=dict(moe_kwargs or {}), moa_layers=list(moa_layers),
+                              moa_kwargs=dict(moa_kwargs or {}),
+                              moe_kept={int(k): list(v) for k, v in (moe_kept or {}).items()},
+                              moa_kept={int(k): list(v) for k, v in (moa_kept or {}).items()})
+        moe_kept, moa_kept = self.init_args["moe_kept"], self.init_args["moa_kept"]
         for name, layers in (("moe_layers", moe_layers), ("moa_layers", moa_layers)):
             if any(not 0 <= i < depth for i in layers):
                 raise ValueError(f"{name} {list(layers)} must index blocks in [0, {depth})")
@@ -101,11 +114,13 @@ class UniPerceiver(nn.Module):
         moe_mlp = partial(MoEMLP, **(moe_kwargs or {}))
         self.blocks = nn.ModuleList([
             ConditionalBlock(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, init_values=layer_scale_init,
-                             drop_path=drop_path_rate, mlp_layer=moe_mlp if i in self.moe_layers else Mlp)
+                             drop_path=drop_path_rate,
+                             mlp_layer=partial(moe_mlp, kept_experts=moe_kept.get(i)) if i in self.moe_layers else Mlp)
             for i in range(depth)
         ])
         for i in self.moa_layers:  # timm's Block only takes attention classes: swap the layer in afterwards
-            self.blocks[i].attn = MoAttention(dim, **{"num_heads": num_heads, **(moa_kwargs or {})})
+            self.blocks[i].attn = MoAttention(dim, **{"num_heads": num_heads, **(moa_kwargs or {})},
+                                              kept_experts=moa_kept.get(i))
         self.ln_post = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, dim)
         self.logit_scale = nn.Parameter(torch.full((len(TASK_TYPES),), math.log(1 / 0.07)))

@@ -18,7 +18,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from models import routing
-from models.moe import LocalComm, RoutedLayer
+from models.moe import LocalComm, RoutedLayer, _slots
 from models.router import Router, RoutingContext
 
 
@@ -34,6 +34,8 @@ class MoAttention(RoutedLayer):
         balance_loss_weight, z_loss_weight, mi_loss_weight: auxiliary losses (Mod-Squad: MI only).
         attn_drop, proj_drop: dropout on attention weights and on the output.
 
+        kept_experts: build only these head experts (an extracted layer; choices of removed heads are dropped).
+
     Other keywords that timm's ``Block`` passes to its attention layer (qk_norm, norm_layer, ...) are accepted and
     ignored.
     """
@@ -41,7 +43,8 @@ class MoAttention(RoutedLayer):
     def __init__(self, dim: int, num_heads: int = 8, num_experts: int = 16, head_dim: int | None = None,
                  qkv_bias: bool = True, routing_level: str = "token", num_tasks: int = 1, gate_noise_std: float = 0.0,
                  normalize_gates: bool = False, balance_loss_weight: float = 0.0, z_loss_weight: float = 0.0,
-                 mi_loss_weight: float = 0.0, attn_drop: float = 0.0, proj_drop: float = 0.0, **_timm_kwargs):
+                 mi_loss_weight: float = 0.0, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 kept_experts: list[int] | None = None, **_timm_kwargs):
         super().__init__()
         if not 1 <= num_heads <= num_experts:
             raise ValueError(f"MoA picks num_heads={num_heads} of num_experts={num_experts} head experts")
@@ -52,10 +55,13 @@ class MoAttention(RoutedLayer):
         self.normalize_gates = normalize_gates
         self.attn_drop = attn_drop
         self.router = Router(dim, num_experts, routing_level, num_tasks, noise_std=gate_noise_std)
-        self.q_weight = nn.Parameter(torch.empty(num_experts * self.head_dim, dim))
-        self.q_bias = nn.Parameter(torch.zeros(num_experts * self.head_dim)) if qkv_bias else None
+        kept = list(range(num_experts)) if kept_experts is None else sorted(kept_experts)
+        self.num_local_experts = len(kept)
+        self.expert_slot = None if kept_experts is None else _slots(kept, num_experts)
+        self.q_weight = nn.Parameter(torch.empty(len(kept) * self.head_dim, dim))
+        self.q_bias = nn.Parameter(torch.zeros(len(kept) * self.head_dim)) if qkv_bias else None
         self.kv = nn.Linear(dim, 2 * self.head_dim, bias=qkv_bias)
-        self.o_weight = nn.Parameter(torch.empty(dim, num_experts * self.head_dim))
+        self.o_weight = nn.Parameter(torch.empty(dim, len(kept) * self.head_dim))
         self.o_bias = nn.Parameter(torch.zeros(dim))
         self.proj_drop = nn.Dropout(proj_drop)
         self.comm = LocalComm()
@@ -74,16 +80,18 @@ class MoAttention(RoutedLayer):
         logits_GE, group_T = self.router(x_BND, ctx)
         logits_TE = logits_GE if group_T is None else logits_GE.index_select(0, group_T)
         r = routing.route(logits_TE, heads, capacity=None, normalize=self.normalize_gates)
+        self._record(logits_TE, r, ctx.task_id if ctx is not None else 0)
+        if self.expert_slot is not None:
+            r = routing.remap_experts(r, self.expert_slot.to(x_BND.device))
 
-        q_TEh = F.linear(x_BND, self.q_weight, self.q_bias).reshape(batch * length, self.num_experts, h)
+        q_TEh = F.linear(x_BND, self.q_weight, self.q_bias).reshape(batch * length, self.num_local_experts, h)
         idx_TKh = r.expert_idx_TK[..., None].expand(-1, -1, h)
         q_BKNh = q_TEh.gather(1, idx_TKh).reshape(batch, length, heads, h).transpose(1, 2)
         k_B1Nh, v_B1Nh = self.kv(x_BND).reshape(batch, length, 2, 1, h).permute(2, 0, 3, 1, 4)
         o_BKNh = F.scaled_dot_product_attention(q_BKNh, k_B1Nh, v_B1Nh, attn_mask=attn_mask, is_causal=is_causal,
                                                 dropout_p=self.attn_drop if self.training else 0.0, enable_gqa=True)
         o_TKh = o_BKNh.transpose(1, 2).reshape(batch * length, heads, h) * r.gate_TK[..., None].to(x_BND.dtype)
-        o_TEh = o_TKh.new_zeros(batch * length, self.num_experts, h).scatter(1, idx_TKh, o_TKh)
+        # scatter_add: in a pruned layer removed heads map to slot 0 with a zero gate
+        o_TEh = o_TKh.new_zeros(batch * length, self.num_local_experts, h).scatter_add(1, idx_TKh, o_TKh)
         out = F.linear(o_TEh.reshape(batch, length, -1), self.o_weight, self.o_bias)
-
-        self._record(logits_TE, r, ctx.task_id if ctx is not None else 0)
         return self.proj_drop(out)

@@ -117,6 +117,12 @@ class RoutedLayer(nn.Module):
         self.mi_loss_weight = mi_loss_weight
         self.reset_stats()
 
+    def track_usage(self, enabled: bool = True) -> None:
+        """Accumulate per-task expert usage (top-k selections, summed router probabilities, tokens) until reset."""
+        self.usage = {"counts": torch.zeros(self.num_tasks, self.num_experts, dtype=torch.float64),
+                      "prob_sum": torch.zeros(self.num_tasks, self.num_experts, dtype=torch.float64),
+                      "tokens": torch.zeros(self.num_tasks, dtype=torch.float64)} if enabled else None
+
     def reset_stats(self) -> None:
         self._aux_loss = None
         self._balance, self._z, self._dropped = [], [], []
@@ -133,6 +139,10 @@ class RoutedLayer(nn.Module):
         counts_E = r.counts_E.detach()
         self._counts_E = counts_E if self._counts_E is None else self._counts_E + counts_E
         self._dropped.append(1.0 - r.kept_TK.float().mean().detach())
+        if getattr(self, "usage", None) is not None:
+            self.usage["counts"][task_id] += counts_E.double().cpu()
+            self.usage["prob_sum"][task_id] += r.probs_TE.detach().sum(0).double().cpu()
+            self.usage["tokens"][task_id] += r.probs_TE.shape[0]
         if self.mi_loss_weight > 0:
             joint_XE = r.probs_TE.new_zeros(self.num_tasks, self.num_experts)
             joint_XE = joint_XE.index_add(0, torch.tensor([task_id], device=joint_XE.device),
@@ -173,6 +183,8 @@ class MoEMLP(RoutedLayer):
         balance_loss_weight, z_loss_weight, mi_loss_weight: weights of the auxiliary losses this layer reports.
         static_dispatch: run static levels (modality, task, attribute) group by group without per-token dispatch.
         expert_backend: ``auto`` (grouped GEMM on GPU, loop on CPU), ``loop`` or ``grouped``.
+        kept_experts: build only these global experts (a pruned, extracted layer; the router keeps all E outputs,
+            and assignments to removed experts are dropped). None keeps all.
     """
 
     def __init__(
@@ -199,6 +211,7 @@ class MoEMLP(RoutedLayer):
         mi_loss_weight: float = 0.0,
         static_dispatch: bool = True,
         expert_backend: str = "auto",
+        kept_experts: list[int] | None = None,
         device=None,
         dtype=None,
     ):
@@ -218,10 +231,12 @@ class MoEMLP(RoutedLayer):
         self.static_dispatch = static_dispatch
         dd = {"device": device, "dtype": dtype}
         self.router = Router(in_features, num_experts, routing_level, num_tasks, noise_std=gate_noise_std)
+        kept = list(range(num_experts)) if kept_experts is None else sorted(kept_experts)
         self.experts = Experts([
             Mlp(in_features, hidden_features, act_layer=act_layer, norm_layer=norm_layer, bias=bias, drop=drop, **dd)
-            for _ in range(num_experts)
+            for _ in kept
         ], backend=expert_backend)
+        self.expert_slot = None if kept_experts is None else _slots(kept, num_experts)
         self.comm = LocalComm()
         self._setup_stats(num_tasks, balance_loss_weight, z_loss_weight, mi_loss_weight)
 
@@ -246,13 +261,17 @@ class MoEMLP(RoutedLayer):
             factor = self.capacity_factor if self.training else self.eval_capacity_factor
             capacity = routing.expert_capacity(x_TD.shape[0], self.num_experts, self.top_k, factor, self.min_capacity)
         r = routing.route(logits_TE, self.top_k, capacity, self.normalize_gates)
-        y_TD = self._static(x_TD, logits_GE, group_T) if static else self._dispatch(x_TD, r)
-
         self._record(logits_TE, r, ctx.task_id if ctx is not None else 0)
+        if static:
+            y_TD = self._static(x_TD, logits_GE, group_T)
+        elif self.expert_slot is not None:
+            y_TD = self._dispatch(x_TD, routing.remap_experts(r, self.expert_slot.to(x_TD.device)))
+        else:
+            y_TD = self._dispatch(x_TD, r)
         return y_TD.to(x.dtype).reshape(shape)
 
     def _dispatch(self, x_TD: torch.Tensor, r: routing.Routing) -> torch.Tensor:
-        plan = routing.plan_dispatch(r, self.num_experts)
+        plan = routing.plan_dispatch(r, self.num_experts if self.expert_slot is None else self.num_local_experts)
         x_RD = x_TD.index_select(0, plan.token_R)
         x_local, counts_L, handle = self.comm.dispatch(x_RD, plan.counts_E)
         y_RD = self.comm.combine(self.experts(x_local, counts_L), handle)
@@ -262,17 +281,28 @@ class MoEMLP(RoutedLayer):
         """Each group's tokens through the group's k experts: ``sum_k g_k * FFN_k(x_group)``, no dispatch."""
         _, idx_GK, gate_GK = routing.topk_experts(logits_GE, self.top_k, self.normalize_gates)
         experts = self.experts.deepspeed_experts
+        slot = list(range(self.num_experts)) if self.expert_slot is None else self.expert_slot.tolist()
         y_TD = torch.zeros_like(x_TD)
+        used = set()
         for g in range(logits_GE.shape[0]):
             rows = torch.nonzero(group_T == g).squeeze(1)
             x_g = x_TD.index_select(0, rows)
-            y_g = sum(gate_GK[g, k].to(x_g.dtype) * experts[int(idx_GK[g, k])](x_g) for k in range(self.top_k))
+            chosen = [(gate_GK[g, k], slot[int(idx_GK[g, k])]) for k in range(self.top_k)]
+            chosen = [(gate, s) for gate, s in chosen if s >= 0]  # a pruned layer drops removed experts
+            used.update(s for _, s in chosen)
+            y_g = sum((gate.to(x_g.dtype) * experts[s](x_g) for gate, s in chosen), torch.zeros_like(x_g))
             y_TD = y_TD.index_copy(0, rows, y_g)
         # Experts no group chose still run on zero rows, adding an exact zero: every parameter then has a gradient,
         # so ranks whose groups chose different experts reduce the same ZeRO buckets.
-        for e in sorted(set(range(len(experts))) - set(idx_GK.flatten().tolist())):
+        for e in sorted(set(range(len(experts))) - used):
             y_TD = y_TD + experts[e](x_TD[:0]).sum()
         return y_TD
+
+
+def _slots(kept: list[int], num_experts: int) -> torch.Tensor:
+    slot_E = torch.full((num_experts,), -1, dtype=torch.long)
+    slot_E[torch.tensor(kept, dtype=torch.long)] = torch.arange(len(kept))
+    return slot_E
 
 
 def merge_experts(experts: list[nn.Module], gates: list[float] | torch.Tensor) -> nn.Module:

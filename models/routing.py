@@ -179,3 +179,16 @@ def combine_sorted(y_RD: torch.Tensor, plan: DispatchPlan, routing: Routing) -> 
     gate_R = routing.gate_TK.reshape(-1).index_select(0, plan.order_R).to(y_RD.dtype)
     out_TD = y_RD.new_zeros(num_tokens, y_RD.shape[-1])
     return out_TD.index_add(0, plan.token_R, y_RD * gate_R[:, None])
+
+
+def remap_experts(routing_: Routing, slot_E: torch.Tensor) -> Routing:
+    """Routing onto a pruned layer: global expert ids -> local slots (``slot_E[e]``, -1 where e was removed).
+
+    Assignments to removed experts are dropped like capacity overflow (gate zero); what the layer reports about its
+    routing (probabilities, counts) stays in the global expert space of the original router.
+    """
+    local_TK = slot_E[routing_.expert_idx_TK]
+    kept_TK = routing_.kept_TK & (local_TK >= 0)
+    return Routing(local_TK.clamp_min(0), routing_.gate_TK * kept_TK,
+                   torch.where(kept_TK, routing_.slot_TK, torch.full_like(routing_.slot_TK, routing_.capacity)),
+                   routing_.probs_TE, routing_.counts_E, routing_.capacity)

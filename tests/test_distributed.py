@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import REPO, free_port, run, torchrun
 
@@ -85,6 +86,11 @@ def test_conditional_configs_train_on_two_ranks(tiny_data, tmp_path, config):
     for rank in (0, 1):
         assert sorted(losses(tmp_path / "run", rank)) == [0, 1, 2]
     assert (tmp_path / "run" / "checkpoints" / "step_3").is_dir()
+    ema = json.loads((tmp_path / "run" / "expert_usage_ema.json").read_text())
+    share = torch.tensor(ema["share"])  # [tasks, routed layers, experts]
+    assert share.shape[:2] == (2, len(ema["layers"])) and len(ema["layers"]) >= 2
+    ran = share.sum(dim=(1, 2)) > 0
+    assert torch.allclose(share[ran].sum(-1), torch.ones_like(share[ran].sum(-1)), atol=1e-5)
 
 
 def test_sigusr1_checkpoints_every_rank_and_exits_for_requeue(tiny_data, tmp_path):

@@ -51,6 +51,9 @@ class Trainer:
         classes = read_json(cfg.data.root, "classes.json")
         self.class_targets = {t.dataset: self.tokenizer(classes[t.dataset]) for t in cfg.tasks
                               if t.type == "image_classification"}
+        # Expert selections per task since the last log ([X, L, E]), folded into a running EMA at each log.
+        self.usage_counts: torch.Tensor | None = None
+        self.usage_ema: torch.Tensor | None = None
 
     @property
     def model(self):
@@ -84,6 +87,9 @@ class Trainer:
             aux_total = aux_total + aux.detach()
             if stats is not None:
                 counts = stats.expert_counts_LE if counts is None else counts + stats.expert_counts_LE
+                if self.usage_counts is None:
+                    self.usage_counts = torch.zeros(len(cfg.tasks), *stats.expert_counts_LE.shape)
+                self.usage_counts[index] += stats.expert_counts_LE.detach().float().cpu()
             names.append(task.name)
         return StepRecord(step, "+".join(names), total, task_total, aux_total, counts)
 
@@ -126,6 +132,26 @@ class Trainer:
                 return EXIT_PREEMPTED
         return 0
 
+    def _update_usage_ema(self, decay: float = 0.95) -> None:
+        """Per-task expert shares of this log interval, summed over ranks, folded into an EMA (Mod-Squad's 0.95)
+        and written to ``<output_dir>/expert_usage_ema.json`` by rank 0."""
+        if self.usage_counts is None:
+            return
+        counts = self.usage_counts.to(self.engine.device)
+        dist.all_reduce(counts)
+        counts = counts.cpu()
+        self.usage_counts.zero_()
+        share = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+        seen = counts.sum(dim=(1, 2)) > 0
+        if self.usage_ema is None:
+            self.usage_ema = share.clone()
+        self.usage_ema[seen] = decay * self.usage_ema[seen] + (1 - decay) * share[seen]
+        if self.info.is_main:
+            record = {"decay": decay, "tasks": [t.name for t in self.cfg.tasks],
+                      "layers": [name for name, _ in _routed_layer_names(self.model)],
+                      "share": self.usage_ema.tolist()}
+            (self.output_dir / "expert_usage_ema.json").write_text(json.dumps(record))
+
     def _log(self, records: list[StepRecord], metrics_file: Path, seconds: float) -> None:
         """Writes this rank's per-step losses (one host sync per log interval) and prints a summary on rank 0."""
         with metrics_file.open("a") as f:
@@ -139,6 +165,7 @@ class Trainer:
         if counts is not None:
             counts = counts.to(self.engine.device, torch.float32)
             dist.all_reduce(counts)
+        self._update_usage_ema()
         if self.info.is_main:
             usage = ""
             if counts is not None:
@@ -150,3 +177,9 @@ class Trainer:
                      last.step + 1, float(mean_loss) / self.info.world_size, last.task, float(last.task_loss),
                      float(last.aux_loss), lr, seconds / len(records), usage)
 
+
+
+def _routed_layer_names(model) -> list[tuple[str, object]]:
+    from models.moe import RoutedLayer
+
+    return [(name.replace(".deepspeed_moe", ""), m) for name, m in model.named_modules() if isinstance(m, RoutedLayer)]

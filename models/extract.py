@@ -1,0 +1,201 @@
+"""Expert analysis and single-task extraction (Mod-Squad), on plain models in one process.
+
+* ``collect_usage``: per routed layer and task, top-k selection counts, mean router probability and tokens seen,
+  accumulated while ``track_usage(model)`` is on.
+* ``task_similarity``: task x task cosine of usage vectors (averaged over layers) and overlap of kept-expert sets.
+* ``experts_to_keep``: Mod-Squad's rule: keep expert e if its share of the task's selections exceeds
+  ``threshold / k`` percent; at least k experts (the most used) survive.
+* ``extract_task_model``: a standalone model with only the kept experts and the task's router; it runs without
+  DeepSpeed and without the other tasks. Routers keep all E outputs (E x D, negligible), so routing probabilities are
+  those of the full model: when every expert the task ever selects is kept, outputs are exactly the full model's.
+* ``freeze_for_transfer``: freeze everything but routers and output heads to fit a new task on frozen experts.
+"""
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.generalist import UniPerceiver
+from models.moa import MoAttention
+from models.moe import MoEMLP, RoutedLayer
+
+
+def routed_layers_by_name(model: nn.Module) -> dict[str, RoutedLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, RoutedLayer)}
+
+
+def track_usage(model: nn.Module, enabled: bool = True) -> None:
+    for layer in routed_layers_by_name(model).values():
+        layer.track_usage(enabled)
+
+
+def collect_usage(model: nn.Module) -> dict[str, dict]:
+    """``{layer name: {"kind", "top_k", "counts" [X][E], "mean_prob" [X][E], "tokens" [X]}}`` (JSON-ready)."""
+    usage = {}
+    for name, layer in routed_layers_by_name(model).items():
+        if getattr(layer, "usage", None) is None:
+            continue
+        tokens = layer.usage["tokens"]
+        usage[name] = {
+            "kind": "moa" if isinstance(layer, MoAttention) else "moe",
+            "top_k": layer.top_k,
+            "counts": layer.usage["counts"].tolist(),
+            "mean_prob": (layer.usage["prob_sum"] / tokens.clamp_min(1)[:, None]).tolist(),
+            "tokens": tokens.tolist(),
+        }
+    return usage
+
+
+def usage_shares(usage: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """Per layer, each task's share of its selections per expert ``[X, E]`` (rows sum to 1 where the task ran)."""
+    shares = {}
+    for name, stats in usage.items():
+        counts = torch.tensor(stats["counts"], dtype=torch.float64)
+        shares[name] = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+    return shares
+
+
+def experts_to_keep(usage: dict[str, dict], task_id: int, threshold: float) -> dict[str, list[int]]:
+    """Mod-Squad's rule per layer: keep e if ``100 * share[task, e] > threshold / k``; at least k experts survive.
+
+    ``threshold=0`` keeps every expert the task selected at least once (the exact extraction).
+    """
+    keep = {}
+    for name, share in usage_shares(usage).items():
+        k = usage[name]["top_k"]
+        row = share[task_id]
+        kept = torch.nonzero(100 * row > threshold / k).squeeze(1).tolist()
+        if len(kept) < k:
+            kept = torch.topk(row, k).indices.tolist()
+        keep[name] = sorted(kept)
+    return keep
+
+
+def task_similarity(usage: dict[str, dict], keep_threshold: float = 3.0) -> dict[str, list[list[float]]]:
+    """Task x task similarity: cosine of expert-usage vectors averaged over layers, and mean Jaccard overlap of the
+    kept-expert sets (``experts_to_keep`` at ``keep_threshold``)."""
+    shares = usage_shares(usage)
+    num_tasks = next(iter(shares.values())).shape[0]
+    cosine = torch.zeros(num_tasks, num_tasks, dtype=torch.float64)
+    for share in shares.values():
+        unit = share / share.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        cosine += unit @ unit.t()
+    cosine /= len(shares)
+    kept = [experts_to_keep(usage, t, keep_threshold) for t in range(num_tasks)]
+    overlap = torch.zeros(num_tasks, num_tasks, dtype=torch.float64)
+    for name in shares:
+        for a in range(num_tasks):
+            for b in range(num_tasks):
+                sa, sb = set(kept[a][name]), set(kept[b][name])
+                overlap[a, b] += len(sa & sb) / max(1, len(sa | sb))
+    overlap /= len(shares)
+    return {"cosine": cosine.tolist(), "overlap": overlap.tolist()}
+
+
+def _slice_router(router_state: dict[str, torch.Tensor], level: str, task_id: int) -> dict[str, torch.Tensor]:
+    state = dict(router_state)
+    if level == "task_gate":
+        state["weight"] = state["weight"][task_id:task_id + 1]
+    elif level == "task":
+        state["embed.weight"] = state["embed.weight"][task_id:task_id + 1]
+    return state
+
+
+def extract_task_model(model: UniPerceiver, task_id: int, keep: dict[str, list[int]]) -> UniPerceiver:
+    """A single-task model holding only the kept experts of each routed layer and the task's router.
+
+    Args:
+        model: the full (plain, one-process) model.
+        task_id: the task to keep; the extracted model runs it as task 0.
+        keep: layer name (``blocks.<i>.mlp`` / ``blocks.<i>.attn``) -> global expert ids to keep.
+    """
+    args = copy.deepcopy(model.init_args)
+    args["moe_kwargs"]["num_tasks"] = 1
+    args["moa_kwargs"]["num_tasks"] = 1
+    for name, experts in keep.items():
+        block = int(name.split(".")[1])
+        (args["moe_kept"] if name.endswith(".mlp") else args["moa_kept"])[block] = sorted(experts)
+    small = UniPerceiver(**args)
+
+    full_state = model.state_dict()
+    state = {k: v for k, v in full_state.items() if not _in_routed_layer(k, keep)}
+    for name, layer in routed_layers_by_name(model).items():
+        kept = sorted(keep[name]) if name in keep else list(range(layer.num_experts))
+        prefix = name + "."
+        router = {k[len(prefix + "router."):]: v for k, v in full_state.items() if k.startswith(prefix + "router.")}
+        for k, v in _slice_router(router, layer.router.level, task_id).items():
+            state[f"{prefix}router.{k}"] = v
+        if isinstance(layer, MoEMLP):
+            for new, old in enumerate(kept):
+                src = f"{prefix}experts.deepspeed_experts.{old}."
+                for k, v in full_state.items():
+                    if k.startswith(src):
+                        state[f"{prefix}experts.deepspeed_experts.{new}.{k[len(src):]}"] = v
+        else:
+            h = layer.head_dim
+            rows = torch.cat([torch.arange(e * h, (e + 1) * h) for e in kept])
+            state[prefix + "q_weight"] = full_state[prefix + "q_weight"][rows]
+            if prefix + "q_bias" in full_state:
+                state[prefix + "q_bias"] = full_state[prefix + "q_bias"][rows]
+            state[prefix + "o_weight"] = full_state[prefix + "o_weight"][:, rows]
+            for k in ("kv.weight", "kv.bias", "o_bias"):
+                if prefix + k in full_state:
+                    state[prefix + k] = full_state[prefix + k]
+    small.load_state_dict(state, strict=True)
+    return small
+
+
+def _in_routed_layer(key: str, keep: dict[str, list[int]]) -> bool:
+    return any(key.startswith(name + ".") for name in keep)
+
+
+def save_extracted(model: UniPerceiver, out_dir: str | Path, meta: dict | None = None) -> Path:
+    """``model.safetensors`` + ``model_config.json`` (constructor arguments and ``meta``): loadable by
+    ``load_extracted`` with plain PyTorch."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    (out / "model_config.json").write_text(json.dumps({"init_args": model.init_args, **(meta or {})}, indent=2))
+    return out
+
+
+def load_extracted(path: str | Path) -> UniPerceiver:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config = json.loads((path / "model_config.json").read_text())
+    model = UniPerceiver(**config["init_args"])
+    model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    return model
+
+
+def freeze_for_transfer(model: UniPerceiver) -> list[str]:
+    """Freezes every parameter except routers (task gates, router embeddings) and the output heads (``ln_post``,
+    ``proj``, ``logit_scale``): a new task then learns which frozen experts to use. Returns the trainable names."""
+    trainable = []
+    for name, param in model.named_parameters():
+        train = ".router." in name or name.startswith(("ln_post.", "proj.", "logit_scale"))
+        param.requires_grad_(train)
+        if train:
+            trainable.append(name)
+    return trainable
+
+
+def estimate_flops_per_token(model: UniPerceiver) -> float:
+    """Forward multiply-adds x 2 per token of the encoder's matmuls (attention scores excluded): dense layers count
+    fully, an MoE MLP k experts, a mixture of attention heads all of its (kept) query/output projections."""
+    flops = 0.0
+    for block in model.blocks:
+        for sub in (block.attn, block.mlp):
+            if isinstance(sub, MoEMLP):
+                expert = sub.experts.deepspeed_experts[0]
+                flops += 2 * sub.top_k * sum(p.numel() for n, p in expert.named_parameters() if n.endswith("weight"))
+                flops += 2 * sub.router.weight[..., 0].numel() * sub.dim
+            else:
+                flops += 2 * sum(p.numel() for n, p in sub.named_parameters() if p.dim() >= 2 and "router" not in n)
+    return flops

@@ -1,0 +1,193 @@
+"""``condmoe-experts``: expert usage, task similarity, pictures and single-task extraction from a checkpoint.
+
+    condmoe-experts usage   --config CFG [--checkpoint DIR]            # exact counts over each task's val split
+    condmoe-experts plot    --usage runs/x/experts/expert_usage.json   # PNG heatmaps
+    condmoe-experts extract --config CFG --task NAME --threshold 3     # standalone single-task model (+ metrics)
+
+All of it runs in one process on the plain model (DeepSpeed checkpoints are read with ``load_plain_state_dict``).
+"""
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from models.extract import (
+    collect_usage,
+    estimate_flops_per_token,
+    experts_to_keep,
+    extract_task_model,
+    save_extracted,
+    task_similarity,
+    track_usage,
+)
+from models.text_tokenizer import TextTokenizer
+from train.checkpoint import checkpoint_dir, load_plain_state_dict
+from train.config import Config, load_config
+from train.data import read_json, val_batches
+from train.engine import build_model
+from train.evaluate import evaluate
+
+log = logging.getLogger("condmoe.experts")
+
+
+def load_model(cfg: Config, checkpoint: str = ""):
+    tokenizer = TextTokenizer(cfg.tokenizer_dir, cfg.data.max_text_len)
+    model = build_model(cfg, tokenizer.vocab_size, tokenizer.spe_id)
+    model.load_state_dict(load_plain_state_dict(checkpoint or checkpoint_dir(cfg.run.output_dir)), strict=True)
+    return model.eval(), tokenizer
+
+
+@torch.no_grad()
+def measure_usage(model, cfg: Config, tokenizer: TextTokenizer, batch_size: int = 128) -> dict:
+    """Exact per-task expert usage: each task's two encoder passes over its dataset's val split, with its task id."""
+    track_usage(model)
+    img_size = model.image_embed.patch_embed.img_size[0]
+    for task_id, task in enumerate(cfg.tasks):
+        classes = read_json(cfg.data.root, "classes.json").get(task.dataset)
+        for batch in val_batches(cfg.data.root, task.dataset, img_size, batch_size, tokenizer):
+            if task.type == "image_classification":
+                batch["target_ids"], batch["target_mask"] = tokenizer(classes)
+            model(task.type, batch, task_id=task_id)
+    usage = collect_usage(model)
+    track_usage(model, False)
+    return {"tasks": [t.name for t in cfg.tasks], "layers": usage}
+
+
+def task_metric(model, cfg: Config, tokenizer: TextTokenizer, task_index: int, model_task_id: int) -> float:
+    """The task's val metric in percent: top-1 for classification, mean of both R@1 for retrieval."""
+    task = cfg.tasks[task_index]
+    img_size = model.image_embed.patch_embed.img_size[0]
+    metrics = evaluate(model, cfg.data.root, task.dataset, tokenizer, img_size, 128, model_task_id, model_task_id)
+    if task.type == "image_classification":
+        return 100 * metrics["top1"]
+    return 50 * (metrics["i2t_r1"] + metrics["t2i_r1"])
+
+
+def plot(usage: dict, similarity: dict, out_dir: Path) -> list[Path]:
+    """Task x expert usage heatmaps (one panel per routed layer) and the task similarity matrices, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks, layers = usage["tasks"], usage["layers"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cols = min(4, len(layers))
+    rows = -(-len(layers) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 0.6 * len(tasks) * rows + 1.8 * rows), squeeze=False)
+    for ax, (name, stats) in zip(axes.flat, layers.items()):
+        counts = torch.tensor(stats["counts"])
+        share = (counts / counts.sum(1, keepdim=True).clamp_min(1)).numpy()
+        image = ax.imshow(share, cmap="viridis", vmin=0, vmax=max(share.max(), 1e-6), aspect="auto")
+        ax.set_title(f"{name} ({stats['kind']}, top-{stats['top_k']})", fontsize=9)
+        ax.set_xlabel("expert")
+        ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
+        fig.colorbar(image, ax=ax, label="share of selections")
+    for ax in list(axes.flat)[len(layers):]:
+        ax.axis("off")
+    fig.suptitle("Expert usage per task (val split)")
+    fig.tight_layout()
+    usage_png = out_dir / "expert_usage.png"
+    fig.savefig(usage_png, dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * len(tasks), 2.5 + 0.5 * len(tasks)))
+    for ax, key, title in ((axes[0], "cosine", "cosine of usage vectors"), (axes[1], "overlap", "kept-set overlap")):
+        matrix = torch.tensor(similarity[key]).numpy()
+        image = ax.imshow(matrix, cmap="magma", vmin=0, vmax=1)
+        ax.set_title(title)
+        ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
+        for i in range(len(tasks)):
+            for j in range(len(tasks)):
+                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", color="grey", fontsize=8)
+        fig.colorbar(image, ax=ax)
+    fig.suptitle("Task similarity from expert usage (mean over layers)")
+    fig.tight_layout()
+    similarity_png = out_dir / "task_similarity.png"
+    fig.savefig(similarity_png, dpi=120)
+    plt.close(fig)
+    return [usage_png, similarity_png]
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--checkpoint", default="", help="checkpoint dir; default: the latest in run.output_dir")
+    parser.add_argument("--out", default="", help="output folder; default: <run.output_dir>/experts")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="condmoe-experts", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _common(sub.add_parser("usage", help="measure per-task expert usage and task similarity"))
+    p_plot = sub.add_parser("plot", help="PNG heatmaps from a usage file")
+    p_plot.add_argument("--usage", required=True, help="expert_usage.json written by `usage`")
+    p_plot.add_argument("--out", default="", help="folder for the PNGs; default: next to the usage file")
+    p_extract = sub.add_parser("extract", help="standalone single-task model")
+    _common(p_extract)
+    p_extract.add_argument("--task", required=True, help="task name from the config")
+    p_extract.add_argument("--threshold", type=float, default=3.0,
+                           help="keep experts with usage share > threshold / k percent (0: every expert used)")
+    p_extract.add_argument("--no-eval", action="store_true", help="skip the val metric of full vs extracted")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"condmoe-experts {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    if args.command == "plot":
+        path = Path(args.usage)
+        if not path.is_file():
+            raise FileNotFoundError(f"--usage {path}: no such file (run `condmoe-experts usage` first)")
+        usage = json.loads(path.read_text())
+        similarity = json.loads((path.parent / "task_similarity.json").read_text())
+        for png in plot(usage, similarity, Path(args.out) if args.out else path.parent):
+            print(png)
+        return 0
+
+    cfg = load_config(args.config, args.overrides)
+    out_dir = Path(args.out) if args.out else Path(cfg.run.output_dir) / "experts"
+    model, tokenizer = load_model(cfg, args.checkpoint)
+    usage = measure_usage(model, cfg, tokenizer)
+    similarity = task_similarity(usage["layers"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "expert_usage.json").write_text(json.dumps(usage, indent=1))
+    (out_dir / "task_similarity.json").write_text(json.dumps({"tasks": usage["tasks"], **similarity}, indent=1))
+    if args.command == "usage":
+        print(json.dumps({"usage": str(out_dir / "expert_usage.json"), "similarity": similarity}))
+        return 0
+
+    names = [t.name for t in cfg.tasks]
+    if args.task not in names:
+        raise ValueError(f"--task {args.task!r} is not a task of the config ({', '.join(names)})")
+    task_index = names.index(args.task)
+    keep = experts_to_keep(usage["layers"], task_index, args.threshold)
+    small = extract_task_model(model, task_index, keep).eval()
+    report = {
+        "task": args.task, "threshold": args.threshold,
+        "kept": keep,
+        "params": {"full": model.num_params(), "extracted": small.num_params()},
+        "flops_per_token": {"full": estimate_flops_per_token(model), "extracted": estimate_flops_per_token(small)},
+    }
+    if not args.no_eval:
+        report["metric"] = {"full": task_metric(model, cfg, tokenizer, task_index, task_index),
+                            "extracted": task_metric(small, cfg, tokenizer, task_index, 0)}
+    target = save_extracted(small, out_dir / f"extracted_{args.task}", {"report": report,
+                                                                        "tokenizer": str(cfg.tokenizer_dir)})
+    (target / "report.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
