@@ -127,3 +127,28 @@ def test_sigusr1_checkpoints_every_rank_and_exits_for_requeue(tiny_data, tmp_pat
     assert proc.returncode != 0 and "exitcode  : 75" in output, output[-3000:]
     run([*torchrun(2), "-m", "train", "--config", str(cfg), f"run.max_steps={stopped_at + 2}"])
     assert sorted(losses(out, 0))[-1] == stopped_at + 1
+
+
+def test_transfer_to_a_new_task_on_frozen_experts(tiny_data, tmp_path):
+    """Train Mod-Squad, then fit a third task's gates and the heads with every expert frozen (2 ranks, ep_size 2)."""
+    from train.checkpoint import load_plain_state_dict
+
+    common = [f"data.root={tiny_data}", "tasks.0.batch_size=8", "tasks.1.batch_size=8", "data.shuffle_buffer=50",
+              "run.log_every=1"]
+    config = str(REPO / "configs" / "demo_modsquad.yaml")
+    source, target = tmp_path / "source", tmp_path / "target"
+    run([*torchrun(2), "-m", "train", "--config", config, *common, f"run.output_dir={source}", "run.max_steps=2"])
+    new_task = ("tasks=[{name: shapes_classification, type: image_classification, dataset: image, batch_size: 8},"
+                " {name: shapes_caption_retrieval, type: image_text_retrieval, dataset: image, batch_size: 8},"
+                " {name: new_task, type: image_classification, dataset: image, batch_size: 8, weight: 10}]")
+    run([*torchrun(2), "-m", "train", "--config", config, *common[:1], new_task, "data.shuffle_buffer=50",
+         f"run.output_dir={target}", "run.max_steps=3", f"run.init_from={source / 'checkpoints'}",
+         "run.freeze=experts"])
+    before = load_plain_state_dict(source / "checkpoints")
+    after = load_plain_state_dict(target / "checkpoints")
+    experts = [k for k in before if "experts.deepspeed_experts" in k or k.endswith(("q_weight", "o_weight"))]
+    assert experts and all(torch.equal(before[k], after[k]) for k in experts)
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("blocks.0.attn.kv"))
+    gates = [k for k in after if k.endswith("router.weight")]
+    assert after[gates[0]].shape[0] == 3 and before[gates[0]].shape[0] == 2
+    assert any(not torch.equal(after[k][2], torch.zeros_like(after[k][2])) for k in gates)  # the new task's gates

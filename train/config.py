@@ -36,9 +36,15 @@ class RunConfig:
     """'auto' (latest checkpoint in output_dir if any), 'none', or a checkpoint directory."""
     gradient_accumulation_steps: int = 1
     """Micro-steps per optimizer step (each draws its own task)."""
+    init_from: str = ""
+    """Checkpoint to initialise the weights from (a fresh run; task-indexed router rows are copied where they exist)."""
+    freeze: str = ""
+    """'' trains everything; 'experts' trains only routers and output heads (transfer to a new task)."""
 
     def __post_init__(self):
         _positive(self, "max_steps", "log_every", "save_every", "keep_last", "gradient_accumulation_steps")
+        if self.freeze not in ("", "experts"):
+            raise ValueError(f"run.freeze={self.freeze!r} must be '' or 'experts'")
 
 
 @dataclass

@@ -1,13 +1,24 @@
-"""Who am I in the job: rank detection from torchrun / the deepspeed launcher, SLURM or MPI, then init.
+"""Who am I in the job: rank detection from torchrun / the deepspeed launcher, MPI or SLURM, then init.
 
-The launcher's RANK/WORLD_SIZE always win: under the ``deepspeed`` launcher inside SLURM, SLURM_PROCID is the node
-index, not the rank, so SLURM variables are only read when RANK is absent (one ``srun`` task per process).
+Precedence, most specific first: the launcher's RANK/WORLD_SIZE (torchrun, the deepspeed launcher), then the MPI
+launcher's variables, then SLURM's. A launcher started by ``srun`` inherits SLURM variables that describe the launcher
+task, not the process: under the ``deepspeed`` launcher inside SLURM (and under OpenMPI's ``mpirun``, whose daemons
+are started by srun) SLURM_PROCID is the node index, and a ``mpirun`` in a batch script leaves SLURM_PROCID=0 in every
+rank. SLURM variables are therefore read only when nothing else set the layout (one ``srun`` task per process).
+
+``python -m train.dist`` prints the layout this process would use, without initialising anything: run it under any
+launcher in place of ``train`` to check a job's ranks (the sbatch scripts do this with ``CONDMOE_DRY_RUN=1``).
 """
 
+import argparse
 import os
+import socket
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-import deepspeed
+# The port mpi4py discovery uses when MASTER_PORT is not set (DeepSpeed's TORCH_DISTRIBUTED_DEFAULT_PORT).
+DEFAULT_MPI_PORT = 29500
 
 
 @dataclass(frozen=True)
@@ -22,18 +33,18 @@ class DistInfo:
         return self.rank == 0
 
 
-def detect(environ: os._Environ | dict[str, str] | None = None) -> DistInfo:
+def detect(environ: Mapping[str, str] | None = None) -> DistInfo:
     """Reads the process layout from the environment without touching it."""
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return DistInfo(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]), "env")
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return DistInfo(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]), "slurm")
     if "OMPI_COMM_WORLD_RANK" in env:
         return DistInfo(int(env["OMPI_COMM_WORLD_RANK"]), int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)),
                         int(env["OMPI_COMM_WORLD_SIZE"]), "mpi")
-    if "PMI_RANK" in env and "PMI_SIZE" in env:
+    if "PMI_RANK" in env and "PMI_SIZE" in env:  # MPICH / Intel MPI (hydra)
         return DistInfo(int(env["PMI_RANK"]), int(env.get("MPI_LOCALRANKID", 0)), int(env["PMI_SIZE"]), "mpi")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return DistInfo(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]), "slurm")
     return DistInfo(0, 0, 1, "single")
 
 
@@ -41,10 +52,13 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     """Initialises torch.distributed through DeepSpeed for any launcher and returns the layout.
 
     torchrun and the deepspeed launcher export RANK/MASTER_*; SLURM tasks get them mapped here (MASTER_ADDR and
-    MASTER_PORT must come from the sbatch script); MPI launches go through DeepSpeed's mpi4py discovery.
-    A single process without a launcher gets a one-rank group on localhost.
+    MASTER_PORT must come from the sbatch script); MPI launches go through DeepSpeed's mpi4py discovery, which takes
+    rank 0's address and MASTER_PORT if set (else 29500). A single process without a launcher gets a one-rank group
+    on localhost.
     """
     import datetime
+
+    import deepspeed  # here, not at the top: `python -m train.dist` and detect() must not pay for its import
 
     info = detect()
     if info.source == "slurm":
@@ -56,14 +70,75 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    deepspeed.init_distributed(auto_mpi_discovery=info.source == "mpi",
+    # mpi4py discovery overwrites MASTER_PORT with this port: pass the one the user chose so that two MPI jobs
+    # sharing a node need not collide on 29500.
+    port = int(os.environ.get("MASTER_PORT", DEFAULT_MPI_PORT))
+    deepspeed.init_distributed(auto_mpi_discovery=info.source == "mpi", distributed_port=port,
                                timeout=datetime.timedelta(minutes=timeout_minutes))
-    return DistInfo(deepspeed.comm.get_rank(), info.local_rank, deepspeed.comm.get_world_size(), info.source)
+    local_rank = int(os.environ.get("LOCAL_RANK", info.local_rank))  # MPI discovery sets it from the host names
+    return DistInfo(deepspeed.comm.get_rank(), local_rank, deepspeed.comm.get_world_size(), info.source)
+
+
+def describe(info: DistInfo, environ: Mapping[str, str] | None = None) -> str:
+    """One ``key=value`` line: the layout, where it came from, the rendezvous address, and where this process runs."""
+    env = os.environ if environ is None else environ
+    if "MASTER_ADDR" in env and "MASTER_PORT" in env:
+        master = f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+    elif info.source == "mpi":
+        master = f"mpi4py:{env.get('MASTER_PORT', DEFAULT_MPI_PORT)}"  # rank 0's address, found at init
+    elif info.source == "single":
+        master = "127.0.0.1:auto"
+    else:
+        master = "unset"
+    node = env.get("SLURMD_NODENAME", "-")
+    return (f"condmoe-layout rank={info.rank} world_size={info.world_size} local_rank={info.local_rank} "
+            f"source={info.source} master={master} host={socket.gethostname()} slurm_node={node}")
+
+
+def layout_problems(info: DistInfo, ep_size: int = 1, environ: Mapping[str, str] | None = None) -> list[str]:
+    """What would make ``init_distributed`` or expert parallelism fail with this layout (empty when it is usable)."""
+    env = os.environ if environ is None else environ
+    problems = []
+    if not 0 <= info.rank < info.world_size:
+        problems.append(f"rank {info.rank} is not in [0, {info.world_size})")
+    if info.local_rank < 0 or info.local_rank > info.rank:
+        problems.append(f"local rank {info.local_rank} is impossible for rank {info.rank}")
+    if info.source in ("env", "slurm"):  # torchrun and the deepspeed launcher set them; for srun, slurm/ does
+        problems += [f"{name} is not set: the launcher or the sbatch script must export it"
+                     for name in ("MASTER_ADDR", "MASTER_PORT") if name not in env]
+    if info.world_size % ep_size:
+        problems.append(f"moe.ep_size={ep_size} does not divide the world size {info.world_size}")
+    return problems
+
+
+def dry_run(ep_size: int = 1, environ: Mapping[str, str] | None = None) -> int:
+    """Prints the layout this process would train with (stdout) and any problem (stderr); 0 if usable, else 2.
+
+    What ``condmoe-train --dry-run`` and ``python -m train.dist`` run instead of training.
+    """
+    info = detect(environ)
+    print(describe(info, environ), flush=True)
+    problems = layout_problems(info, ep_size, environ)
+    for problem in problems:
+        print(f"condmoe-layout: error: rank {info.rank}: {problem}", file=sys.stderr, flush=True)
+    return 2 if problems else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.dist", description="Print the rank layout this process "
+                                     "would train with (no initialisation, no training).")
+    parser.add_argument("--ep-size", type=int, default=1, help="also check that it divides the world size")
+    # The deepspeed launcher appends --local_rank; the layout is read from the environment, as in training.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    return dry_run(args.ep_size)
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

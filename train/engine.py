@@ -5,6 +5,7 @@ filled in from the run config, because task batches differ per task and are not 
 """
 
 import json
+import logging
 import math
 
 import deepspeed
@@ -14,6 +15,8 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from models import SIZES, UniPerceiver, create_model, moe_layer_indices
 from models.ds_moe import apply_expert_parallel
 from train.config import Config, resolve_path
+
+log = logging.getLogger("condmoe.engine")
 
 
 def build_model(cfg: Config, vocab_size: int, spe_token_id: int) -> UniPerceiver:
@@ -60,6 +63,31 @@ def _placement(num_experts: int, layers: list[int], depth: int, every: int, offs
     return moe_layer_indices(depth, every, offset)
 
 
+def initialise_from(model: UniPerceiver, path: str) -> list[str]:
+    """Loads a checkpoint's weights into ``model``. Task-indexed parameters (task gates, task embeddings of routers)
+    of a checkpoint with fewer tasks fill the first rows; the new tasks' rows keep their initialisation. Returns the
+    names that were only partly filled."""
+    from train.checkpoint import load_plain_state_dict
+
+    state = load_plain_state_dict(path)
+    own = model.state_dict()
+    partial = []
+    for name, value in state.items():
+        if name in own and own[name].shape != value.shape:
+            if ".router." not in name or own[name].shape[1:] != value.shape[1:] or value.shape[0] > own[name].shape[0]:
+                raise ValueError(f"run.init_from={path}: {name} has shape {tuple(value.shape)}, the model "
+                                 f"{tuple(own[name].shape)}")
+            filled = own[name].clone()
+            filled[:value.shape[0]] = value
+            state[name] = filled
+            partial.append(name)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"run.init_from={path}: checkpoint does not match the model (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    return partial
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Named groups: decay for >=2-dim weights; none for norms, biases, positions, temperatures (nanoGPT/timm)."""
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
@@ -91,6 +119,11 @@ def load_ds_config(cfg: Config) -> dict:
     if stage == 3 and cfg.moe.num_experts:
         raise ValueError(f"deepspeed_config={cfg.deepspeed_config}: ZeRO stage 3 is refused by DeepSpeed's native MoE;"
                          " use ZeRO-1/2 with MoE (ZeRO-3 only for dense configs, moe.num_experts=0)")
+    if cfg.run.freeze == "experts" and cfg.moe.num_experts and stage > 0:
+        # DeepSpeed's ZeRO optimizer refuses an MoE model without a trainable expert parameter group, and a transfer
+        # run trains only small replicated tensors (routers, heads), where partitioning buys nothing.
+        log.info("run.freeze=experts: ZeRO stage %d -> 0 (all experts frozen)", stage)
+        ds_config["zero_optimization"] = {**ds_config.get("zero_optimization", {}), "stage": 0}
     ds_config["train_micro_batch_size_per_gpu"] = max(t.batch_size for t in cfg.tasks)
     ds_config["gradient_accumulation_steps"] = cfg.run.gradient_accumulation_steps
     ds_config.pop("train_batch_size", None)

@@ -14,12 +14,13 @@ from deepspeed import comm as dist
 from webdataset.utils import make_seed
 
 from models import pop_moe_stats
+from models.extract import freeze_for_transfer
 from models.text_tokenizer import TextTokenizer
 from train import checkpoint
 from train.config import Config
 from train.data import TaskSampler, TaskStream, read_json
 from train.dist import DistInfo
-from train.engine import build_model, create_engine
+from train.engine import build_model, create_engine, initialise_from
 from train.signals import EXIT_PREEMPTED, StopRequest
 
 log = logging.getLogger("condmoe.train")
@@ -42,6 +43,14 @@ class Trainer:
         self.output_dir = Path(cfg.run.output_dir)
         self.tokenizer = TextTokenizer(cfg.tokenizer_dir, cfg.data.max_text_len)
         model = build_model(cfg, self.tokenizer.vocab_size, self.tokenizer.spe_id)
+        if cfg.run.init_from:
+            partial = initialise_from(model, cfg.run.init_from)
+            if info.is_main:
+                log.info("initialised from %s (new task rows in %d router tensors)", cfg.run.init_from, len(partial))
+        if cfg.run.freeze == "experts":
+            trainable = freeze_for_transfer(model)
+            if info.is_main:
+                log.info("transfer: training %d router/head tensors, experts frozen", len(trainable))
         self.img_size = model.image_embed.patch_embed.img_size[0]
         self.engine = create_engine(cfg, model)
         self.sampler = TaskSampler(cfg.tasks, cfg.run.seed, info.rank)
