@@ -1,8 +1,13 @@
 """``condmoe-prep``: command-line entry point for dataset preparation.
 
-Example::
+Examples::
 
     condmoe-prep synthetic --out data/synthetic --seed 0
+    condmoe-prep imagefolder --input photos/ --out data/real --dataset photos --split train --workers 8
+    condmoe-prep merge data/real
+    condmoe-prep verify data/real
+
+The real-data subcommands live in :mod:`data_prep.commands`; docs/data.md describes every source.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import NoReturn
 
+from data_prep.argtypes import non_negative_int, positive_int
+from data_prep.commands import add_commands
 from data_prep.shards import read_manifest
 from data_prep.synthetic import SyntheticConfig, complete_dataset_sizes, write_synthetic_dataset
 
@@ -31,29 +38,10 @@ class _OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``condmoe-prep`` argument parser (one subcommand per dataset source)."""
     parser = _OneLineErrorParser(prog=_PROG, description="Prepare condmoe training data as webdataset shards.")
+    # Subparsers are created with the parser's own class, so their errors are one line too.
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     defaults = SyntheticConfig()
@@ -65,28 +53,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d = " (default: %(default)s)"
     syn.add_argument("--out", type=Path, required=True, help="output directory (created if missing)")
-    syn.add_argument("--seed", type=_non_negative_int, default=defaults.seed, help="generation seed" + d)
-    syn.add_argument("--image-size", type=_positive_int, default=defaults.image_size, help="image side in px" + d)
-    syn.add_argument("--video-size", type=_positive_int, default=defaults.video_size, help="frame side in px" + d)
-    syn.add_argument("--num-frames", type=_positive_int, default=defaults.num_frames, help="frames per clip" + d)
+    syn.add_argument("--seed", type=non_negative_int, default=defaults.seed, help="generation seed" + d)
+    syn.add_argument("--image-size", type=positive_int, default=defaults.image_size, help="image side in px" + d)
+    syn.add_argument("--video-size", type=positive_int, default=defaults.video_size, help="frame side in px" + d)
+    syn.add_argument("--num-frames", type=positive_int, default=defaults.num_frames, help="frames per clip" + d)
     for kind, plural in (("image", "images"), ("video", "videos")):
         for split in ("train", "val"):
             syn.add_argument(
                 f"--num-{split}-{plural}",
-                type=_positive_int,
+                type=positive_int,
                 default=getattr(defaults, f"num_{split}_{plural}"),
                 help=f"{kind}s in {kind}/{split}" + d,
             )
-    syn.add_argument("--shard-size", type=_positive_int, default=defaults.shard_size, help="max images per shard" + d)
+    syn.add_argument("--shard-size", type=positive_int, default=defaults.shard_size, help="max images per shard" + d)
     syn.add_argument(
-        "--video-shard-size", type=_positive_int, default=defaults.video_shard_size, help="max clips per shard" + d
+        "--video-shard-size", type=positive_int, default=defaults.video_shard_size, help="max clips per shard" + d
     )
-    syn.add_argument("--vocab-size", type=_positive_int, default=defaults.vocab_size, help="max BPE vocabulary" + d)
+    syn.add_argument("--vocab-size", type=positive_int, default=defaults.vocab_size, help="max BPE vocabulary" + d)
     syn.add_argument("--no-tokenizer", action="store_true", help="do not train the BPE tokenizer")
     syn.add_argument("--overwrite", action="store_true", help="regenerate even if OUT already holds this dataset")
     syn.add_argument("--no-progress", action="store_true", help="disable progress bars")
     # The subcommand's own parser reports its errors, so messages name it ("condmoe-prep synthetic: error: ...").
     syn.set_defaults(func=_run_synthetic, command_parser=syn)
+    add_commands(sub)
     return parser
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from data_prep.argtypes import non_negative_int
-from data_prep.errors import SkipSample
+from data_prep.errors import SkipSample, UserError
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageOptions", "encode_jpeg", "open_image", "reencode_image", "resize_short_side"]
 
@@ -61,8 +61,17 @@ class ImageOptions:
 
     @staticmethod
     def from_args(args: argparse.Namespace) -> ImageOptions:
-        """Build from parsed ``--image-size``/``--jpeg-quality``."""
-        return ImageOptions(short_side=args.image_size, quality=args.jpeg_quality)
+        """Build and validate from parsed ``--image-size``/``--jpeg-quality``.
+
+        Raises:
+            UserError: For an out-of-range value.
+        """
+        options = ImageOptions(short_side=args.image_size, quality=args.jpeg_quality)
+        try:
+            options.validate()
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        return options
 
 
 def resize_short_side(image: Image.Image, short_side: int) -> Image.Image:

@@ -20,7 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PROGRESS_DIR", "PartLog", "SliceRecord", "list_part_files", "part_file_name", "read_part_file"]
+__all__ = [
+    "PROGRESS_DIR",
+    "PartLog",
+    "SliceRecord",
+    "list_part_files",
+    "part_file_name",
+    "read_part_file",
+    "read_part_header",
+]
 
 PROGRESS_DIR = "_progress"
 _PART_RE = re.compile(r"^part-(\d{5,})-of-(\d{5,})\.jsonl$")
@@ -64,6 +72,23 @@ class SliceRecord:
             "shards": self.shards,
             "errors": self.errors,
         }
+
+
+def read_part_header(path: str | os.PathLike) -> dict[str, Any]:
+    """Only the header of a progress file (cheap: other parts' files are checked without reading their records).
+
+    Raises:
+        ValueError: If the first line is missing or not a header.
+    """
+    with open(path, "rb") as f:
+        first = f.readline()
+    try:
+        header = json.loads(first) if first.endswith(b"\n") else None
+    except ValueError:
+        header = None
+    if not isinstance(header, dict) or header.get("kind") != "header":
+        raise ValueError(f"{path}: first line is not a progress header")
+    return header
 
 
 def read_part_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[int, SliceRecord], int]:

@@ -48,8 +48,9 @@ MANIFEST_VERSION = 1
 TMP_SUFFIX = ".tmp"
 
 # Fixed tar member metadata: TarWriter stamps time.time() into every member unless told otherwise, which would make
-# two runs with the same seed produce different bytes. uid/gid stay at TarInfo's default of 0.
-TAR_MTIME = 0.0
+# two runs with the same seed produce different bytes. uid/gid stay at TarInfo's default of 0. The mtime is an int:
+# tarfile writes (PAX is its default format) an extra 1 KiB pax header before every member whose mtime is a float.
+TAR_MTIME = 0
 TAR_USER = "condmoe"
 TAR_GROUP = "condmoe"
 TAR_MODE = 0o444

@@ -113,6 +113,12 @@ class SliceWriter:
         """Finish the last file and return every file of the slice in order (none if no sample was written)."""
         if self._tar is not None:
             self._finish()
+        # The renames must be durable before the caller records the slice as done (matters after a power loss).
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         return self.shards
 
     def abort(self) -> None:

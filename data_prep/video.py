@@ -19,7 +19,7 @@ import av
 from PIL import Image
 
 from data_prep.argtypes import non_negative_int, positive_int
-from data_prep.errors import SkipSample
+from data_prep.errors import SkipSample, UserError
 from data_prep.imaging import encode_jpeg, resize_short_side
 
 __all__ = ["VIDEO_EXTENSIONS", "VideoOptions", "decode_clip", "encode_clip", "sample_indices", "video_sample"]
@@ -65,10 +65,12 @@ class VideoOptions:
             raise ValueError(f"JPEG quality must be in [1, 95], got {self.quality}")
 
     @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        """Add the frame sampling and storage flags (``--jpeg-quality`` comes from the image options)."""
+    def add_arguments(parser: argparse.ArgumentParser, with_quality: bool = True) -> None:
+        """Add the frame sampling and storage flags, and ``--jpeg-quality`` unless the image options add it."""
         d = VideoOptions()
         s = " (default: %(default)s)"
+        if with_quality:
+            parser.add_argument("--jpeg-quality", type=int, default=d.quality, help="JPEG quality 1-95" + s)
         parser.add_argument("--num-frames", type=positive_int, default=d.num_frames, help="frames per clip" + s)
         parser.add_argument(
             "--frame-sampling",
@@ -87,8 +89,12 @@ class VideoOptions:
 
     @staticmethod
     def from_args(args: argparse.Namespace) -> VideoOptions:
-        """Build from parsed arguments (needs ``--jpeg-quality`` too)."""
-        return VideoOptions(
+        """Build and validate from parsed arguments (needs ``--jpeg-quality`` too).
+
+        Raises:
+            UserError: For an out-of-range value.
+        """
+        options = VideoOptions(
             num_frames=args.num_frames,
             sampling=args.frame_sampling,
             stride=args.frame_stride,
@@ -97,6 +103,11 @@ class VideoOptions:
             quality=args.jpeg_quality,
             fps=args.mp4_fps,
         )
+        try:
+            options.validate()
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        return options
 
 
 def sample_indices(total: int, options: VideoOptions) -> list[int]:

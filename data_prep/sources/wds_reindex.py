@@ -1,0 +1,273 @@
+"""``wds_reindex``: img2dataset / video2dataset output -> re-indexed, re-encoded and validated shards in our layout.
+
+The input directory holds ``NNNNN.tar`` shards (samples with ``.jpg``/``.png``/``.webp`` or ``.mp4``/``.webm``...,
+``.txt``, ``.json``), and beside each one the downloader's ``NNNNN_stats.json`` (and ``NNNNN.parquet``). Every
+sample with a medium and a ``.txt`` becomes one of ours: the image re-encoded like the other image sources, or the
+video sampled like ``video_csv`` (a sample with a video member is a video sample); ``.txt`` kept as is; ``.json`` the
+original metadata plus our sizes and ``source_shard``/``source_key``. New keys are global item numbers.
+
+Listing reads only tar headers. A truncated or damaged tar keeps the samples before the damage; the cut sample is
+skipped (``truncated_tar``). A sample without a medium or ``.txt`` is skipped (``missing_key``).
+
+The stats files' ``successes`` are summed and cross-checked, shard by shard, against the samples actually found in
+the tars (and against the ``status == "success"`` rows of the parquet files when pyarrow is installed; without it
+the stats files alone are used). Mismatches are printed at the end and stored in the manifest; ``sizes.json`` holds
+the number of samples actually written, which equals the stats total when everything checks out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from data_prep.errors import ErrorItem, SkipSample, UserError
+from data_prep.imaging import ImageOptions, reencode_image
+from data_prep.sources.base import Source, SourcePlan
+from data_prep.sources.common import json_bytes, require_dir
+from data_prep.video import VideoOptions, video_sample
+
+__all__ = ["WdsReindexSource", "scan_tar"]
+
+_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
+# webdataset's rule: the key is the member path up to the first dot of its base name, the extension the rest.
+_MEMBER_RE = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")
+_MAX_WARNINGS = 20  # per run; the full lists are in the manifest entry's notes
+
+
+def scan_tar(path: str | os.PathLike) -> tuple[list[tuple[str, dict[str, list[int]], bool]], str | None]:
+    """List the samples of an uncompressed tar from its headers only.
+
+    Args:
+        path: The tar file.
+
+    Returns:
+        ``[(key, {ext: [data offset, size]}, complete)]`` in archive order, and a description of the damage if the
+        archive is truncated or malformed (``None`` for a sound archive). ``complete`` is ``False`` for a sample
+        that the damage may have cut (it is always the last one).
+    """
+    size = os.path.getsize(path)
+    samples: list[tuple[str, dict[str, list[int]], bool]] = []
+    problem = None
+    try:
+        with tarfile.open(path, "r:") as tf:
+            while True:
+                try:
+                    info = tf.next()
+                except tarfile.ReadError as e:
+                    problem = f"damaged after {len(samples)} samples: {e}"
+                    break
+                if info is None:
+                    # tarfile stops quietly at a cut or garbled header; a sound archive ends with zero blocks.
+                    if tf.offset + 1024 > size:
+                        problem = f"no end-of-archive marker (truncated?) after {len(samples)} samples"
+                    break
+                match = _MEMBER_RE.match(info.name)
+                if not info.isfile() or match is None:
+                    continue
+                key, ext = match.group(1), match.group(2).lower()
+                if info.offset_data + info.size > size:
+                    problem = f"truncated inside {info.name}"
+                    if samples and samples[-1][0] == key:
+                        samples[-1] = (key, samples[-1][1], False)
+                    else:
+                        samples.append((key, {}, False))
+                    break
+                if samples and samples[-1][0] == key:
+                    samples[-1][1][ext] = [info.offset_data, info.size]
+                else:
+                    samples.append((key, {ext: [info.offset_data, info.size]}, True))
+    except (tarfile.ReadError, OSError) as e:
+        return samples, f"not a readable tar: {e}"
+    if problem is not None and samples and samples[-1][2]:
+        samples[-1] = (samples[-1][0], samples[-1][1], False)  # cut at a member boundary: may lack later members
+    return samples, problem
+
+
+def _stats_successes(tar: Path) -> int | None:
+    path = tar.with_name(f"{tar.stem}_stats.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f).get("successes")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _parquet_successes(tar: Path) -> int | None:
+    path = tar.with_name(f"{tar.stem}.parquet")
+    if not path.is_file() or importlib.util.find_spec("pyarrow") is None:
+        return None
+    import pyarrow.parquet as pq  # optional: only img2dataset's parquet cross-check needs it
+
+    try:
+        status = pq.read_table(path, columns=["status"]).column("status").to_pylist()
+    except Exception:  # pyarrow raises many types for a bad file, and this cross-check is optional
+        return None
+    return sum(1 for s in status if s == "success")
+
+
+class WdsReindexSource(Source):
+    """Existing webdataset shards from img2dataset or video2dataset.
+
+    Args:
+        root: Directory with the ``*.tar`` shards and their ``*_stats.json``.
+        image: Image re-encoding options.
+        video: Video sampling options.
+    """
+
+    name = "wds_reindex"
+    summary = "img2dataset / video2dataset shards (+ _stats.json, parquet) -> re-indexed, validated shards"
+
+    def __init__(self, root: str | os.PathLike, image: ImageOptions, video: VideoOptions) -> None:
+        self.root = Path(root)
+        self.image = image
+        self.video = video
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """Add ``--input`` and the image and video options."""
+        parser.add_argument("--input", type=Path, required=True, help="directory of *.tar shards and *_stats.json")
+        ImageOptions.add_arguments(parser)
+        VideoOptions.add_arguments(parser, with_quality=False)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> WdsReindexSource:
+        """Build from parsed arguments."""
+        return cls(require_dir(args.input, "--input"), ImageOptions.from_args(args), VideoOptions.from_args(args))
+
+    def params(self) -> dict[str, Any]:
+        """Input and media options."""
+        return {
+            "input": str(self.root),
+            "image_size": self.image.short_side,
+            "jpeg_quality": self.image.quality,
+            "video": vars(self.video).copy(),
+        }
+
+    def _sample_items(self, rel: str, samples: list[tuple[str, dict[str, list[int]], bool]]) -> list[Any]:
+        items: list[Any] = []
+        for key, members, complete in samples:
+            has_media = any(e in members for e in _IMAGE_EXTS + _VIDEO_EXTS)
+            if has_media and "txt" in members:
+                items.append([rel, key, members])
+                continue
+            missing = ", ".join(m for m, ok in (("image/video", has_media), ("txt", "txt" in members)) if not ok)
+            reason = "missing_key" if complete else "truncated_tar"
+            items.append(ErrorItem(f"{rel}:{key}", reason, f"no {missing} member (has: {', '.join(members)})"))
+        return items
+
+    def plan(self, existing_classes: list[str] | None) -> SourcePlan:
+        """One item ``[tar name, key, {ext: [offset, size]}]`` per sample, tars by name, samples in tar order."""
+        tars = sorted(p for p in self.root.glob("*.tar") if p.is_file())
+        if not tars:
+            raise UserError(f"--input {self.root}: no *.tar shards")
+        items: list[Any] = []
+        found_total = 0
+        stats_total = parquet_total = 0
+        stats_mismatches, parquet_mismatches, missing_stats, tar_problems = [], [], [], []
+        for tar in tars:
+            rel = tar.name
+            samples, problem = scan_tar(tar)
+            if problem is not None:
+                tar_problems.append({"shard": rel, "problem": problem})
+                if not samples:
+                    items.append(ErrorItem(rel, "bad_tar", problem))
+            items.extend(self._sample_items(rel, samples))
+            found = sum(1 for _, _, complete in samples if complete)
+            found_total += found
+            stats = _stats_successes(tar)
+            if stats is None:
+                missing_stats.append(rel)
+            else:
+                stats_total += stats
+                if stats != found:
+                    stats_mismatches.append({"shard": rel, "stats_successes": stats, "found": found})
+            parquet = _parquet_successes(tar)
+            if parquet is not None:
+                parquet_total += parquet
+                if parquet != found:
+                    parquet_mismatches.append({"shard": rel, "parquet_successes": parquet, "found": found})
+        notes = {
+            "input_shards": len(tars),
+            "samples_found": found_total,
+            "stats_successes": stats_total,
+            "stats_mismatches": stats_mismatches,
+            "missing_stats": missing_stats,
+            "parquet_checked": importlib.util.find_spec("pyarrow") is not None,
+            "parquet_successes": parquet_total,
+            "parquet_mismatches": parquet_mismatches,
+            "tar_problems": tar_problems,
+        }
+        return SourcePlan(items=items, notes=notes, report=self._report(notes))
+
+    @staticmethod
+    def _report(notes: dict[str, Any]) -> list[str]:
+        lines = [
+            f"warning: stats mismatch: {m['shard']}: _stats.json says {m['stats_successes']} successes, "
+            f"found {m['found']}"
+            for m in notes["stats_mismatches"]
+        ]
+        lines += [
+            f"warning: parquet mismatch: {m['shard']}: {m['parquet_successes']} success rows, found {m['found']}"
+            for m in notes["parquet_mismatches"]
+        ]
+        lines += [f"warning: no usable stats file for {rel}" for rel in notes["missing_stats"]]
+        lines += [f"warning: damaged tar: {p['shard']}: {p['problem']}" for p in notes["tar_problems"]]
+        if len(lines) > _MAX_WARNINGS:
+            more = len(lines) - _MAX_WARNINGS
+            lines = [*lines[:_MAX_WARNINGS], f"warning: ... and {more} more (see the notes in manifest.json)"]
+        summary = (
+            f"stats cross-check: {notes['stats_successes']} successes in the stats files, {notes['samples_found']} "
+            f"samples found in {notes['input_shards']} tar(s)"
+        )
+        return [summary, *lines]
+
+    def item_id(self, item: Any) -> str:
+        """``shard.tar:key``."""
+        return f"{item[0]}:{item[1]}"
+
+    def _read(self, rel: str, members: dict[str, list[int]], exts: list[str]) -> dict[str, bytes]:
+        out = {}
+        try:
+            with open(self.root / rel, "rb") as f:
+                for ext in exts:
+                    offset, size = members[ext]
+                    f.seek(offset)
+                    out[ext] = f.read(size)
+        except OSError as e:
+            raise SkipSample("missing_file", str(e)) from None
+        return out
+
+    def make_sample(self, item: Any) -> dict[str, bytes]:
+        """Validate and re-encode one sample."""
+        rel, key, members = item
+        video_ext = next((e for e in _VIDEO_EXTS if e in members), None)
+        media_ext = video_ext or next(e for e in _IMAGE_EXTS if e in members)
+        data = self._read(rel, members, [e for e in (media_ext, "txt", "json") if e in members])
+        try:
+            data["txt"].decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SkipSample("bad_text", f"txt is not UTF-8: {e}") from None
+        meta: dict[str, Any] = {}
+        if "json" in data:
+            try:
+                meta = json.loads(data["json"])
+            except ValueError as e:
+                raise SkipSample("bad_json", f"json member: {e}") from None
+            if not isinstance(meta, dict):
+                raise SkipSample("bad_json", "json member is not an object")
+        if video_ext is not None:
+            media, info = video_sample(data[media_ext], self.video)
+        else:
+            jpg, info = reencode_image(data[media_ext], self.image)
+            media = {"jpg": jpg}
+        meta.update(info)
+        meta.update(source_shard=rel, source_key=key)
+        return {**media, "txt": data["txt"], "json": json_bytes(meta)}
