@@ -61,3 +61,23 @@ def test_train_rejects_bad_config_values_in_one_line(tiny_data):
 def test_eval_without_checkpoint_is_a_clear_error(tiny_data, tmp_path):
     _fails_with([script("condmoe-eval"), "--config", str(REPO / "configs" / "demo.yaml"), f"data.root={tiny_data}",
                  f"run.output_dir={tmp_path}"], "checkpoint")
+
+
+@pytest.mark.slow
+def test_experts_tool_on_a_trained_mod_squad_checkpoint(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    overrides = [f"data.root={tiny_data}", f"run.output_dir={out}", "run.max_steps=3", "run.log_every=1",
+                 "tasks.0.batch_size=8", "tasks.1.batch_size=8", "data.shuffle_buffer=50"]
+    config = str(REPO / "configs" / "demo_modsquad.yaml")
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={free_port()}", "-m", "train", "--config", config, *overrides])
+    proc = run([script("condmoe-experts"), "extract", "--config", config, "--task", "shapes_classification",
+                "--threshold", "0", *overrides])
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["metric"]["extracted"] == pytest.approx(report["metric"]["full"], abs=1e-6)  # keeps every used one
+    assert report["params"]["extracted"] <= report["params"]["full"]
+    assert (out / "experts" / "extracted_shapes_classification" / "model.safetensors").is_file()
+    usage = json.loads((out / "experts" / "expert_usage.json").read_text())
+    assert usage["tasks"] == ["shapes_classification", "shapes_caption_retrieval"] and len(usage["layers"]) == 4
+    run([script("condmoe-experts"), "plot", "--usage", str(out / "experts" / "expert_usage.json")])
+    assert (out / "experts" / "expert_usage.png").stat().st_size > 10_000

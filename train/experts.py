@@ -95,7 +95,8 @@ def plot(usage: dict, similarity: dict, out_dir: Path) -> list[Path]:
     fig.savefig(usage_png, dpi=120)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * len(tasks), 2.5 + 0.5 * len(tasks)))
+    side = 3.5 + 0.6 * len(tasks)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 2, side + 1), constrained_layout=True)
     for ax, key, title in ((axes[0], "cosine", "cosine of usage vectors"), (axes[1], "overlap", "kept-set overlap")):
         matrix = torch.tensor(similarity[key]).numpy()
         image = ax.imshow(matrix, cmap="magma", vmin=0, vmax=1)
@@ -105,9 +106,8 @@ def plot(usage: dict, similarity: dict, out_dir: Path) -> list[Path]:
         for i in range(len(tasks)):
             for j in range(len(tasks)):
                 ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", color="grey", fontsize=8)
-        fig.colorbar(image, ax=ax)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle("Task similarity from expert usage (mean over layers)")
-    fig.tight_layout()
     similarity_png = out_dir / "task_similarity.png"
     fig.savefig(similarity_png, dpi=120)
     plt.close(fig)
