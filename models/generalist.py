@@ -21,7 +21,7 @@ from timm.layers import Mlp, trunc_normal_
 from timm.models.vision_transformer import Block
 
 from models.embeddings import ImageEmbed, TextEmbed
-from models.losses import classification_loss, contrastive_loss, similarity_logits
+from models.losses import classification_loss, contrastive_loss, similarity_logits, soft_target_cross_entropy
 from models.moa import MoAttention
 from models.moe import MoEMLP
 from models.router import ATTRIBUTES, MODALITIES, RoutingContext
@@ -174,7 +174,7 @@ class UniPerceiver(nn.Module):
         """One task step; ``task_id`` (the task's index in the run) feeds task-conditioned routing. ``batch`` keys:
 
         * ``image_classification``: ``images`` [B,3,H,W], ``labels`` [B], ``target_ids``/``target_mask`` [M, L]
-          (the tokenised class names).
+          (the tokenised class names), optionally ``soft_labels`` [B, M] (mixup/cutmix targets).
         * ``image_text_retrieval``: ``images`` [B,3,H,W], ``text_ids``/``text_mask`` [B, L].
         """
         if task_type == "image_classification":
@@ -188,6 +188,8 @@ class UniPerceiver(nn.Module):
         inputs_BD = self.encode_images(batch["images"], task_id)
         targets_MD = self.encode_texts(batch["target_ids"], batch["target_mask"], task_id)
         logits = similarity_logits(inputs_BD, targets_MD, self.logit_scale[TASK_TYPES.index("image_classification")])
+        if "soft_labels" in batch:  # mixup / cutmix targets
+            return TaskOutput(soft_target_cross_entropy(logits, batch["soft_labels"]), logits)
         return TaskOutput(classification_loss(logits, batch["labels"], label_smoothing), logits)
 
     def image_text_retrieval(self, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0,

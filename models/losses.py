@@ -21,6 +21,11 @@ def classification_loss(logits_NM: torch.Tensor, labels_N: torch.Tensor, label_s
     return F.cross_entropy(logits_NM.float(), labels_N, label_smoothing=label_smoothing)
 
 
+def soft_target_cross_entropy(logits_NM: torch.Tensor, targets_NM: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against target distributions (mixup/cutmix, with their label smoothing)."""
+    return -(targets_NM * F.log_softmax(logits_NM.float(), dim=-1)).sum(dim=-1).mean()
+
+
 def contrastive_loss(logits_NN: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Symmetric InfoNCE over in-batch negatives: mean of input->target and target->input cross-entropy."""
     labels = torch.arange(logits_NN.shape[0], device=logits_NN.device)

@@ -35,6 +35,9 @@ def losses(output_dir: Path, rank: int) -> dict[int, tuple[str, float]]:
 
 def test_ep2_zero2_checkpoint_resume_continues_exactly(tiny_data, tmp_path):
     cfg = small_config(tmp_path, tiny_data)
+    data = yaml.safe_load(cfg.read_text())  # seeded augmentation and mixup must replay exactly too
+    data["tasks"][0]["augment"] = {"random_resized_crop": True, "mixup": 0.8, "cutmix": 1.0}
+    cfg.write_text(yaml.safe_dump(data))
     full, split = tmp_path / "full", tmp_path / "split"
     train = [*torchrun(2), "-m", "train", "--config", str(cfg)]
     run([*train, f"run.output_dir={full}"])

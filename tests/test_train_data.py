@@ -118,7 +118,7 @@ def _check_images_and_labels(batch: dict[str, torch.Tensor], batch_size: int) ->
 def test_classification_batch_layout(root, tokenizer):
     stream = make_stream(root, tokenizer, batch_size=8)
     for batch in take(stream, 3):
-        assert set(batch) == {"images", "labels"}
+        assert set(batch) == {"images", "labels", "num_skipped"} and batch["num_skipped"].item() == 0
         _check_images_and_labels(batch, 8)
     assert stream.position == 3
 
@@ -126,7 +126,7 @@ def test_classification_batch_layout(root, tokenizer):
 def test_retrieval_batch_layout(root, tokenizer):
     stream = make_stream(root, tokenizer, task_type="image_text_retrieval", batch_size=8)
     for batch in take(stream, 3):
-        assert set(batch) == {"images", "labels", "text_ids", "text_mask"}
+        assert set(batch) == {"images", "labels", "text_ids", "text_mask", "num_skipped"}
         _check_images_and_labels(batch, 8)
         ids, mask = batch["text_ids"], batch["text_mask"]
         assert ids.shape == (8, TEXT_LEN) and ids.dtype == torch.long

@@ -191,6 +191,32 @@ class OptimConfig:
 
 
 @dataclass
+class AugmentConfig:
+    random_resized_crop: bool = False
+    """RandomResizedCrop to the model's image size (area fraction in [crop_scale_min, 1])."""
+    crop_scale_min: float = 0.5
+    """Smallest crop area fraction."""
+    hflip: float = 0.0
+    """Horizontal flip probability (keep 0 when captions name left and right)."""
+    rand_augment: str = ""
+    """timm RandAugment config string, e.g. 'rand-m9-mstd0.5'; empty disables."""
+    mixup: float = 0.0
+    """Mixup alpha for classification (0 disables); label smoothing then goes through the mixed targets."""
+    cutmix: float = 0.0
+    """CutMix alpha for classification (0 disables)."""
+
+    def __post_init__(self):
+        if not 0 < self.crop_scale_min <= 1:
+            raise ValueError(f"augment.crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        if not 0 <= self.hflip <= 1:
+            raise ValueError(f"augment.hflip must be a probability, got {self.hflip}")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise ValueError("augment.mixup and augment.cutmix must be >= 0")
+        if self.rand_augment and not self.rand_augment.startswith("rand"):
+            raise ValueError(f"augment.rand_augment={self.rand_augment!r} must be a timm 'rand-...' string")
+
+
+@dataclass
 class TaskConfig:
     name: str = ""
     """Unique task name (logs, metrics)."""
@@ -206,8 +232,12 @@ class TaskConfig:
     """Multiplies this task's loss."""
     label_smoothing: float = 0.0
     """Label smoothing of the task's cross-entropy."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Training-time augmentation of this task's images."""
 
     def __post_init__(self):
+        if (self.augment.mixup or self.augment.cutmix) and self.type != "image_classification":
+            raise ValueError(f"tasks[{self.name}].augment: mixup/cutmix apply to image_classification only")
         if not self.name:
             raise ValueError("tasks[].name is required")
         if self.type not in TASK_TYPES:

@@ -22,10 +22,10 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
-from webdataset.utils import make_seed
 
 from models.text_tokenizer import TextTokenizer
 from train.config import DataConfig, TaskConfig
+from train.transforms import Augment, augment_image, stable_seed
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +72,11 @@ class SkipBadSamples:
         self.source = source
         self.limit = limit
         self.in_a_row = 0
+        self.unreported = 0  # skipped since the last batch left this worker
 
     def __call__(self, exn: Exception) -> bool:
         self.in_a_row += 1
+        self.unreported += 1
         log.warning("%s: skipping bad sample: %s: %s", self.source, type(exn).__name__, exn)
         if self.in_a_row >= self.limit:
             raise ValueError(f"{self.source}: {self.limit} unusable samples in a row (last: {type(exn).__name__}: "
@@ -84,6 +86,13 @@ class SkipBadSamples:
     def reset(self, sample):
         self.in_a_row = 0
         return sample
+
+    def attach(self, batches: Iterator[dict]) -> Iterator[dict]:
+        """Pipeline stage (a generator, not ``wds.map``, which would add a ``__key__`` entry to the batch)."""
+        for batch in batches:
+            batch["num_skipped"] = torch.tensor(self.unreported)
+            self.unreported = 0
+            yield batch
 
 
 def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
@@ -97,22 +106,41 @@ def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
 
 
 class Collate:
-    """Turns a list of (image, label, caption) into the model's batch dict (captions tokenised here, in workers)."""
+    """Turns a list of (key, image, label, caption) into the model's batch dict, in the workers: images augmented
+    (seeded per sample from ``seed`` and the sample key) and normalised, captions tokenised."""
 
-    def __init__(self, task_type: str, img_size: int, tokenizer: TextTokenizer):
+    def __init__(self, task_type: str, img_size: int, tokenizer: TextTokenizer, augment: Augment | None = None,
+                 seed: int = 0, random_caption: bool = True):
         self.task_type = task_type
         self.img_size = img_size
         self.tokenizer = tokenizer
+        self.augment = augment or Augment()
+        self.seed = seed
+        self.random_caption = random_caption
+
+    def image(self, key: str, image: Image.Image) -> torch.Tensor:
+        if self.augment.active:
+            image = augment_image(image, self.img_size, self.augment, random.Random(stable_seed(self.seed, key)))
+        return image_to_tensor(image, self.img_size)
 
     def __call__(self, samples: Sequence[tuple]) -> dict[str, torch.Tensor]:
-        images, labels, captions = zip(*samples)
+        keys, images, labels, captions = zip(*samples)
         batch = {
-            "images": torch.stack([image_to_tensor(img, self.img_size) for img in images]),
+            "images": torch.stack([self.image(k, img) for k, img in zip(keys, images)]),
             "labels": torch.tensor([int(label) for label in labels], dtype=torch.long),
         }
         if self.task_type == "image_text_retrieval":
-            batch["text_ids"], batch["text_mask"] = self.tokenizer([str(c) for c in captions])
+            # Several captions per image (one per line, e.g. COCO): the sample's seed picks one.
+            texts = [_pick_caption(str(c), self.seed, k, self.random_caption) for k, c in zip(keys, captions)]
+            batch["text_ids"], batch["text_mask"] = self.tokenizer(texts)
         return batch
+
+
+def _pick_caption(text: str, seed: int, key: str, randomly: bool) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) <= 1 or not randomly:
+        return lines[0] if lines else ""
+    return lines[random.Random(stable_seed(seed, key, "caption")).randrange(len(lines))]
 
 
 def _worker_id() -> int:
@@ -122,7 +150,10 @@ def _worker_id() -> int:
 
 def build_pipeline(urls: list[str], collate: Collate, batch_size: int, shuffle_buffer: int, seed: int,
                    batches_per_worker: int) -> wds.DataPipeline:
-    """Resampled shards -> samples -> shuffle -> decode -> batches; deterministic in ``seed`` (and worker id)."""
+    """Resampled shards -> samples -> shuffle -> decode -> batches; deterministic in ``seed`` (and worker id).
+
+    Each batch carries ``num_skipped``: the bad samples its worker skipped since its previous batch.
+    """
     skip = SkipBadSamples(str(Path(urls[0]).parent))
     return wds.DataPipeline(
         # deterministic=True: the shard sequence depends only on (worker id, seed), never on pid or time.
@@ -130,9 +161,10 @@ def build_pipeline(urls: list[str], collate: Collate, batch_size: int, shuffle_b
         wds.tarfile_to_samples(handler=skip),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed)),
         wds.decode("pil", handler=skip),
-        wds.to_tuple("jpg", "cls", "txt", handler=skip),
+        wds.to_tuple("__key__", "jpg", "cls", "txt", handler=skip),
         wds.map(skip.reset),
         wds.batched(batch_size, collation_fn=collate, partial=False),
+        skip.attach,
     ).with_epoch(batches_per_worker)
 
 
@@ -153,7 +185,9 @@ class TaskStream:
         batches = max(1, num_samples // (task.batch_size * world_size))
         self.batches_per_worker = -(-batches // max(1, self.num_workers))
         self.batches_per_epoch = self.batches_per_worker * max(1, self.num_workers)
-        self.collate = Collate(task.type, img_size, tokenizer)
+        augment = Augment(task.augment.random_resized_crop, task.augment.crop_scale_min, task.augment.hflip,
+                          task.augment.rand_augment)
+        self.collate = Collate(task.type, img_size, tokenizer, augment)
         self.shuffle_buffer = data.shuffle_buffer
         self.seed_parts = (seed, rank, task_index)
         self.position = 0
@@ -161,8 +195,10 @@ class TaskStream:
         self._remaining = 0  # batches left in the open epoch
 
     def _open(self, epoch: int) -> Iterator:
-        pipeline = build_pipeline(self.urls, self.collate, self.task.batch_size, self.shuffle_buffer,
-                                  make_seed(*self.seed_parts, epoch), self.batches_per_worker)
+        seed = stable_seed(*self.seed_parts, epoch)
+        self.collate.seed = seed
+        pipeline = build_pipeline(self.urls, self.collate, self.task.batch_size, self.shuffle_buffer, seed,
+                                  self.batches_per_worker)
         if self.num_workers == 0:
             return iter(pipeline)
         loader = DataLoader(pipeline, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
@@ -208,18 +244,26 @@ class TaskSampler:
         return counts
 
 
-def val_batches(root: str | Path, dataset: str, img_size: int, batch_size: int,
-                tokenizer: TextTokenizer) -> Iterator[dict[str, torch.Tensor]]:
-    """Every val sample exactly once, in shard order (single process), with captions tokenised."""
-    collate = Collate("image_text_retrieval", img_size, tokenizer)
-    urls = shard_urls(root, dataset, "val")
+def val_batches(root: str | Path, dataset: str, img_size: int, batch_size: int, tokenizer: TextTokenizer,
+                rank: int = 0, world_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+    """Every val sample exactly once, in shard order, with captions tokenised (the first caption of each image).
+
+    With ``world_size > 1`` each rank reads every ``world_size``-th shard (an exact split: evaluation must see each
+    sample once; ranks may get different batch counts, so gather results rather than step in lock-step).
+    """
+    collate = Collate("image_text_retrieval", img_size, tokenizer, random_caption=False)
+    urls = shard_urls(root, dataset, "val")[rank::world_size]
+    if not urls:
+        return
     skip = SkipBadSamples(str(Path(urls[0]).parent))
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(urls),
+        wds.split_by_worker,
         wds.tarfile_to_samples(handler=skip),
         wds.decode("pil", handler=skip),
-        wds.to_tuple("jpg", "cls", "txt", handler=skip),
+        wds.to_tuple("__key__", "jpg", "cls", "txt", handler=skip),
         wds.map(skip.reset),
         wds.batched(batch_size, collation_fn=collate, partial=True),
+        skip.attach,
     )
     yield from pipeline

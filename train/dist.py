@@ -125,13 +125,28 @@ def dry_run(ep_size: int = 1, environ: Mapping[str, str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m train.dist [--config FILE [key.sub=value ...]]``: takes ``python -m train``'s arguments, so that a
+    launch command becomes a dry run by changing the module; with a config it also checks moe.ep_size."""
     parser = argparse.ArgumentParser(prog="python -m train.dist", description="Print the rank layout this process "
                                      "would train with (no initialisation, no training).")
-    parser.add_argument("--ep-size", type=int, default=1, help="also check that it divides the world size")
+    parser.add_argument("--config", help="also check that the config's moe.ep_size divides the world size")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
     # The deepspeed launcher appends --local_rank; the layout is read from the environment, as in training.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    return dry_run(args.ep_size)
+    if args.overrides and not args.config:
+        parser.error(f"overrides {args.overrides} without --config")
+    ep_size = 1
+    if args.config:
+        from train.config import load_config
+
+        try:
+            cfg = load_config(args.config, args.overrides)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"condmoe-layout: error: {exc}", file=sys.stderr)
+            return 2
+        ep_size = cfg.moe.ep_size if cfg.moe.num_experts else 1
+    return dry_run(ep_size)
 
 
 def _free_port() -> int:

@@ -9,9 +9,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from deepspeed import comm as dist
-from webdataset.utils import make_seed
 
 from models import pop_moe_stats
 from models.extract import freeze_for_transfer
@@ -22,6 +22,7 @@ from train.data import TaskSampler, TaskStream, read_json
 from train.dist import DistInfo
 from train.engine import build_model, create_engine, initialise_from
 from train.signals import EXIT_PREEMPTED, StopRequest
+from train.transforms import stable_seed
 
 log = logging.getLogger("condmoe.train")
 
@@ -60,6 +61,14 @@ class Trainer:
         classes = read_json(cfg.data.root, "classes.json")
         self.class_targets = {t.dataset: self.tokenizer(classes[t.dataset]) for t in cfg.tasks
                               if t.type == "image_classification"}
+        self.mixups = {}
+        for i, t in enumerate(cfg.tasks):
+            if t.type == "image_classification" and (t.augment.mixup or t.augment.cutmix):
+                from timm.data import Mixup
+
+                self.mixups[i] = Mixup(mixup_alpha=t.augment.mixup, cutmix_alpha=t.augment.cutmix,
+                                       label_smoothing=t.label_smoothing, num_classes=len(classes[t.dataset]))
+        self.data_errors = 0  # bad samples skipped by this rank's streams since the last log
         # Expert selections per task since the last log ([X, L, E]), folded into a running EMA at each log.
         self.usage_counts: torch.Tensor | None = None
         self.usage_ema: torch.Tensor | None = None
@@ -78,13 +87,20 @@ class Trainer:
             index = self.sampler(step, micro)
             task = cfg.tasks[index]
             batch = next(self.streams[index])
+            self.data_errors += int(batch.pop("num_skipped"))
+            # Dropout, drop-path, gate noise and mixup draw from generators seeded by (seed, rank, step, micro): a
+            # resumed run replays them exactly without saving RNG states.
+            step_seed = stable_seed(cfg.run.seed, self.info.rank, step, micro)
+            torch.manual_seed(step_seed)
+            np.random.seed(step_seed)
+            smoothing = task.label_smoothing
             if task.type == "image_classification":
                 batch["target_ids"], batch["target_mask"] = self.class_targets[task.dataset]
+                if index in self.mixups:
+                    batch["images"], batch["soft_labels"] = self.mixups[index](batch["images"], batch["labels"])
+                    smoothing = 0.0  # already in the mixed targets
             batch = {k: v.to(self.engine.device) for k, v in batch.items()}
-            # Dropout, drop-path and gate noise draw from a generator seeded by (seed, rank, step, micro): a resumed
-            # run replays them exactly without saving RNG states.
-            torch.manual_seed(make_seed(cfg.run.seed, self.info.rank, step, micro))
-            out = self.engine(task.type, batch, label_smoothing=task.label_smoothing, task_id=index)
+            out = self.engine(task.type, batch, label_smoothing=smoothing, task_id=index)
             stats = pop_moe_stats(self.model)
             task_loss = task.loss_weight * out.loss
             aux = stats.aux_loss if stats is not None else task_loss.new_zeros(())
@@ -167,6 +183,9 @@ class Trainer:
             for r in records:
                 f.write(json.dumps({"step": r.step, "task": r.task, "loss": float(r.loss),
                                     "task_loss": float(r.task_loss), "aux_loss": float(r.aux_loss)}) + "\n")
+        errors = torch.tensor([float(self.data_errors)], device=self.engine.device)
+        dist.all_reduce(errors)
+        self.data_errors = 0
         last = records[-1]
         mean_loss = torch.stack([torch.as_tensor(r.loss) for r in records]).mean().reshape(1).to(self.engine.device)
         dist.all_reduce(mean_loss)
@@ -182,9 +201,10 @@ class Trainer:
                 usage = " | expert share " + " ".join("[" + ",".join(f"{v:.2f}" for v in row) + "]"
                                                       for row in share.tolist())
             lr = self.engine.get_lr()[0]
-            log.info("step %d | loss %.4f (mean over ranks) | rank0 %s %.4f aux %.4f | lr %.2e | %.2f s/step%s",
+            skipped = f" | {int(errors.item())} bad samples skipped" if errors.item() else ""
+            log.info("step %d | loss %.4f (mean over ranks) | rank0 %s %.4f aux %.4f | lr %.2e | %.2f s/step%s%s",
                      last.step + 1, float(mean_loss) / self.info.world_size, last.task, float(last.task_loss),
-                     float(last.aux_loss), lr, seconds / len(records), usage)
+                     float(last.aux_loss), lr, seconds / len(records), skipped, usage)
 
 
 
