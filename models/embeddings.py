@@ -1,20 +1,28 @@
 """Modality tokenizers of the generalist: pixels and BPE ids -> token embeddings of width D.
 
-Shape legend: B batch, N patches, L text length, D width.
+Shape legend: B batch, T frames, N patches per frame, L text length, D width.
 """
 
 import torch
-import torch.nn as nn
-from timm.layers import PatchEmbed, trunc_normal_
+import torch.nn.functional as F
+from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from torch import nn
 
 
 class ImageEmbed(nn.Module):
-    """Conv patch embedding (timm ``PatchEmbed``) plus learned spatial positions and a visual type embedding."""
+    """Images and videos through one conv patch embedding (timm ``PatchEmbed``; an image is a 1-frame video), plus
+    learned spatial and temporal positions and a visual type embedding.
 
-    def __init__(self, img_size: int, patch_size: int, dim: int, in_chans: int = 3):
+    Positions are interpolated when the resolution differs from ``img_size`` (bicubic over the patch grid) or a clip
+    has more than ``max_frames`` frames (linear over time), as when fine-tuning at 224 px after pre-training at 160.
+    """
+
+    def __init__(self, img_size: int, patch_size: int, dim: int, in_chans: int = 3, max_frames: int = 8):
         super().__init__()
-        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=dim)
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=dim,
+                                      strict_img_size=False)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, dim))
+        self.temporal_embed = nn.Parameter(torch.zeros(1, max_frames, dim))
         self.type_embed = nn.Parameter(torch.zeros(1, 1, dim))
 
     @property
@@ -27,10 +35,32 @@ class ImageEmbed(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.proj.bias)
         trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.temporal_embed, std=0.02)
         trunc_normal_(self.type_embed, std=0.02)
 
-    def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
-        return self.patch_embed(images_BCHW) + self.pos_embed + self.type_embed
+    def spatial_positions(self, grid: tuple[int, int]) -> torch.Tensor:
+        if tuple(grid) == tuple(self.patch_embed.grid_size):
+            return self.pos_embed
+        return resample_abs_pos_embed(self.pos_embed, list(grid), list(self.patch_embed.grid_size),
+                                      num_prefix_tokens=0)
+
+    def temporal_positions(self, num_frames: int) -> torch.Tensor:
+        if num_frames <= self.temporal_embed.shape[1]:
+            return self.temporal_embed[:, :num_frames]
+        return F.interpolate(self.temporal_embed.transpose(1, 2), size=num_frames, mode="linear",
+                             align_corners=True).transpose(1, 2)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` (images) or ``[B, T, 3, H, W]`` (videos) -> ``[B, T * N, D]`` tokens, frame-major."""
+        video_BTCHW = pixels if pixels.dim() == 5 else pixels.unsqueeze(1)
+        batch, frames = video_BTCHW.shape[:2]
+        patches = self.patch_embed(video_BTCHW.flatten(0, 1))  # [B*T, N, D]
+        grid = (video_BTCHW.shape[-2] // self.patch_embed.patch_size[0],
+                video_BTCHW.shape[-1] // self.patch_embed.patch_size[1])
+        patches = patches + self.spatial_positions(grid)
+        patches = patches.reshape(batch, frames, -1, patches.shape[-1])
+        patches = patches + self.temporal_positions(frames)[:, :, None, :]
+        return patches.flatten(1, 2) + self.type_embed
 
 
 class TextEmbed(nn.Module):

@@ -26,7 +26,7 @@ from models.moa import MoAttention
 from models.moe import MoEMLP
 from models.router import ATTRIBUTES, MODALITIES, RoutingContext
 
-TASK_TYPES = ("image_classification", "image_text_retrieval")
+TASK_TYPES = ("image_classification", "image_text_retrieval", "video_classification", "video_text_retrieval", "mlm")
 
 
 @dataclass
@@ -59,6 +59,7 @@ class UniPerceiver(nn.Module):
         spe_token_id: id of ``<|spe|>``, prepended to visual sequences (text sequences carry it already).
         img_size, patch_size: visual tokenizer geometry.
         max_text_len: longest text sequence (learned positions).
+        max_frames: video frames with their own learned temporal position (more are interpolated).
         dim, depth, num_heads, mlp_ratio: encoder size.
         drop_path_rate: stochastic depth, constant over blocks as in Uni-Perceiver.
         layer_scale_init: LayerScale initial value (None disables).
@@ -76,6 +77,7 @@ class UniPerceiver(nn.Module):
         img_size: int = 224,
         patch_size: int = 16,
         max_text_len: int = 64,
+        max_frames: int = 8,
         dim: int = 768,
         depth: int = 12,
         num_heads: int = 12,
@@ -92,7 +94,8 @@ class UniPerceiver(nn.Module):
         super().__init__()
         # What it takes to rebuild this model (extracted models are saved with it).
         self.init_args = dict(vocab_size=vocab_size, spe_token_id=spe_token_id, img_size=img_size,
-                              patch_size=patch_size, max_text_len=max_text_len, dim=dim, depth=depth,
+                              patch_size=patch_size, max_text_len=max_text_len, max_frames=max_frames, dim=dim,
+                              depth=depth,
                               num_heads=num_heads, mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate,
                               layer_scale_init=layer_scale_init, moe_layers=list(moe_layers),
                               moe_kwargs=dict(moe_kwargs or {}), moa_layers=list(moa_layers),
@@ -108,7 +111,7 @@ class UniPerceiver(nn.Module):
         self.spe_token_id = spe_token_id
         self.moe_layers = tuple(moe_layers)
         self.moa_layers = tuple(moa_layers)
-        self.image_embed = ImageEmbed(img_size, patch_size, dim)
+        self.image_embed = ImageEmbed(img_size, patch_size, dim, max_frames=max_frames)
         self.text_embed = TextEmbed(vocab_size, max_text_len, dim)
         self.embed_norm = nn.LayerNorm(dim)  # shared by all modalities
         moe_mlp = partial(MoEMLP, **(moe_kwargs or {}))
@@ -138,13 +141,13 @@ class UniPerceiver(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay besides biases and norms (which have ndim < 2)."""
-        return {"image_embed.pos_embed", "image_embed.type_embed", "text_embed.pos_embed", "text_embed.type_embed",
-                "logit_scale"}
+        return {"image_embed.pos_embed", "image_embed.temporal_embed", "image_embed.type_embed",
+                "text_embed.pos_embed", "text_embed.type_embed", "logit_scale"}
 
     # ---------------------------------------------------------------------------------------------------- encoder
-    def encode(self, x_BND: torch.Tensor, pad_mask_BN: torch.Tensor | None = None,
-               ctx: RoutingContext | None = None) -> torch.Tensor:
-        """Shared encoder over embedded tokens; returns the projected ``<|spe|>`` feature ``[B, D]``."""
+    def encode_hidden(self, x_BND: torch.Tensor, pad_mask_BN: torch.Tensor | None = None,
+                      ctx: RoutingContext | None = None) -> torch.Tensor:
+        """Shared encoder over embedded tokens: the last block's hidden states ``[B, N, D]``."""
         attn_mask = None
         if pad_mask_BN is not None:
             # Additive float mask (works in timm's fused and unfused attention): padded keys get -inf-like scores.
@@ -153,15 +156,25 @@ class UniPerceiver(nn.Module):
         x_BND = self.embed_norm(x_BND)
         for block in self.blocks:
             x_BND = block(x_BND, attn_mask=attn_mask, ctx=ctx)
-        return self.proj(self.ln_post(x_BND[:, 0]))
+        return x_BND
 
-    def encode_images(self, images_BCHW: torch.Tensor, task_id: int = 0, attribute: str = "visual_input"
-                      ) -> torch.Tensor:
-        patches_BND = self.image_embed(images_BCHW)
+    def head(self, h_ND: torch.Tensor) -> torch.Tensor:
+        """``ln_post`` + projection: the feature compared with targets."""
+        return self.proj(self.ln_post(h_ND))
+
+    def encode(self, x_BND: torch.Tensor, pad_mask_BN: torch.Tensor | None = None,
+               ctx: RoutingContext | None = None) -> torch.Tensor:
+        """The projected ``<|spe|>`` feature ``[B, D]`` of embedded tokens."""
+        return self.head(self.encode_hidden(x_BND, pad_mask_BN, ctx)[:, 0])
+
+    def encode_images(self, pixels: torch.Tensor, task_id: int = 0, attribute: str = "visual_input") -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` or videos ``[B, T, 3, H, W]`` -> ``[B, D]``."""
+        patches_BND = self.image_embed(pixels)
         spe_ids = torch.full((patches_BND.shape[0], 1), self.spe_token_id, device=patches_BND.device)
         spe_B1D = self.text_embed.token_embed(spe_ids)
         x_BND = torch.cat([spe_B1D, patches_BND], dim=1)
-        return self.encode(x_BND, ctx=routing_context(x_BND, "image", attribute, task_id))
+        modality = "video" if pixels.dim() == 5 else "image"
+        return self.encode(x_BND, ctx=routing_context(x_BND, modality, attribute, task_id))
 
     def encode_texts(self, ids_BL: torch.Tensor, mask_BL: torch.Tensor, task_id: int = 0,
                      attribute: str = "text_target") -> torch.Tensor:
@@ -173,31 +186,55 @@ class UniPerceiver(nn.Module):
                 task_id: int = 0) -> TaskOutput:
         """One task step; ``task_id`` (the task's index in the run) feeds task-conditioned routing. ``batch`` keys:
 
-        * ``image_classification``: ``images`` [B,3,H,W], ``labels`` [B], ``target_ids``/``target_mask`` [M, L]
-          (the tokenised class names), optionally ``soft_labels`` [B, M] (mixup/cutmix targets).
-        * ``image_text_retrieval``: ``images`` [B,3,H,W], ``text_ids``/``text_mask`` [B, L].
+        * ``image_classification`` / ``video_classification``: ``images`` [B,3,H,W] or ``videos`` [B,T,3,H,W],
+          ``labels`` [B], ``target_ids``/``target_mask`` [M, L] (the tokenised class names), optionally
+          ``soft_labels`` [B, M] (mixup/cutmix targets).
+        * ``image_text_retrieval`` / ``video_text_retrieval``: ``images`` or ``videos``, ``text_ids``/``text_mask``.
+        * ``mlm``: ``text_ids``/``text_mask`` (masked), ``mlm_labels`` [B, L] (token ids, -100 where not predicted),
+          ``target_ids``/``target_mask`` [V, L] (every vocabulary token as a one-token sentence, row v = token v).
+
+        Each makes exactly two encoder passes: its inputs, then its targets.
         """
-        if task_type == "image_classification":
-            return self.image_classification(batch, label_smoothing, task_id)
-        if task_type == "image_text_retrieval":
-            return self.image_text_retrieval(batch, label_smoothing, task_id)
+        if task_type in ("image_classification", "video_classification"):
+            return self.classification(task_type, batch, label_smoothing, task_id)
+        if task_type in ("image_text_retrieval", "video_text_retrieval"):
+            return self.retrieval(task_type, batch, label_smoothing, task_id)
+        if task_type == "mlm":
+            return self.masked_language_modelling(batch, label_smoothing, task_id)
         raise ValueError(f"unknown task type {task_type!r}; known: {', '.join(TASK_TYPES)}")
 
-    def image_classification(self, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0,
-                             task_id: int = 0) -> TaskOutput:
-        inputs_BD = self.encode_images(batch["images"], task_id)
+    def classification(self, task_type: str, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0,
+                       task_id: int = 0) -> TaskOutput:
+        inputs_BD = self.encode_images(_pixels(batch), task_id)
         targets_MD = self.encode_texts(batch["target_ids"], batch["target_mask"], task_id)
-        logits = similarity_logits(inputs_BD, targets_MD, self.logit_scale[TASK_TYPES.index("image_classification")])
+        logits = similarity_logits(inputs_BD, targets_MD, self.logit_scale[TASK_TYPES.index(task_type)])
         if "soft_labels" in batch:  # mixup / cutmix targets
             return TaskOutput(soft_target_cross_entropy(logits, batch["soft_labels"]), logits)
         return TaskOutput(classification_loss(logits, batch["labels"], label_smoothing), logits)
 
-    def image_text_retrieval(self, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0,
-                             task_id: int = 0) -> TaskOutput:
-        images_BD = self.encode_images(batch["images"], task_id)
+    def retrieval(self, task_type: str, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0,
+                  task_id: int = 0) -> TaskOutput:
+        visual_BD = self.encode_images(_pixels(batch), task_id)
         texts_BD = self.encode_texts(batch["text_ids"], batch["text_mask"], task_id)
-        logits = similarity_logits(images_BD, texts_BD, self.logit_scale[TASK_TYPES.index("image_text_retrieval")])
+        logits = similarity_logits(visual_BD, texts_BD, self.logit_scale[TASK_TYPES.index(task_type)])
         return TaskOutput(contrastive_loss(logits, label_smoothing), logits)
+
+    def masked_language_modelling(self, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0,
+                                  task_id: int = 0) -> TaskOutput:
+        """Masked tokens' hidden states against the encoded vocabulary: logits ``[masked tokens, V]``."""
+        ids_BL, mask_BL, labels_BL = batch["text_ids"], batch["text_mask"], batch["mlm_labels"]
+        x_BLD = self.text_embed(ids_BL)
+        hidden_BLD = self.encode_hidden(x_BLD, mask_BL, routing_context(x_BLD, "text", "text_input", task_id,
+                                                                        mask_BL))
+        predicted = labels_BL >= 0
+        inputs_PD = self.head(hidden_BLD[predicted])  # P masked positions (boolean index: one host sync)
+        vocab_VD = self.encode_texts(batch["target_ids"], batch["target_mask"], task_id, attribute="vocab_target")
+        logits = similarity_logits(inputs_PD, vocab_VD, self.logit_scale[TASK_TYPES.index("mlm")])
+        loss = classification_loss(logits, labels_BL[predicted], label_smoothing)
+        # Text-only: the visual embedding gets an exact-zero gradient, so that every parameter has a gradient whatever
+        # task a rank drew (ZeRO reduces the same gradient buckets on every rank).
+        loss = loss + 0.0 * sum(p.sum() for p in self.image_embed.parameters())
+        return TaskOutput(loss, logits)
 
     # ---------------------------------------------------------------------------------------------------- helpers
     def num_params(self, active_only: bool = False) -> int:
@@ -209,6 +246,10 @@ class UniPerceiver(nn.Module):
                     per_expert = sum(p.numel() for p in m.experts.deepspeed_experts[0].parameters())
                     total -= per_expert * (m.num_local_experts - m.top_k)
         return total
+
+
+def _pixels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return batch["videos"] if "videos" in batch else batch["images"]
 
 
 def routing_context(x_BND: torch.Tensor, modality: str, attribute: str, task_id: int,

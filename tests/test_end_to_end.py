@@ -33,9 +33,14 @@ def test_prep_train_eval_console_scripts(tmp_path):
 
     proc = run([script("condmoe-eval"), "--config", config, *overrides])
     metrics = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert metrics["num_samples"] == 50
-    for key in ("top1", "i2t_r1", "t2i_r1"):
-        assert 0.0 <= metrics[key] <= 1.0
+    assert set(metrics) == {"shapes_classification", "shapes_caption_retrieval"}
+    assert metrics["shapes_classification"]["num_samples"] == 50
+    for key in ("top1", "top5"):
+        assert 0.0 <= metrics["shapes_classification"][key] <= 1.0
+    assert metrics["shapes_classification"]["top5"] >= metrics["shapes_classification"]["top1"]
+    for key in ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r10"):
+        assert 0.0 <= metrics["shapes_caption_retrieval"][key] <= 1.0
+    assert "| shapes_classification | top1 |" in proc.stdout  # the printed table
     assert json.loads((out / "eval.json").read_text()) == metrics
 
 

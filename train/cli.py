@@ -63,10 +63,9 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    parser = _parser("condmoe-eval", "Zero-shot evaluation of a checkpoint on the val split (one process).")
+    parser = _parser("condmoe-eval", "Zero-shot evaluation of a checkpoint on every task's val split (one process).")
     parser.add_argument("--checkpoint", default="", help="checkpoint dir (step_N) or checkpoints folder; "
                                                          "default: the latest in run.output_dir")
-    parser.add_argument("--dataset", default="image", help="dataset folder under data.root")
     parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
@@ -75,7 +74,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     from train.checkpoint import checkpoint_dir, load_plain_state_dict
     from train.config import load_config
     from train.engine import build_model
-    from train.evaluate import evaluate
+    from train.evaluate import evaluate, format_table
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -86,12 +85,10 @@ def eval_main(argv: list[str] | None = None) -> int:
         if missing or unexpected:
             raise ValueError(f"checkpoint does not match the config's model: missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}")
-        img_size = model.image_embed.patch_embed.img_size[0]
-        task_of = {t.type: i for i, t in reversed(list(enumerate(cfg.tasks))) if t.dataset == args.dataset}
-        metrics = evaluate(model, cfg.data.root, args.dataset, tokenizer, img_size, args.batch_size,
-                           task_of.get("image_classification", 0), task_of.get("image_text_retrieval", 0))
+        metrics = evaluate(model, cfg, tokenizer, args.batch_size)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         return _fail("condmoe-eval", exc)
+    print(format_table(metrics))
     print(json.dumps(metrics))
     out = Path(cfg.run.output_dir) / "eval.json"
     if out.parent.is_dir():

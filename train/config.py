@@ -59,9 +59,11 @@ class DataConfig:
     """Samples held in the shuffle buffer of each stream."""
     max_text_len: int = 32
     """Text length including <|spe|> and <|endoftext|>."""
+    num_frames: int = 4
+    """Frames per clip for video tasks (uniformly spread over the stored frames)."""
 
     def __post_init__(self):
-        _positive(self, "shuffle_buffer", "max_text_len")
+        _positive(self, "shuffle_buffer", "max_text_len", "num_frames")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
 

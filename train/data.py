@@ -14,6 +14,7 @@ re-opens at its epoch and skips the batches already consumed in it.
 import json
 import logging
 import random
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -25,9 +26,13 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from models.text_tokenizer import TextTokenizer
 from train.config import DataConfig, TaskConfig
+from train.masking import IGNORE, mask_whole_words, word_starts
 from train.transforms import Augment, augment_image, stable_seed
 
 log = logging.getLogger(__name__)
+
+FRAME_MEMBER = re.compile(r"f\d{2}\.jpg")
+MAX_DECODED_FRAMES = 16  # frames decoded from an mp4 member before the task picks num_frames of them
 
 # Pixel normalisation of the synthetic data and of the demo; real datasets usually want ImageNet's.
 MEAN = (0.5, 0.5, 0.5)
@@ -106,12 +111,13 @@ def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
 
 
 class Collate:
-    """Turns a list of (key, image, label, caption) into the model's batch dict, in the workers: images augmented
-    (seeded per sample from ``seed`` and the sample key) and normalised, captions tokenised."""
+    """Turns decoded samples into the model's batch dict, in the workers: images and video frames augmented (seeded
+    per sample from ``seed`` and the sample key) and normalised, captions tokenised, MLM inputs masked."""
 
     def __init__(self, task_type: str, img_size: int, tokenizer: TextTokenizer, augment: Augment | None = None,
-                 seed: int = 0, random_caption: bool = True):
+                 seed: int = 0, random_caption: bool = True, num_frames: int = 4):
         self.task_type = task_type
+        self.num_frames = num_frames
         self.img_size = img_size
         self.tokenizer = tokenizer
         self.augment = augment or Augment()
@@ -124,16 +130,43 @@ class Collate:
         return image_to_tensor(image, self.img_size)
 
     def __call__(self, samples: Sequence[tuple]) -> dict[str, torch.Tensor]:
-        keys, images, labels, captions = zip(*samples)
-        batch = {
-            "images": torch.stack([self.image(k, img) for k, img in zip(keys, images)]),
-            "labels": torch.tensor([int(label) for label in labels], dtype=torch.long),
-        }
-        if self.task_type == "image_text_retrieval":
+        if self.task_type == "mlm":
+            return self.mlm(samples)
+        keys, visuals, labels, captions = zip(*samples)
+        if self.task_type.startswith("video"):
+            batch = {"videos": torch.stack([self.video(k, frames) for k, frames in zip(keys, visuals)])}
+        else:
+            batch = {"images": torch.stack([self.image(k, img) for k, img in zip(keys, visuals)])}
+        batch["labels"] = torch.tensor([int(label) for label in labels], dtype=torch.long)
+        if self.task_type.endswith("text_retrieval"):
             # Several captions per image (one per line, e.g. COCO): the sample's seed picks one.
             texts = [_pick_caption(str(c), self.seed, k, self.random_caption) for k, c in zip(keys, captions)]
             batch["text_ids"], batch["text_mask"] = self.tokenizer(texts)
         return batch
+
+    def video(self, key: str, frames: list[Image.Image]) -> torch.Tensor:
+        """``num_frames`` frames at uniform positions; every frame gets the same augmentation (same seed)."""
+        picks = [min(len(frames) - 1, int((i + 0.5) * len(frames) / self.num_frames)) for i in range(self.num_frames)]
+        return torch.stack([self.image(key, frames[i]) for i in picks])
+
+    def mlm(self, samples: Sequence[tuple]) -> dict[str, torch.Tensor]:
+        keys, texts = zip(*samples)
+        ids, mask = self.tokenizer([_pick_caption(str(t), self.seed, k, self.random_caption)
+                                    for k, t in zip(keys, texts)])
+        special = set(self.tokenizer.tokenizer.all_special_ids)
+        random_ids = [i for i in range(self.tokenizer.vocab_size) if i not in special]
+        inputs, labels = ids.clone(), torch.full_like(ids, IGNORE)
+        for row, key in enumerate(keys):
+            length = int(mask[row].sum())
+            row_ids = ids[row, :length].tolist()
+            tokens = self.tokenizer.tokenizer.convert_ids_to_tokens(row_ids)
+            maskable = [i not in special for i in row_ids]
+            masked, row_labels = mask_whole_words(row_ids, word_starts(tokens), maskable,
+                                                  random.Random(stable_seed(self.seed, key, "mlm")),
+                                                  self.tokenizer.mask_id, random_ids)
+            inputs[row, :length] = torch.tensor(masked)
+            labels[row, :length] = torch.tensor(row_labels)
+        return {"text_ids": inputs, "text_mask": mask, "mlm_labels": labels}
 
 
 def _pick_caption(text: str, seed: int, key: str, randomly: bool) -> str:
@@ -146,6 +179,30 @@ def _pick_caption(text: str, seed: int, key: str, randomly: bool) -> str:
 def _worker_id() -> int:
     info = get_worker_info()
     return 0 if info is None else info.id
+
+
+def video_frames(sample: dict) -> list[Image.Image]:
+    """A video sample's frames: ``f00.jpg ... fNN.jpg`` members in order, or a decoded ``mp4`` member."""
+    names = sorted(k for k in sample if FRAME_MEMBER.fullmatch(k))
+    if names:
+        return [sample[k] for k in names]
+    if "mp4" in sample:
+        from data_prep.video import VideoOptions, decode_clip
+
+        frames, _ = decode_clip(sample["mp4"], VideoOptions(num_frames=MAX_DECODED_FRAMES, sampling="uniform"))
+        return frames
+    raise ValueError(f"video sample {sample.get('__key__')} has neither fNN.jpg frames nor an mp4")
+
+
+def sample_fields(task_type: str, handler) -> list:
+    """Pipeline stages picking what a task type reads from a decoded sample."""
+    if task_type == "mlm":
+        return [wds.to_tuple("__key__", "txt", handler=handler)]
+    if task_type.startswith("video"):
+        def pick(sample):
+            return sample["__key__"], video_frames(sample), sample["cls"], sample.get("txt", "")
+        return [wds.map(pick, handler=handler)]
+    return [wds.to_tuple("__key__", "jpg", "cls", "txt", handler=handler)]
 
 
 def build_pipeline(urls: list[str], collate: Collate, batch_size: int, shuffle_buffer: int, seed: int,
@@ -161,7 +218,7 @@ def build_pipeline(urls: list[str], collate: Collate, batch_size: int, shuffle_b
         wds.tarfile_to_samples(handler=skip),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed)),
         wds.decode("pil", handler=skip),
-        wds.to_tuple("__key__", "jpg", "cls", "txt", handler=skip),
+        *sample_fields(collate.task_type, skip),
         wds.map(skip.reset),
         wds.batched(batch_size, collation_fn=collate, partial=False),
         skip.attach,
@@ -187,7 +244,7 @@ class TaskStream:
         self.batches_per_epoch = self.batches_per_worker * max(1, self.num_workers)
         augment = Augment(task.augment.random_resized_crop, task.augment.crop_scale_min, task.augment.hflip,
                           task.augment.rand_augment)
-        self.collate = Collate(task.type, img_size, tokenizer, augment)
+        self.collate = Collate(task.type, img_size, tokenizer, augment, num_frames=data.num_frames)
         self.shuffle_buffer = data.shuffle_buffer
         self.seed_parts = (seed, rank, task_index)
         self.position = 0
@@ -245,13 +302,15 @@ class TaskSampler:
 
 
 def val_batches(root: str | Path, dataset: str, img_size: int, batch_size: int, tokenizer: TextTokenizer,
-                rank: int = 0, world_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
-    """Every val sample exactly once, in shard order, with captions tokenised (the first caption of each image).
+                rank: int = 0, world_size: int = 1, task_type: str = "image_text_retrieval",
+                num_frames: int = 4) -> Iterator[dict[str, torch.Tensor]]:
+    """Every val sample exactly once, in shard order, collated for ``task_type`` (first caption of each sample; MLM
+    masks seeded by the sample key).
 
     With ``world_size > 1`` each rank reads every ``world_size``-th shard (an exact split: evaluation must see each
     sample once; ranks may get different batch counts, so gather results rather than step in lock-step).
     """
-    collate = Collate("image_text_retrieval", img_size, tokenizer, random_caption=False)
+    collate = Collate(task_type, img_size, tokenizer, random_caption=False, num_frames=num_frames)
     urls = shard_urls(root, dataset, "val")[rank::world_size]
     if not urls:
         return
@@ -261,7 +320,7 @@ def val_batches(root: str | Path, dataset: str, img_size: int, batch_size: int, 
         wds.split_by_worker,
         wds.tarfile_to_samples(handler=skip),
         wds.decode("pil", handler=skip),
-        wds.to_tuple("__key__", "jpg", "cls", "txt", handler=skip),
+        *sample_fields(task_type, skip),
         wds.map(skip.reset),
         wds.batched(batch_size, collation_fn=collate, partial=True),
         skip.attach,

@@ -64,13 +64,19 @@ def _placement(num_experts: int, layers: list[int], depth: int, every: int, offs
 
 
 def initialise_from(model: UniPerceiver, path: str) -> list[str]:
-    """Loads a checkpoint's weights into ``model``. Task-indexed parameters (task gates, task embeddings of routers)
-    of a checkpoint with fewer tasks fill the first rows; the new tasks' rows keep their initialisation. Returns the
+    """Loads a checkpoint's weights into ``model``. A dense checkpoint for an MoE model is upcycled (every expert a
+    copy of the dense MLP, fresh routers). Task-indexed parameters (task gates, task embeddings of routers) of a
+    checkpoint with fewer tasks fill the first rows; the new tasks' rows keep their initialisation. Returns the
     names that were only partly filled."""
+    from models.upcycle import is_dense_checkpoint_for, upcycle_state_dict
     from train.checkpoint import load_plain_state_dict
 
     state = load_plain_state_dict(path)
     own = model.state_dict()
+    if is_dense_checkpoint_for(state, model):
+        # Sparse upcycling: every expert starts as the dense MLP, routers stay freshly initialised.
+        state = upcycle_state_dict(state, model)
+        state.update({k: v for k, v in own.items() if ".router." in k and k not in state})
     partial = []
     for name, value in state.items():
         if name in own and own[name].shape != value.shape:

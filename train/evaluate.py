@@ -1,7 +1,8 @@
-"""Zero-shot evaluation on the val split: classification top-1 against encoded class names, retrieval R@1.
+"""Zero-shot evaluation on val splits, one task at a time, in one process on the plain model.
 
 "Zero-shot" in Uni-Perceiver's sense: no classifier head and no tuning; predictions are the most similar encoded
-target. Runs in one process on the plain model.
+target. Classification: top-1/top-5 against the encoded class names. Retrieval: R@1/5/10 both ways over the whole
+split. MLM: accuracy of the masked tokens against the encoded vocabulary.
 """
 
 import torch
@@ -9,36 +10,88 @@ import torch.nn.functional as F
 
 from models import UniPerceiver
 from models.text_tokenizer import TextTokenizer
+from train.config import Config
 from train.data import read_json, val_batches
 
 
+def vocabulary_targets(tokenizer: TextTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every token id v as the one-token sentence ``<|spe|> v <|endoftext|>`` (row v), MLM's target set."""
+    vocab = torch.arange(tokenizer.vocab_size)
+    ids = torch.stack([torch.full_like(vocab, tokenizer.spe_id), vocab, torch.full_like(vocab, tokenizer.eos_id)], 1)
+    return ids, torch.ones_like(ids, dtype=torch.bool)
+
+
 @torch.no_grad()
-def evaluate(model: UniPerceiver, root: str, dataset: str, tokenizer: TextTokenizer, img_size: int,
-             batch_size: int = 128, classification_task: int = 0, retrieval_task: int = 0) -> dict[str, float]:
-    """Returns ``top1`` (classification), ``i2t_r1``/``t2i_r1`` (retrieval over the whole val split) and
-    ``num_samples``. The task ids select the routing of task-conditioned MoE layers (the tasks' config indices)."""
+def evaluate_task(model: UniPerceiver, cfg: Config, task_index: int, tokenizer: TextTokenizer,
+                  model_task_id: int | None = None, batch_size: int = 128) -> dict[str, float]:
+    """Metrics of ``cfg.tasks[task_index]`` on its dataset's val split; ``model_task_id`` routes task-conditioned
+    layers (default: the task's index; an extracted single-task model runs its task as 0)."""
     model.eval()
-    class_names = read_json(root, "classes.json")[dataset]
-    class_ids, class_mask = tokenizer(class_names)
-    class_feats = F.normalize(model.encode_texts(class_ids, class_mask, classification_task), dim=-1)
+    task = cfg.tasks[task_index]
+    task_id = task_index if model_task_id is None else model_task_id
+    img_size = model.image_embed.patch_embed.img_size[0]
+    batches = val_batches(cfg.data.root, task.dataset, img_size, batch_size, tokenizer, task_type=task.type,
+                          num_frames=cfg.data.num_frames)
+    if task.type.endswith("classification"):
+        names = read_json(cfg.data.root, "classes.json")[task.dataset]
+        targets = F.normalize(model.encode_texts(*tokenizer(names), task_id), dim=-1)
+        correct1 = correct5 = total = 0
+        for batch in batches:
+            pixels = batch.get("videos", batch.get("images"))
+            scores = F.normalize(model.encode_images(pixels, task_id), dim=-1) @ targets.t()
+            top = scores.topk(min(5, scores.shape[1]), dim=-1).indices
+            correct1 += int(top[:, 0].eq(batch["labels"]).sum())
+            correct5 += int(top.eq(batch["labels"][:, None]).any(dim=-1).sum())
+            total += len(batch["labels"])
+        _require(total, task)
+        return {"num_samples": total, "top1": correct1 / total, "top5": correct5 / total}
+    if task.type.endswith("text_retrieval"):
+        visual, texts = [], []
+        for batch in batches:
+            visual.append(F.normalize(model.encode_images(batch.get("videos", batch.get("images")), task_id), dim=-1))
+            texts.append(F.normalize(model.encode_texts(batch["text_ids"], batch["text_mask"], task_id), dim=-1))
+        _require(len(visual), task)
+        visual_ND, texts_ND = torch.cat(visual), torch.cat(texts)
+        return {"num_samples": len(visual_ND), **retrieval_recall(visual_ND @ texts_ND.t())}
+    # mlm
+    vocab_ids, vocab_mask = vocabulary_targets(tokenizer)
+    correct = total = 0
+    for batch in batches:
+        batch.pop("num_skipped", None)
+        out = model("mlm", {**batch, "target_ids": vocab_ids, "target_mask": vocab_mask}, task_id=task_id)
+        labels = batch["mlm_labels"][batch["mlm_labels"] >= 0]
+        correct += int(out.logits.argmax(dim=-1).eq(labels).sum())
+        total += len(labels)
+    _require(total, task)
+    return {"num_masked_tokens": total, "accuracy": correct / total}
 
-    correct, image_feats, text_feats = 0, [], []
-    for batch in val_batches(root, dataset, img_size, batch_size, tokenizer):
-        feats = F.normalize(model.encode_images(batch["images"], classification_task), dim=-1)
-        correct += int((feats @ class_feats.t()).argmax(dim=-1).eq(batch["labels"]).sum())
-        if retrieval_task != classification_task:
-            feats = F.normalize(model.encode_images(batch["images"], retrieval_task), dim=-1)
-        image_feats.append(feats)
-        texts = model.encode_texts(batch["text_ids"], batch["text_mask"], retrieval_task)
-        text_feats.append(F.normalize(texts, dim=-1))
-    if not image_feats:
-        raise ValueError(f"no val samples in {root}/{dataset}/val")
-    images, texts = torch.cat(image_feats), torch.cat(text_feats)
-    return {"num_samples": len(images), "top1": correct / len(images), **retrieval_recall(images @ texts.t())}
+
+def evaluate(model: UniPerceiver, cfg: Config, tokenizer: TextTokenizer, batch_size: int = 128) -> dict[str, dict]:
+    """Every task of the config: ``{task name: metrics}``."""
+    return {task.name: evaluate_task(model, cfg, i, tokenizer, batch_size=batch_size)
+            for i, task in enumerate(cfg.tasks)}
 
 
-def retrieval_recall(sim_NN: torch.Tensor) -> dict[str, float]:
-    """R@1 both ways for paired inputs (row i matches column i)."""
+def retrieval_recall(sim_NN: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+    """R@k both ways for paired inputs (row i matches column i): ``i2t_r1``, ``t2i_r1``, ``i2t_r5``, ..."""
     target = torch.arange(sim_NN.shape[0])
-    return {"i2t_r1": float(sim_NN.argmax(dim=1).eq(target).float().mean()),
-            "t2i_r1": float(sim_NN.argmax(dim=0).eq(target).float().mean())}
+    out = {}
+    for k in ks:
+        k_ = min(k, sim_NN.shape[0])
+        out[f"i2t_r{k}"] = float(sim_NN.topk(k_, dim=1).indices.eq(target[:, None]).any(dim=1).float().mean())
+        out[f"t2i_r{k}"] = float(sim_NN.t().topk(k_, dim=1).indices.eq(target[:, None]).any(dim=1).float().mean())
+    return out
+
+
+def _require(count: int, task) -> None:
+    if not count:
+        raise ValueError(f"tasks[{task.name}]: no val samples for {task.type} in dataset {task.dataset!r}")
+
+
+def format_table(metrics: dict[str, dict]) -> str:
+    lines = ["| task | metric | value |", "|---|---|---|"]
+    for task, values in metrics.items():
+        for name, value in values.items():
+            lines.append(f"| {task} | {name} | {value:.4f} |" if isinstance(value, float) else
+                         f"| {task} | {name} | {value} |")
+    return "\n".join(lines)

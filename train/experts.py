@@ -29,7 +29,7 @@ from train.checkpoint import checkpoint_dir, load_plain_state_dict
 from train.config import Config, load_config
 from train.data import read_json, val_batches
 from train.engine import build_model
-from train.evaluate import evaluate
+from train.evaluate import evaluate_task, vocabulary_targets
 
 log = logging.getLogger("condmoe.experts")
 
@@ -47,24 +47,29 @@ def measure_usage(model, cfg: Config, tokenizer: TextTokenizer, batch_size: int 
     track_usage(model)
     img_size = model.image_embed.patch_embed.img_size[0]
     for task_id, task in enumerate(cfg.tasks):
-        classes = read_json(cfg.data.root, "classes.json").get(task.dataset)
-        for batch in val_batches(cfg.data.root, task.dataset, img_size, batch_size, tokenizer):
-            if task.type == "image_classification":
-                batch["target_ids"], batch["target_mask"] = tokenizer(classes)
-            model(task.type, batch, task_id=task_id)
+        targets = {}
+        if task.type.endswith("classification"):
+            targets = dict(zip(("target_ids", "target_mask"),
+                               tokenizer(read_json(cfg.data.root, "classes.json")[task.dataset])))
+        elif task.type == "mlm":
+            targets = dict(zip(("target_ids", "target_mask"), vocabulary_targets(tokenizer)))
+        for batch in val_batches(cfg.data.root, task.dataset, img_size, batch_size, tokenizer, task_type=task.type,
+                                 num_frames=cfg.data.num_frames):
+            batch.pop("num_skipped", None)
+            model(task.type, {**batch, **targets}, task_id=task_id)
     usage = collect_usage(model)
     track_usage(model, False)
     return {"tasks": [t.name for t in cfg.tasks], "layers": usage}
 
 
 def task_metric(model, cfg: Config, tokenizer: TextTokenizer, task_index: int, model_task_id: int) -> float:
-    """The task's val metric in percent: top-1 for classification, mean of both R@1 for retrieval."""
-    task = cfg.tasks[task_index]
-    img_size = model.image_embed.patch_embed.img_size[0]
-    metrics = evaluate(model, cfg.data.root, task.dataset, tokenizer, img_size, 128, model_task_id, model_task_id)
-    if task.type == "image_classification":
+    """The task's headline val metric in percent: top-1, mean of both R@1, or masked-token accuracy."""
+    metrics = evaluate_task(model, cfg, task_index, tokenizer, model_task_id)
+    if "top1" in metrics:
         return 100 * metrics["top1"]
-    return 50 * (metrics["i2t_r1"] + metrics["t2i_r1"])
+    if "i2t_r1" in metrics:
+        return 50 * (metrics["i2t_r1"] + metrics["t2i_r1"])
+    return 100 * metrics["accuracy"]
 
 
 def plot(usage: dict, similarity: dict, out_dir: Path) -> list[Path]:

@@ -21,6 +21,7 @@ from train.config import Config
 from train.data import TaskSampler, TaskStream, read_json
 from train.dist import DistInfo
 from train.engine import build_model, create_engine, initialise_from
+from train.evaluate import vocabulary_targets
 from train.signals import EXIT_PREEMPTED, StopRequest
 from train.transforms import stable_seed
 
@@ -60,7 +61,8 @@ class Trainer:
         # Class-name targets of each classification dataset: tokenised once, encoded every step (with gradients).
         classes = read_json(cfg.data.root, "classes.json")
         self.class_targets = {t.dataset: self.tokenizer(classes[t.dataset]) for t in cfg.tasks
-                              if t.type == "image_classification"}
+                              if t.type.endswith("classification")}
+        self.vocab_targets = vocabulary_targets(self.tokenizer)  # MLM: every token as a one-token sentence
         self.mixups = {}
         for i, t in enumerate(cfg.tasks):
             if t.type == "image_classification" and (t.augment.mixup or t.augment.cutmix):
@@ -94,7 +96,9 @@ class Trainer:
             torch.manual_seed(step_seed)
             np.random.seed(step_seed)
             smoothing = task.label_smoothing
-            if task.type == "image_classification":
+            if task.type == "mlm":
+                batch["target_ids"], batch["target_mask"] = self.vocab_targets
+            if task.type.endswith("classification"):
                 batch["target_ids"], batch["target_mask"] = self.class_targets[task.dataset]
                 if index in self.mixups:
                     batch["images"], batch["soft_labels"] = self.mixups[index](batch["images"], batch["labels"])
