@@ -3,12 +3,13 @@
 Exits non-zero with a message on the first violated invariant.
 """
 
+import models._compat  # noqa: F401  (first: before anything imports timm or torchvision)
+
 import sys
 
 import torch
 from deepspeed import comm as dist
 
-import models._compat  # noqa: F401
 from models import MoEMLP
 from train.checkpoint import load_plain_state_dict, save
 from train.cli import _setup_logging

@@ -8,6 +8,8 @@ Modes:
   mi         (2 ranks) the mutual-information loss summed over ranks == the loss of the concatenated batch.
 """
 
+import models._compat  # noqa: F401  (first: before anything imports timm or torchvision)
+
 import copy
 import sys
 
@@ -17,7 +19,6 @@ from deepspeed.moe.layer import MoE
 from timm.layers import Mlp
 from torch import nn
 
-import models._compat  # noqa: F401
 from models import MoEMLP, pop_moe_stats
 from models.ds_moe import apply_expert_parallel
 from models.router import RoutingContext
