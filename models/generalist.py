@@ -68,6 +68,8 @@ class UniPerceiver(nn.Module):
         moa_layers: indices of blocks whose attention is a mixture of attention heads (``MoAttention``).
         moa_kwargs: keyword arguments of those ``MoAttention`` (num_experts, num_heads, head_dim, routing_level, ...).
         moe_kept, moa_kept: per block, the experts to build (an extracted model, see ``models/extract.py``).
+        embed_norm: the LayerNorm shared by all modalities' embeddings (Uni-Perceiver); False gives timm's ViT layout
+            (``models/timm_compat.py`` loads timm ViT weights into such a model).
     """
 
     def __init__(
@@ -90,6 +92,7 @@ class UniPerceiver(nn.Module):
         moa_kwargs: dict | None = None,
         moe_kept: dict[int, list[int]] | None = None,
         moa_kept: dict[int, list[int]] | None = None,
+        embed_norm: bool = True,
     ):
         super().__init__()
         # What it takes to rebuild this model (extracted models are saved with it).
@@ -101,7 +104,8 @@ class UniPerceiver(nn.Module):
                               moe_kwargs=dict(moe_kwargs or {}), moa_layers=list(moa_layers),
                               moa_kwargs=dict(moa_kwargs or {}),
                               moe_kept={int(k): list(v) for k, v in (moe_kept or {}).items()},
-                              moa_kept={int(k): list(v) for k, v in (moa_kept or {}).items()})
+                              moa_kept={int(k): list(v) for k, v in (moa_kept or {}).items()},
+                              embed_norm=embed_norm)
         moe_kept, moa_kept = self.init_args["moe_kept"], self.init_args["moa_kept"]
         for name, layers in (("moe_layers", moe_layers), ("moa_layers", moa_layers)):
             if any(not 0 <= i < depth for i in layers):
@@ -113,7 +117,8 @@ class UniPerceiver(nn.Module):
         self.moa_layers = tuple(moa_layers)
         self.image_embed = ImageEmbed(img_size, patch_size, dim, max_frames=max_frames)
         self.text_embed = TextEmbed(vocab_size, max_text_len, dim)
-        self.embed_norm = nn.LayerNorm(dim)  # shared by all modalities
+        # eps 1e-6 as in timm's ViT (and its blocks here), so that timm weights give timm's features.
+        self.embed_norm = nn.LayerNorm(dim, eps=1e-6) if embed_norm else nn.Identity()  # shared by all modalities
         moe_mlp = partial(MoEMLP, **(moe_kwargs or {}))
         self.blocks = nn.ModuleList([
             ConditionalBlock(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, init_values=layer_scale_init,
@@ -124,7 +129,7 @@ class UniPerceiver(nn.Module):
         for i in self.moa_layers:  # timm's Block only takes attention classes: swap the layer in afterwards
             self.blocks[i].attn = MoAttention(dim, **{"num_heads": num_heads, **(moa_kwargs or {})},
                                               kept_experts=moa_kept.get(i))
-        self.ln_post = nn.LayerNorm(dim)
+        self.ln_post = nn.LayerNorm(dim, eps=1e-6)
         self.proj = nn.Linear(dim, dim)
         self.logit_scale = nn.Parameter(torch.full((len(TASK_TYPES),), math.log(1 / 0.07)))
         self.init_weights()
@@ -175,6 +180,15 @@ class UniPerceiver(nn.Module):
         x_BND = torch.cat([spe_B1D, patches_BND], dim=1)
         modality = "video" if pixels.dim() == 5 else "image"
         return self.encode(x_BND, ctx=routing_context(x_BND, modality, attribute, task_id))
+
+    def visual_features(self, pixels: torch.Tensor, task_id: int = 0) -> torch.Tensor:
+        """``ln_post`` of the ``<|spe|>`` output before the projection: timm's ``forward_features(x)[:, 0]``."""
+        patches_BND = self.image_embed(pixels)
+        spe_ids = torch.full((patches_BND.shape[0], 1), self.spe_token_id, device=patches_BND.device)
+        x_BND = torch.cat([self.text_embed.token_embed(spe_ids), patches_BND], dim=1)
+        modality = "video" if pixels.dim() == 5 else "image"
+        hidden = self.encode_hidden(x_BND, ctx=routing_context(x_BND, modality, "visual_input", task_id))
+        return self.ln_post(hidden[:, 0])
 
     def encode_texts(self, ids_BL: torch.Tensor, mask_BL: torch.Tensor, task_id: int = 0,
                      attribute: str = "text_target") -> torch.Tensor:

@@ -130,3 +130,22 @@ def test_upcycled_moe_equals_the_dense_model_at_step_zero(top_k):
     experts = moe.blocks[0].mlp.experts.deepspeed_experts
     assert torch.equal(experts[0].fc1.weight, experts[3].fc1.weight)
     assert torch.equal(experts[0].fc1.weight, dense.blocks[0].mlp.fc1.weight)
+
+
+def test_timm_vit_loads_and_gives_timm_features():
+    import timm
+
+    from models import UniPerceiver
+    from models.timm_compat import load_timm_vit
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=0).eval()
+    model = UniPerceiver(vocab_size=50, spe_token_id=4, img_size=32, patch_size=8, dim=192, depth=12, num_heads=3,
+                         drop_path_rate=0.0, layer_scale_init=None, embed_norm=False).eval()
+    load_timm_vit(model, vit.state_dict())
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.visual_features(images), vit.forward_features(images)[:, 0], atol=1e-5)
+    with pytest.raises(ValueError, match="embed_norm"):
+        load_timm_vit(UniPerceiver(vocab_size=50, spe_token_id=4, img_size=32, patch_size=8, dim=192, depth=12,
+                                   num_heads=3), vit.state_dict())
