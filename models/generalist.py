@@ -20,13 +20,15 @@ import torch.nn as nn
 from timm.layers import Mlp, trunc_normal_
 from timm.models.vision_transformer import Block
 
+from models.captioning import caption_loss
 from models.embeddings import ImageEmbed, TextEmbed
 from models.losses import classification_loss, contrastive_loss, similarity_logits, soft_target_cross_entropy
 from models.moa import MoAttention
 from models.moe import MoEMLP
-from models.router import ATTRIBUTES, MODALITIES, RoutingContext
+from models.router import RoutingContext, routing_context
 
-TASK_TYPES = ("image_classification", "image_text_retrieval", "video_classification", "video_text_retrieval", "mlm")
+TASK_TYPES = ("image_classification", "image_text_retrieval", "video_classification", "video_text_retrieval", "mlm",
+              "captioning")
 
 
 @dataclass
@@ -151,10 +153,10 @@ class UniPerceiver(nn.Module):
 
     # ---------------------------------------------------------------------------------------------------- encoder
     def encode_hidden(self, x_BND: torch.Tensor, pad_mask_BN: torch.Tensor | None = None,
-                      ctx: RoutingContext | None = None) -> torch.Tensor:
-        """Shared encoder over embedded tokens: the last block's hidden states ``[B, N, D]``."""
-        attn_mask = None
-        if pad_mask_BN is not None:
+                      ctx: RoutingContext | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Shared encoder over embedded tokens: the last block's hidden states ``[B, N, D]``. ``attn_mask`` (additive,
+        ``[B, 1, N, N]``) replaces the padding mask when a task needs its own pattern (captioning's two streams)."""
+        if attn_mask is None and pad_mask_BN is not None:
             # Additive float mask (works in timm's fused and unfused attention): padded keys get -inf-like scores.
             attn_mask = torch.zeros(pad_mask_BN.shape, dtype=x_BND.dtype, device=x_BND.device)
             attn_mask = attn_mask.masked_fill(~pad_mask_BN, torch.finfo(x_BND.dtype).min)[:, None, None, :]
@@ -206,6 +208,7 @@ class UniPerceiver(nn.Module):
         * ``image_text_retrieval`` / ``video_text_retrieval``: ``images`` or ``videos``, ``text_ids``/``text_mask``.
         * ``mlm``: ``text_ids``/``text_mask`` (masked), ``mlm_labels`` [B, L] (token ids, -100 where not predicted),
           ``target_ids``/``target_mask`` [V, L] (every vocabulary token as a one-token sentence, row v = token v).
+        * ``captioning``: ``images``, ``text_ids``/``text_mask`` (the caption), and the vocabulary targets as for MLM.
 
         Each makes exactly two encoder passes: its inputs, then its targets.
         """
@@ -215,6 +218,11 @@ class UniPerceiver(nn.Module):
             return self.retrieval(task_type, batch, label_smoothing, task_id)
         if task_type == "mlm":
             return self.masked_language_modelling(batch, label_smoothing, task_id)
+        if task_type == "captioning":
+            vocab_VD = self.encode_texts(batch["target_ids"], batch["target_mask"], task_id, attribute="vocab_target")
+            loss, logits = caption_loss(self, batch["images"], batch["text_ids"], batch["text_mask"], vocab_VD, task_id,
+                                        label_smoothing)
+            return TaskOutput(loss, logits)
         raise ValueError(f"unknown task type {task_type!r}; known: {', '.join(TASK_TYPES)}")
 
     def classification(self, task_type: str, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0,
@@ -250,6 +258,9 @@ class UniPerceiver(nn.Module):
         loss = loss + 0.0 * sum(p.sum() for p in self.image_embed.parameters())
         return TaskOutput(loss, logits)
 
+    def caption_scale(self) -> torch.Tensor:
+        return self.logit_scale[TASK_TYPES.index("captioning")]
+
     # ---------------------------------------------------------------------------------------------------- helpers
     def num_params(self, active_only: bool = False) -> int:
         """Parameter count; ``active_only`` counts each MoE layer's experts as ``top_k`` experts (per-token cost)."""
@@ -264,17 +275,6 @@ class UniPerceiver(nn.Module):
 
 def _pixels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return batch["videos"] if "videos" in batch else batch["images"]
-
-
-def routing_context(x_BND: torch.Tensor, modality: str, attribute: str, task_id: int,
-                    pad_mask_BN: torch.Tensor | None = None) -> RoutingContext:
-    """Side information of one pass: its modality and Uni-Perceiver-MoE attribute vector on every token."""
-    batch, length, _ = x_BND.shape
-    modality_BN = torch.full((batch, length), MODALITIES.index(modality), device=x_BND.device)
-    attribute_A = torch.tensor(ATTRIBUTES[attribute], dtype=x_BND.dtype, device=x_BND.device)
-    attribute_BNA = attribute_A.expand(batch, length, -1)
-    return RoutingContext(task_id=task_id, modality_BN=modality_BN, attribute_BNA=attribute_BNA,
-                          pad_mask_BN=pad_mask_BN)
 
 
 def _init_module(m: nn.Module) -> None:

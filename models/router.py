@@ -138,3 +138,14 @@ class Router(nn.Module):
         if self.training and self.noise_std > 0:
             logits_GE = logits_GE + torch.randn_like(logits_GE) * self.noise_std
         return logits_GE
+
+
+def routing_context(x_BND: torch.Tensor, modality: str, attribute: str, task_id: int,
+                    pad_mask_BN: torch.Tensor | None = None) -> RoutingContext:
+    """Side information of one pass: its modality and Uni-Perceiver-MoE attribute vector on every token."""
+    batch, length, _ = x_BND.shape
+    modality_BN = torch.full((batch, length), MODALITIES.index(modality), device=x_BND.device)
+    attribute_A = torch.tensor(ATTRIBUTES[attribute], dtype=x_BND.dtype, device=x_BND.device)
+    attribute_BNA = attribute_A.expand(batch, length, -1)
+    return RoutingContext(task_id=task_id, modality_BN=modality_BN, attribute_BNA=attribute_BNA,
+                          pad_mask_BN=pad_mask_BN)

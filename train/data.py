@@ -138,7 +138,7 @@ class Collate:
         else:
             batch = {"images": torch.stack([self.image(k, img) for k, img in zip(keys, visuals)])}
         batch["labels"] = torch.tensor([int(label) for label in labels], dtype=torch.long)
-        if self.task_type.endswith("text_retrieval"):
+        if self.task_type.endswith("text_retrieval") or self.task_type == "captioning":
             # Several captions per image (one per line, e.g. COCO): the sample's seed picks one.
             texts = [_pick_caption(str(c), self.seed, k, self.random_caption) for k, c in zip(keys, captions)]
             batch["text_ids"], batch["text_mask"] = self.tokenizer(texts)

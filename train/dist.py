@@ -72,7 +72,7 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     # mpi4py discovery overwrites MASTER_PORT with this port: pass the one the user chose so that two MPI jobs
     # sharing a node need not collide on 29500.
-    port = DEFAULT_MPI_PORT
+    port = int(os.environ.get("MASTER_PORT", DEFAULT_MPI_PORT))
     deepspeed.init_distributed(auto_mpi_discovery=info.source == "mpi", distributed_port=port,
                                timeout=datetime.timedelta(minutes=timeout_minutes))
     local_rank = int(os.environ.get("LOCAL_RANK", info.local_rank))  # MPI discovery sets it from the host names

@@ -2,16 +2,19 @@
 
 "Zero-shot" in Uni-Perceiver's sense: no classifier head and no tuning; predictions are the most similar encoded
 target. Classification: top-1/top-5 against the encoded class names. Retrieval: R@1/5/10 both ways over the whole
-split. MLM: accuracy of the masked tokens against the encoded vocabulary.
+split. MLM: accuracy of the masked tokens against the encoded vocabulary. Captioning: corpus BLEU-4 of beam-search
+captions.
 """
 
 import torch
 import torch.nn.functional as F
 
 from models import UniPerceiver
+from models.captioning import generate
 from models.text_tokenizer import TextTokenizer
 from train.config import Config
 from train.data import read_json, val_batches
+from train.metrics import corpus_bleu
 
 
 def vocabulary_targets(tokenizer: TextTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,6 +56,8 @@ def evaluate_task(model: UniPerceiver, cfg: Config, task_index: int, tokenizer: 
         _require(len(visual), task)
         visual_ND, texts_ND = torch.cat(visual), torch.cat(texts)
         return {"num_samples": len(visual_ND), **retrieval_recall(visual_ND @ texts_ND.t())}
+    if task.type == "captioning":
+        return evaluate_captioning(model, task, batches, tokenizer, task_id)
     # mlm
     vocab_ids, vocab_mask = vocabulary_targets(tokenizer)
     correct = total = 0
@@ -64,6 +69,23 @@ def evaluate_task(model: UniPerceiver, cfg: Config, task_index: int, tokenizer: 
         total += len(labels)
     _require(total, task)
     return {"num_masked_tokens": total, "accuracy": correct / total}
+
+
+def evaluate_captioning(model: UniPerceiver, task, batches, tokenizer: TextTokenizer, task_id: int,
+                        beam_size: int = 2, max_length: int = 20) -> dict[str, float]:
+    """Beam-search captions (KV cache) scored with corpus BLEU-4 against the sample's captions."""
+    vocab_ids, vocab_mask = vocabulary_targets(tokenizer)
+    vocab = model.encode_texts(vocab_ids, vocab_mask, task_id, attribute="vocab_target")
+    banned = [i for i in tokenizer.tokenizer.all_special_ids if i != tokenizer.eos_id]
+    hypotheses, references = [], []
+    for batch in batches:
+        for (ids, _), reference in zip(generate(model, batch["images"], vocab, tokenizer.spe_id, tokenizer.eos_id,
+                                                max_length, beam_size, task_id, banned=banned), batch["text_ids"]):
+            hypotheses.append(tokenizer.decode(ids).split())
+            references.append([tokenizer.decode(reference).split()])
+    _require(len(hypotheses), task)
+    example = " ".join(hypotheses[0])
+    return {"num_samples": len(hypotheses), "bleu4": corpus_bleu(hypotheses, references), "example": example}
 
 
 def evaluate(model: UniPerceiver, cfg: Config, tokenizer: TextTokenizer, batch_size: int = 128) -> dict[str, dict]:

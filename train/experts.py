@@ -51,7 +51,7 @@ def measure_usage(model, cfg: Config, tokenizer: TextTokenizer, batch_size: int 
         if task.type.endswith("classification"):
             targets = dict(zip(("target_ids", "target_mask"),
                                tokenizer(read_json(cfg.data.root, "classes.json")[task.dataset])))
-        elif task.type == "mlm":
+        elif task.type in ("mlm", "captioning"):
             targets = dict(zip(("target_ids", "target_mask"), vocabulary_targets(tokenizer)))
         for batch in val_batches(cfg.data.root, task.dataset, img_size, batch_size, tokenizer, task_type=task.type,
                                  num_frames=cfg.data.num_frames):
@@ -69,6 +69,8 @@ def task_metric(model, cfg: Config, tokenizer: TextTokenizer, task_index: int, m
         return 100 * metrics["top1"]
     if "i2t_r1" in metrics:
         return 50 * (metrics["i2t_r1"] + metrics["t2i_r1"])
+    if "bleu4" in metrics:
+        return 100 * metrics["bleu4"]
     return 100 * metrics["accuracy"]
 
 

@@ -96,7 +96,7 @@ class Trainer:
             torch.manual_seed(step_seed)
             np.random.seed(step_seed)
             smoothing = task.label_smoothing
-            if task.type == "mlm":
+            if task.type in ("mlm", "captioning"):
                 batch["target_ids"], batch["target_mask"] = self.vocab_targets
             if task.type.endswith("classification"):
                 batch["target_ids"], batch["target_mask"] = self.class_targets[task.dataset]
