@@ -22,14 +22,22 @@ def debug_model(**kw):
 def task_batch(task_type: str, batch_size: int = 6, num_classes: int = 5) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     images = torch.randn(batch_size, 3, 32, 32, generator=g)
-    if task_type == "image_classification":
-        mask = torch.ones(num_classes, 12, dtype=torch.bool)
-        mask[:, 6:] = False
-        return {"images": images, "labels": torch.arange(batch_size) % num_classes,
-                "target_ids": torch.randint(5, VOCAB, (num_classes, 12), generator=g), "target_mask": mask}
+    visual = {"videos": torch.randn(batch_size, 3, 3, 32, 32, generator=g)} if "video" in task_type else {
+        "images": images}
     mask = torch.ones(batch_size, 12, dtype=torch.bool)
     mask[:, 8:] = False
-    return {"images": images, "text_ids": torch.randint(5, VOCAB, (batch_size, 12), generator=g), "text_mask": mask}
+    if task_type.endswith("classification"):
+        class_mask = torch.ones(num_classes, 12, dtype=torch.bool)
+        class_mask[:, 6:] = False
+        return {**visual, "labels": torch.arange(batch_size) % num_classes,
+                "target_ids": torch.randint(5, VOCAB, (num_classes, 12), generator=g), "target_mask": class_mask}
+    if task_type == "mlm":
+        labels = torch.full((batch_size, 12), -100)
+        labels[:, 2] = torch.randint(5, VOCAB, (batch_size,), generator=g)
+        vocab_ids = torch.stack([torch.full((VOCAB,), SPE), torch.arange(VOCAB), torch.full((VOCAB,), 2)], dim=1)
+        return {"text_ids": torch.randint(5, VOCAB, (batch_size, 12), generator=g), "text_mask": mask,
+                "mlm_labels": labels, "target_ids": vocab_ids, "target_mask": torch.ones(VOCAB, 3, dtype=torch.bool)}
+    return {**visual, "text_ids": torch.randint(5, VOCAB, (batch_size, 12), generator=g), "text_mask": mask}
 
 
 @pytest.mark.parametrize("task_type", TASK_TYPES)
@@ -39,7 +47,7 @@ def test_task_forward_shapes_and_every_parameter_gets_a_gradient(task_type):
     model = debug_model()
     batch = task_batch(task_type)
     out = model(task_type, batch, label_smoothing=0.1)
-    expected = (6, 5) if task_type == "image_classification" else (6, 6)
+    expected = {"mlm": (6, VOCAB)}.get(task_type, (6, 5) if task_type.endswith("classification") else (6, 6))
     assert out.logits.shape == expected
     assert torch.isfinite(out.loss)
     stats = pop_moe_stats(model)
@@ -177,7 +185,7 @@ def test_mod_squad_placement_and_every_level_gives_every_parameter_a_gradient(le
     assert [type(b.attn).__name__ for b in model.blocks] == ["MoAttention", "Attention"] * 2
     assert [type(b.mlp).__name__ for b in model.blocks] == ["Mlp", "MoEMLP"] * 2
     for task_id, task_type in enumerate(TASK_TYPES):
-        out = model(task_type, task_batch(task_type), task_id=task_id)
+        out = model(task_type, task_batch(task_type), task_id=task_id % 2)
         stats = pop_moe_stats(model)
         assert stats.expert_counts_LE.shape == (4, 6)  # 2 MoA + 2 MoE layers, padded to the widest
         (out.loss + stats.aux_loss).backward()
