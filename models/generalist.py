@@ -22,7 +22,13 @@ from timm.models.vision_transformer import Block
 
 from models.captioning import caption_loss
 from models.embeddings import ImageEmbed, TextEmbed
-from models.losses import classification_loss, contrastive_loss, similarity_logits, soft_target_cross_entropy
+from models.losses import (
+    classification_loss,
+    contrastive_loss,
+    gathered_contrastive_loss,
+    similarity_logits,
+    soft_target_cross_entropy,
+)
 from models.moa import MoAttention
 from models.moe import MoEMLP
 from models.router import RoutingContext, routing_context
@@ -35,6 +41,17 @@ TASK_TYPES = ("image_classification", "image_text_retrieval", "video_classificat
 class TaskOutput:
     loss: torch.Tensor
     logits: torch.Tensor
+
+
+class LocalCollectives:
+    """One process: nothing to split or gather. ``train/collectives.py`` supplies the data-parallel version."""
+
+    rank = 0
+    world_size = 1
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenation over ranks (rank-major) of equally shaped tensors, differentiable."""
+        return x
 
 
 class ConditionalBlock(Block):
@@ -134,6 +151,7 @@ class UniPerceiver(nn.Module):
         self.ln_post = nn.LayerNorm(dim, eps=1e-6)
         self.proj = nn.Linear(dim, dim)
         self.logit_scale = nn.Parameter(torch.full((len(TASK_TYPES),), math.log(1 / 0.07)))
+        self.collectives = LocalCollectives()  # split target sets / gathered negatives (set by the trainer)
         self.init_weights()
 
     # ----------------------------------------------------------------------------------------------- init / optim
@@ -199,7 +217,7 @@ class UniPerceiver(nn.Module):
 
     # ------------------------------------------------------------------------------------------------------ tasks
     def forward(self, task_type: str, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0,
-                task_id: int = 0) -> TaskOutput:
+                task_id: int = 0, split_targets: bool = False, gather_negatives: bool = False) -> TaskOutput:
         """One task step; ``task_id`` (the task's index in the run) feeds task-conditioned routing. ``batch`` keys:
 
         * ``image_classification`` / ``video_classification``: ``images`` [B,3,H,W] or ``videos`` [B,T,3,H,W],
@@ -210,39 +228,66 @@ class UniPerceiver(nn.Module):
           ``target_ids``/``target_mask`` [V, L] (every vocabulary token as a one-token sentence, row v = token v).
         * ``captioning``: ``images``, ``text_ids``/``text_mask`` (the caption), and the vocabulary targets as for MLM.
 
-        Each makes exactly two encoder passes: its inputs, then its targets.
+        Each makes exactly two encoder passes: its inputs, then its targets. ``split_targets``: each rank encodes
+        1/world of the target set (class names, vocabulary) and the encodings are all-gathered with gradients.
+        ``gather_negatives``: retrieval against every rank's pairs. Both are collectives: every rank must run the same
+        task at the same step (``run.task_sampling=synchronized``).
         """
         if task_type in ("image_classification", "video_classification"):
-            return self.classification(task_type, batch, label_smoothing, task_id)
+            return self.classification(task_type, batch, label_smoothing, task_id, split_targets)
         if task_type in ("image_text_retrieval", "video_text_retrieval"):
-            return self.retrieval(task_type, batch, label_smoothing, task_id)
+            return self.retrieval(task_type, batch, label_smoothing, task_id, gather_negatives)
         if task_type == "mlm":
-            return self.masked_language_modelling(batch, label_smoothing, task_id)
+            return self.masked_language_modelling(batch, label_smoothing, task_id, split_targets)
         if task_type == "captioning":
-            vocab_VD = self.encode_texts(batch["target_ids"], batch["target_mask"], task_id, attribute="vocab_target")
+            vocab_VD = self.encode_target_set(batch["target_ids"], batch["target_mask"], task_id, "vocab_target",
+                                              split_targets)
             loss, logits = caption_loss(self, batch["images"], batch["text_ids"], batch["text_mask"], vocab_VD, task_id,
                                         label_smoothing)
             return TaskOutput(loss, logits)
         raise ValueError(f"unknown task type {task_type!r}; known: {', '.join(TASK_TYPES)}")
 
+    def encode_target_set(self, ids_ML: torch.Tensor, mask_ML: torch.Tensor, task_id: int, attribute: str,
+                          split: bool) -> torch.Tensor:
+        """Encodes a target set ``[M, D]``; with ``split`` each rank encodes a contiguous 1/world of the rows (padded
+        to equal chunks) and the chunks are all-gathered with their gradients."""
+        world, rank = self.collectives.world_size, self.collectives.rank
+        if not split or world == 1:
+            return self.encode_texts(ids_ML, mask_ML, task_id, attribute)
+        total = ids_ML.shape[0]
+        chunk = -(-total // world)
+        pad = chunk * world - total
+        if pad:  # repeat the first rows so every rank encodes the same number (discarded after the gather)
+            ids_ML, mask_ML = torch.cat([ids_ML, ids_ML[:pad]]), torch.cat([mask_ML, mask_ML[:pad]])
+        rows = slice(rank * chunk, (rank + 1) * chunk)
+        mine = self.encode_texts(ids_ML[rows], mask_ML[rows], task_id, attribute)
+        return self.collectives.all_gather(mine)[:total]
+
     def classification(self, task_type: str, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0,
-                       task_id: int = 0) -> TaskOutput:
+                       task_id: int = 0, split_targets: bool = False) -> TaskOutput:
         inputs_BD = self.encode_images(_pixels(batch), task_id)
-        targets_MD = self.encode_texts(batch["target_ids"], batch["target_mask"], task_id)
+        targets_MD = self.encode_target_set(batch["target_ids"], batch["target_mask"], task_id, "text_target",
+                                            split_targets)
         logits = similarity_logits(inputs_BD, targets_MD, self.logit_scale[TASK_TYPES.index(task_type)])
         if "soft_labels" in batch:  # mixup / cutmix targets
             return TaskOutput(soft_target_cross_entropy(logits, batch["soft_labels"]), logits)
         return TaskOutput(classification_loss(logits, batch["labels"], label_smoothing), logits)
 
     def retrieval(self, task_type: str, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0,
-                  task_id: int = 0) -> TaskOutput:
+                  task_id: int = 0, gather_negatives: bool = False) -> TaskOutput:
         visual_BD = self.encode_images(_pixels(batch), task_id)
         texts_BD = self.encode_texts(batch["text_ids"], batch["text_mask"], task_id)
-        logits = similarity_logits(visual_BD, texts_BD, self.logit_scale[TASK_TYPES.index(task_type)])
+        scale = self.logit_scale[TASK_TYPES.index(task_type)]
+        if gather_negatives and self.collectives.world_size > 1:
+            gather = self.collectives.all_gather
+            loss, logits = gathered_contrastive_loss(visual_BD, texts_BD, gather(visual_BD), gather(texts_BD),
+                                                     self.collectives.rank, scale, label_smoothing)
+            return TaskOutput(loss, logits)
+        logits = similarity_logits(visual_BD, texts_BD, scale)
         return TaskOutput(contrastive_loss(logits, label_smoothing), logits)
 
     def masked_language_modelling(self, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0,
-                                  task_id: int = 0) -> TaskOutput:
+                                  task_id: int = 0, split_targets: bool = False) -> TaskOutput:
         """Masked tokens' hidden states against the encoded vocabulary: logits ``[masked tokens, V]``."""
         ids_BL, mask_BL, labels_BL = batch["text_ids"], batch["text_mask"], batch["mlm_labels"]
         x_BLD = self.text_embed(ids_BL)
@@ -250,7 +295,8 @@ class UniPerceiver(nn.Module):
                                                                         mask_BL))
         predicted = labels_BL >= 0
         inputs_PD = self.head(hidden_BLD[predicted])  # P masked positions (boolean index: one host sync)
-        vocab_VD = self.encode_texts(batch["target_ids"], batch["target_mask"], task_id, attribute="vocab_target")
+        vocab_VD = self.encode_target_set(batch["target_ids"], batch["target_mask"], task_id, "vocab_target",
+                                          split_targets)
         logits = similarity_logits(inputs_PD, vocab_VD, self.logit_scale[TASK_TYPES.index("mlm")])
         loss = classification_loss(logits, labels_BL[predicted], label_smoothing)
         # Text-only: the visual embedding gets an exact-zero gradient, so that every parameter has a gradient whatever

@@ -32,3 +32,18 @@ def contrastive_loss(logits_NN: torch.Tensor, label_smoothing: float = 0.0) -> t
     logits_NN = logits_NN.float()
     return 0.5 * (F.cross_entropy(logits_NN, labels, label_smoothing=label_smoothing)
                   + F.cross_entropy(logits_NN.t(), labels, label_smoothing=label_smoothing))
+
+
+def gathered_contrastive_loss(local_a_BD: torch.Tensor, local_b_BD: torch.Tensor, all_a_ND: torch.Tensor,
+                              all_b_ND: torch.Tensor, rank: int, log_scale: torch.Tensor,
+                              label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric InfoNCE of this rank's pairs against every rank's (negatives gathered across ranks, CLIP-style):
+    local a vs all b and local b vs all a; pair i of this rank sits at row ``rank * B + i`` of the gathered sets.
+    Returns ``(loss, a->b logits [B, N])``."""
+    batch = local_a_BD.shape[0]
+    labels = torch.arange(batch, device=local_a_BD.device) + rank * batch
+    a2b = similarity_logits(local_a_BD, all_b_ND, log_scale).float()
+    b2a = similarity_logits(local_b_BD, all_a_ND, log_scale).float()
+    loss = 0.5 * (F.cross_entropy(a2b, labels, label_smoothing=label_smoothing)
+                  + F.cross_entropy(b2a, labels, label_smoothing=label_smoothing))
+    return loss, a2b

@@ -155,3 +155,11 @@ def test_transfer_to_a_new_task_on_frozen_experts(tiny_data, tmp_path):
     gates = [k for k in after if k.endswith("router.weight")]
     assert after[gates[0]].shape[0] == 3 and before[gates[0]].shape[0] == 2
     assert any(not torch.equal(after[k][2], torch.zeros_like(after[k][2])) for k in gates)  # the new task's gates
+
+
+def test_synchronized_sampling_with_split_targets_and_gathered_negatives(tiny_data, tmp_path):
+    cfg = small_config(tmp_path, tiny_data, **{"run.max_steps": 3})
+    run([*torchrun(2), "-m", "train", "--config", str(cfg), "run.task_sampling=synchronized",
+         "tasks.0.split_targets=true", "tasks.1.gather_negatives=true"])
+    tasks = [[losses(tmp_path / "run", rank)[s][0] for s in range(3)] for rank in (0, 1)]
+    assert tasks[0] == tasks[1]  # every rank ran the same task at every step

@@ -31,12 +31,17 @@ def task_batch(task_type: str, batch_size: int = 6, num_classes: int = 5) -> dic
         class_mask[:, 6:] = False
         return {**visual, "labels": torch.arange(batch_size) % num_classes,
                 "target_ids": torch.randint(5, VOCAB, (num_classes, 12), generator=g), "target_mask": class_mask}
+    vocab_ids = torch.stack([torch.full((VOCAB,), SPE), torch.arange(VOCAB), torch.full((VOCAB,), 2)], dim=1)
+    vocab = {"target_ids": vocab_ids, "target_mask": torch.ones(VOCAB, 3, dtype=torch.bool)}
+    if task_type == "captioning":
+        ids = torch.randint(5, VOCAB, (batch_size, 12), generator=g)
+        ids[:, 0] = SPE
+        return {**visual, "text_ids": ids, "text_mask": mask, **vocab}
     if task_type == "mlm":
         labels = torch.full((batch_size, 12), -100)
         labels[:, 2] = torch.randint(5, VOCAB, (batch_size,), generator=g)
-        vocab_ids = torch.stack([torch.full((VOCAB,), SPE), torch.arange(VOCAB), torch.full((VOCAB,), 2)], dim=1)
         return {"text_ids": torch.randint(5, VOCAB, (batch_size, 12), generator=g), "text_mask": mask,
-                "mlm_labels": labels, "target_ids": vocab_ids, "target_mask": torch.ones(VOCAB, 3, dtype=torch.bool)}
+                "mlm_labels": labels, **vocab}
     return {**visual, "text_ids": torch.randint(5, VOCAB, (batch_size, 12), generator=g), "text_mask": mask}
 
 
@@ -47,7 +52,8 @@ def test_task_forward_shapes_and_every_parameter_gets_a_gradient(task_type):
     model = debug_model()
     batch = task_batch(task_type)
     out = model(task_type, batch, label_smoothing=0.1)
-    expected = {"mlm": (6, VOCAB)}.get(task_type, (6, 5) if task_type.endswith("classification") else (6, 6))
+    expected = {"mlm": (6, VOCAB), "captioning": (6 * 7, VOCAB)}.get(
+        task_type, (6, 5) if task_type.endswith("classification") else (6, 6))
     assert out.logits.shape == expected
     assert torch.isfinite(out.loss)
     stats = pop_moe_stats(model)

@@ -10,3 +10,8 @@ pytestmark = pytest.mark.slow
 def test_moe_across_processes(mode, nproc):
     proc = run([*torchrun(nproc), str(REPO / "tests" / "dist_check_moe.py"), mode], timeout=180)
     assert f"MOE-{mode.upper()}-OK" in proc.stdout
+
+
+def test_split_targets_and_gathered_negatives():
+    proc = run([*torchrun(2), str(REPO / "tests" / "dist_check_collectives.py")], timeout=180)
+    assert "COLLECTIVES-OK" in proc.stdout

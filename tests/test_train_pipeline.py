@@ -103,3 +103,18 @@ def test_stable_seed_is_the_same_in_every_process():
                              env={"PYTHONHASHSEED": hash_seed, "PATH": "/usr/bin:/bin"},
                              cwd=Path(__file__).parent.parent)
         assert int(out.stdout.strip()) == stable_seed(3, "key-000001", "caption"), out.stderr
+
+
+def test_collective_task_options_need_synchronized_sampling():
+    demo = Path(__file__).parent.parent / "configs" / "demo.yaml"
+    with pytest.raises(ValueError, match="run.task_sampling must be 'synchronized'"):
+        load_config(demo, ["tasks.0.split_targets=true"])
+    cfg = load_config(demo, ["tasks.0.split_targets=true", "tasks.1.gather_negatives=true",
+                             "run.task_sampling=synchronized"])
+    assert cfg.tasks[0].split_targets and cfg.tasks[1].gather_negatives
+    with pytest.raises(ValueError, match="gather_negatives applies to retrieval"):
+        load_config(demo, ["tasks.0.gather_negatives=true", "run.task_sampling=synchronized"])
+    from train.data import TaskSampler
+
+    a, b = TaskSampler(cfg.tasks, 0, rank=0, synchronized=True), TaskSampler(cfg.tasks, 0, rank=1, synchronized=True)
+    assert [a(s) for s in range(50)] == [b(s) for s in range(50)]

@@ -40,8 +40,13 @@ class RunConfig:
     """Checkpoint to initialise the weights from (a fresh run; task-indexed router rows are copied where they exist)."""
     freeze: str = ""
     """'' trains everything; 'experts' trains only routers and output heads (transfer to a new task)."""
+    task_sampling: str = "per_rank"
+    """'per_rank': each rank draws its own task per step (Uni-Perceiver); 'synchronized': all ranks draw the same one
+    (needed by tasks with split_targets or gather_negatives)."""
 
     def __post_init__(self):
+        if self.task_sampling not in ("per_rank", "synchronized"):
+            raise ValueError(f"run.task_sampling={self.task_sampling!r} must be 'per_rank' or 'synchronized'")
         _positive(self, "max_steps", "log_every", "save_every", "keep_last", "gradient_accumulation_steps")
         if self.freeze not in ("", "experts"):
             raise ValueError(f"run.freeze={self.freeze!r} must be '' or 'experts'")
@@ -236,8 +241,16 @@ class TaskConfig:
     """Label smoothing of the task's cross-entropy."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Training-time augmentation of this task's images."""
+    split_targets: bool = False
+    """Each rank encodes 1/world of the target set (class names, vocabulary), all-gathered with gradients."""
+    gather_negatives: bool = False
+    """Retrieval against the pairs of every rank (negatives gathered with gradients, CLIP-style)."""
 
     def __post_init__(self):
+        if self.gather_negatives and not self.type.endswith("text_retrieval"):
+            raise ValueError(f"tasks[{self.name}].gather_negatives applies to retrieval tasks only")
+        if self.split_targets and self.type.endswith("text_retrieval"):
+            raise ValueError(f"tasks[{self.name}].split_targets applies to tasks with a target set, not retrieval")
         if (self.augment.mixup or self.augment.cutmix) and self.type != "image_classification":
             raise ValueError(f"tasks[{self.name}].augment: mixup/cutmix apply to image_classification only")
         if not self.name:
@@ -268,6 +281,10 @@ class Config:
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"tasks: names must be unique, got {names}")
+        collective = [t.name for t in self.tasks if t.split_targets or t.gather_negatives]
+        if collective and len(self.tasks) > 1 and self.run.task_sampling != "synchronized":
+            raise ValueError(f"run.task_sampling must be 'synchronized' when tasks use split_targets or "
+                             f"gather_negatives ({', '.join(collective)}): those are collectives across ranks")
 
     def validate_paths(self) -> None:
         """Checks what must exist on disk before training (separate so configs can be built without data)."""

@@ -280,13 +280,16 @@ class TaskStream:
 
 
 class TaskSampler:
-    """Which task each rank runs at each micro-step: a pure function of (seed, rank, step), weighted by config."""
+    """Which task each rank runs at each micro-step: a pure function of (seed, rank, step), weighted by config.
 
-    def __init__(self, tasks: Sequence[TaskConfig], seed: int, rank: int):
+    Every rank can compute every rank's schedule. ``synchronized=True`` drops the rank: all ranks run the same task.
+    """
+
+    def __init__(self, tasks: Sequence[TaskConfig], seed: int, rank: int, synchronized: bool = False):
         weights = np.asarray([t.weight for t in tasks], dtype=np.float64)
         self.probs = weights / weights.sum()
         self.seed = seed
-        self.rank = rank
+        self.rank = 0 if synchronized else rank
 
     def __call__(self, step: int, micro_step: int = 0) -> int:
         rng = np.random.default_rng([self.seed, self.rank, step, micro_step])

@@ -17,6 +17,7 @@ from models import pop_moe_stats
 from models.extract import freeze_for_transfer
 from models.text_tokenizer import TextTokenizer
 from train import checkpoint
+from train.collectives import DataParallelCollectives
 from train.config import Config
 from train.data import TaskSampler, TaskStream, read_json
 from train.dist import DistInfo
@@ -55,7 +56,9 @@ class Trainer:
                 log.info("transfer: training %d router/head tensors, experts frozen", len(trainable))
         self.img_size = model.image_embed.patch_embed.img_size[0]
         self.engine = create_engine(cfg, model)
-        self.sampler = TaskSampler(cfg.tasks, cfg.run.seed, info.rank)
+        self.sampler = TaskSampler(cfg.tasks, cfg.run.seed, info.rank, cfg.run.task_sampling == "synchronized")
+        if info.world_size > 1:
+            self.model.collectives = DataParallelCollectives()
         self.streams = [TaskStream(task, i, cfg.data, self.tokenizer, self.img_size, info.rank, info.world_size,
                                    cfg.run.seed) for i, task in enumerate(cfg.tasks)]
         # Class-name targets of each classification dataset: tokenised once, encoded every step (with gradients).
@@ -104,7 +107,8 @@ class Trainer:
                     batch["images"], batch["soft_labels"] = self.mixups[index](batch["images"], batch["labels"])
                     smoothing = 0.0  # already in the mixed targets
             batch = {k: v.to(self.engine.device) for k, v in batch.items()}
-            out = self.engine(task.type, batch, label_smoothing=smoothing, task_id=index)
+            out = self.engine(task.type, batch, label_smoothing=smoothing, task_id=index,
+                              split_targets=task.split_targets, gather_negatives=task.gather_negatives)
             stats = pop_moe_stats(self.model)
             task_loss = task.loss_weight * out.loss
             aux = stats.aux_loss if stats is not None else task_loss.new_zeros(())
