@@ -391,3 +391,14 @@ def test_save_round_trips_defaults(tmp_path):
     cfg = load_config(None, [ONE_TASK])
     cfg.save(tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "demo_attribute.yaml", "demo_modsquad.yaml", "demo_multitask.yaml",
+                                  "dense_baseline.yaml", "uniperceiver_moe_b.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(REPO_ROOT / "configs" / name)
+    assert cfg.tasks
+    if name == "uniperceiver_moe_b.yaml":
+        assert len(cfg.tasks) == 16
+        assert sum(t.weight for t in cfg.tasks) == pytest.approx(10.0, abs=0.02)  # the published mix sums to 10
+        assert cfg.moe.routing == "attribute" and cfg.model.size == "base"

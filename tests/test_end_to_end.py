@@ -43,6 +43,14 @@ def test_prep_train_eval_console_scripts(tmp_path):
     assert "| shapes_classification | top1 |" in proc.stdout  # the printed table
     assert json.loads((out / "eval.json").read_text()) == metrics
 
+    # a plain model out of the DeepSpeed checkpoint (experts of both EP ranks), loadable without DeepSpeed
+    run([script("condmoe-export"), "--config", config, "--out", str(tmp_path / "export"), *overrides])
+    code = ("import sys, torch; from models.extract import load_extracted; "
+            f"m = load_extracted({str(tmp_path / 'export')!r}); "
+            "assert len(m.blocks[0].mlp.experts.deepspeed_experts) == 4; "
+            "assert 'deepspeed' not in sys.modules; print('LOADED')")
+    assert "LOADED" in run([sys.executable, "-c", code]).stdout
+
 
 def _fails_with(cmd: list[str], message: str) -> None:
     import subprocess

@@ -94,3 +94,30 @@ def eval_main(argv: list[str] | None = None) -> int:
     if out.parent.is_dir():
         out.write_text(json.dumps(metrics, indent=2) + "\n")
     return 0
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """``condmoe-export``: a checkpoint (any ep_size) as a plain model: ``model.safetensors`` + ``model_config.json``,
+    loadable with ``models.extract.load_extracted`` and no DeepSpeed."""
+    parser = _parser("condmoe-export", export_main.__doc__)
+    parser.add_argument("--checkpoint", default="", help="checkpoint dir; default: the latest in run.output_dir")
+    parser.add_argument("--out", required=True, help="output folder")
+    args = parser.parse_args(argv)
+
+    from models.extract import save_extracted
+    from models.text_tokenizer import TextTokenizer
+    from train.checkpoint import checkpoint_dir, load_plain_state_dict
+    from train.config import load_config
+    from train.engine import build_model
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        tokenizer = TextTokenizer(cfg.tokenizer_dir, cfg.data.max_text_len)
+        model = build_model(cfg, tokenizer.vocab_size, tokenizer.spe_id)
+        model.load_state_dict(load_plain_state_dict(args.checkpoint or checkpoint_dir(cfg.run.output_dir)))
+        meta = {"tasks": [t.name for t in cfg.tasks], "tokenizer": str(cfg.tokenizer_dir)}
+        out = save_extracted(model, args.out, meta)
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
+        return _fail("condmoe-export", exc)
+    print(out)
+    return 0

@@ -74,6 +74,7 @@ class Trainer:
                 self.mixups[i] = Mixup(mixup_alpha=t.augment.mixup, cutmix_alpha=t.augment.cutmix,
                                        label_smoothing=t.label_smoothing, num_classes=len(classes[t.dataset]))
         self.data_errors = 0  # bad samples skipped by this rank's streams since the last log
+        self.skipped_steps = 0  # micro-steps skipped for a non-finite loss (identical on every rank)
         # Expert selections per task since the last log ([X, L, E]), folded into a running EMA at each log.
         self.usage_counts: torch.Tensor | None = None
         self.usage_ema: torch.Tensor | None = None
@@ -113,6 +114,14 @@ class Trainer:
             task_loss = task.loss_weight * out.loss
             aux = stats.aux_loss if stats is not None else task_loss.new_zeros(())
             loss = task_loss + aux
+            # Non-finite guard: every rank learns whether any rank's loss is NaN/inf (one tiny all-reduce) and all
+            # skip this micro-step's backward and step together, so their collectives stay paired.
+            bad = torch.logical_not(torch.isfinite(loss.detach())).float().reshape(1)
+            dist.all_reduce(bad)
+            if bad.item() > 0:
+                self.skipped_steps += 1
+                log.warning("step %d micro %d: non-finite loss on %d rank(s); skipped", step, micro, int(bad.item()))
+                continue
             self.engine.backward(loss)
             self.engine.step()
             total = total + loss.detach()
@@ -210,6 +219,8 @@ class Trainer:
                                                       for row in share.tolist())
             lr = self.engine.get_lr()[0]
             skipped = f" | {int(errors.item())} bad samples skipped" if errors.item() else ""
+            if self.skipped_steps:
+                skipped += f" | {self.skipped_steps} non-finite micro-steps skipped so far"
             log.info("step %d | loss %.4f (mean over ranks) | rank0 %s %.4f aux %.4f | lr %.2e | %.2f s/step%s%s",
                      last.step + 1, float(mean_loss) / self.info.world_size, last.task, float(last.task_loss),
                      float(last.aux_loss), lr, seconds / len(records), skipped, usage)
