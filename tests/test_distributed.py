@@ -163,3 +163,9 @@ def test_synchronized_sampling_with_split_targets_and_gathered_negatives(tiny_da
          "tasks.0.split_targets=true", "tasks.1.gather_negatives=true"])
     tasks = [[losses(tmp_path / "run", rank)[s][0] for s in range(3)] for rank in (0, 1)]
     assert tasks[0] == tasks[1]  # every rank ran the same task at every step
+
+
+def test_non_finite_loss_on_one_rank_is_skipped_by_all(tiny_data, tmp_path):
+    cfg = small_config(tmp_path, tiny_data)
+    proc = run([*torchrun(2), str(REPO / "tests" / "dist_check_guard.py"), str(cfg)])
+    assert "GUARD-OK" in proc.stdout
