@@ -11,11 +11,13 @@ a resumed run continues the exact stream: the sampler replays which task each pa
 re-opens at its epoch and skips the batches already consumed in it.
 """
 
+import io
 import json
 import logging
 import random
 import re
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,7 @@ from torch.utils.data import DataLoader, get_worker_info
 from models.text_tokenizer import TextTokenizer
 from train.config import DataConfig, TaskConfig
 from train.masking import IGNORE, mask_whole_words, word_starts
+from train.tarstream import tar_samples
 from train.transforms import Augment, augment_image, stable_seed
 
 log = logging.getLogger(__name__)
@@ -176,6 +179,36 @@ def _pick_caption(text: str, seed: int, key: str, randomly: bool) -> str:
     return lines[random.Random(stable_seed(seed, key, "caption")).randrange(len(lines))]
 
 
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def decode_sample(sample: dict, min_side: int = 0) -> dict:
+    """Decodes what the tasks read: images (``.jpg``, frames ``f00.jpg``...) to PIL, ``.cls`` to int, ``.txt`` to
+    str; other members (``.json``, ``.mp4``) stay bytes until needed.
+
+    JPEGs are decoded with PIL's draft mode at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides at least
+    ``min_side`` pixels: a 64 px JPEG for a 32 px model input costs a quarter of the IDCT work.
+    """
+    out = {}
+    for key, value in sample.items():
+        if key.startswith("__") or not isinstance(value, bytes):
+            out[key] = value
+            continue
+        extension = key.rsplit(".", 1)[-1].lower()
+        if extension in IMAGE_EXTENSIONS:
+            image = Image.open(io.BytesIO(value))
+            if min_side and image.format == "JPEG":
+                image.draft("RGB", (min_side, min_side))
+            out[key] = image.convert("RGB")
+        elif extension == "cls":
+            out[key] = int(value)
+        elif extension == "txt":
+            out[key] = value.decode("utf-8")
+        else:
+            out[key] = value
+    return out
+
+
 def _worker_id() -> int:
     info = get_worker_info()
     return 0 if info is None else info.id
@@ -215,9 +248,10 @@ def build_pipeline(urls: list[str], collate: Collate, batch_size: int, shuffle_b
     return wds.DataPipeline(
         # deterministic=True: the shard sequence depends only on (worker id, seed), never on pid or time.
         wds.ResampledShards(urls, seed=seed, worker_seed=_worker_id, deterministic=True),
-        wds.tarfile_to_samples(handler=skip),
+        partial(tar_samples, handler=skip),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed)),
-        wds.decode("pil", handler=skip),
+        # Random crops need the pixels: draft decoding only when the images are not augmented.
+        wds.map(partial(decode_sample, min_side=0 if collate.augment.active else collate.img_size), handler=skip),
         *sample_fields(collate.task_type, skip),
         wds.map(skip.reset),
         wds.batched(batch_size, collation_fn=collate, partial=False),
@@ -321,8 +355,8 @@ def val_batches(root: str | Path, dataset: str, img_size: int, batch_size: int, 
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(urls),
         wds.split_by_worker,
-        wds.tarfile_to_samples(handler=skip),
-        wds.decode("pil", handler=skip),
+        partial(tar_samples, handler=skip),
+        wds.map(partial(decode_sample, min_side=img_size), handler=skip),
         *sample_fields(task_type, skip),
         wds.map(skip.reset),
         wds.batched(batch_size, collation_fn=collate, partial=True),
