@@ -243,7 +243,7 @@ def test_override_bad_path_is_value_error_naming_it(override, field):
     (["data.max_text_len=0"], "data.max_text_len"),
     (["optim.lr=0"], "optim.lr"),
     (["optim.warmup_steps=-1"], "optim.warmup_steps"),
-    (["tasks.0.type=video_classification"], "tasks[shapes_classification].type"),
+    (["tasks.0.type=video_segmentation"], "tasks[shapes_classification].type"),
     (["tasks.1.name=shapes_classification"], "tasks"),
     (["tasks=[]"], "tasks"),
     (["tasks.0.name=''"], "tasks[].name"),

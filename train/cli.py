@@ -34,7 +34,9 @@ def _fail(prog: str, exc: Exception) -> int:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    args = _parser("condmoe-train", "Pre-train a condmoe model with DeepSpeed.").parse_args(argv)
+    parser = _parser("condmoe-train", "Pre-train a condmoe model with DeepSpeed.")
+    parser.add_argument("--dry-run", action="store_true", help="print this process's rank layout and exit")
+    args = parser.parse_args(argv)
     from train.config import load_config
 
     try:
@@ -42,6 +44,10 @@ def train_main(argv: list[str] | None = None) -> int:
         cfg.validate_paths()
     except (ValueError, FileNotFoundError) as exc:
         return _fail("condmoe-train", exc)
+    if args.dry_run:
+        from train.dist import dry_run
+
+        return dry_run(cfg.moe.ep_size if cfg.moe.num_experts else 1)
 
     from train.dist import init_distributed
     from train.trainer import Trainer

@@ -209,6 +209,15 @@ def decode_sample(sample: dict, min_side: int = 0) -> dict:
     return out
 
 
+def _ignore_stop_signals(_worker: int) -> None:
+    """Data workers ignore SIGTERM/SIGUSR1: the trainer handles them (checkpoint, then exit), and a worker killed by
+    a signal forwarded to the whole process group would crash the trainer instead."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _worker_id() -> int:
     info = get_worker_info()
     return 0 if info is None else info.id
@@ -292,7 +301,8 @@ class TaskStream:
                                   self.batches_per_worker)
         if self.num_workers == 0:
             return iter(pipeline)
-        loader = DataLoader(pipeline, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
+        loader = DataLoader(pipeline, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
+                            worker_init_fn=_ignore_stop_signals)
         return iter(loader)
 
     def seek(self, position: int) -> None:
