@@ -103,14 +103,24 @@ class SkipBadSamples:
             yield batch
 
 
-def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
-    """RGB, resized to ``size`` x ``size`` (bicubic), scaled to [0, 1] and normalised -> ``[3, size, size]``."""
+def image_pixels(image: Image.Image, size: int) -> np.ndarray:
+    """RGB uint8 ``[size, size, 3]``, resized (bicubic) when needed."""
     image = image.convert("RGB")
     if image.size != (size, size):
         image = image.resize((size, size), Image.BICUBIC)
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    array = (array - np.asarray(MEAN, dtype=np.float32)) / np.asarray(STD, dtype=np.float32)
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return np.asarray(image)
+
+
+def normalise(pixels_NHWC: np.ndarray) -> torch.Tensor:
+    """uint8 ``[..., H, W, 3]`` -> float ``[..., 3, H, W]``, scaled to [0, 1] and normalised (one op per batch)."""
+    x = torch.from_numpy(np.require(pixels_NHWC, requirements=["C", "W"])).float() / 255.0
+    x = (x - torch.tensor(MEAN)) / torch.tensor(STD)
+    return x.movedim(-1, -3).contiguous()
+
+
+def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """RGB, resized to ``size`` x ``size`` (bicubic), scaled to [0, 1] and normalised -> ``[3, size, size]``."""
+    return normalise(image_pixels(image, size))
 
 
 class Collate:
@@ -127,19 +137,19 @@ class Collate:
         self.seed = seed
         self.random_caption = random_caption
 
-    def image(self, key: str, image: Image.Image) -> torch.Tensor:
+    def image(self, key: str, image: Image.Image) -> np.ndarray:
         if self.augment.active:
             image = augment_image(image, self.img_size, self.augment, random.Random(stable_seed(self.seed, key)))
-        return image_to_tensor(image, self.img_size)
+        return image_pixels(image, self.img_size)
 
     def __call__(self, samples: Sequence[tuple]) -> dict[str, torch.Tensor]:
         if self.task_type == "mlm":
             return self.mlm(samples)
         keys, visuals, labels, captions = zip(*samples)
         if self.task_type.startswith("video"):
-            batch = {"videos": torch.stack([self.video(k, frames) for k, frames in zip(keys, visuals)])}
+            batch = {"videos": normalise(np.stack([self.video(k, frames) for k, frames in zip(keys, visuals)]))}
         else:
-            batch = {"images": torch.stack([self.image(k, img) for k, img in zip(keys, visuals)])}
+            batch = {"images": normalise(np.stack([self.image(k, img) for k, img in zip(keys, visuals)]))}
         batch["labels"] = torch.tensor([int(label) for label in labels], dtype=torch.long)
         if self.task_type.endswith("text_retrieval") or self.task_type == "captioning":
             # Several captions per image (one per line, e.g. COCO): the sample's seed picks one.
@@ -147,10 +157,10 @@ class Collate:
             batch["text_ids"], batch["text_mask"] = self.tokenizer(texts)
         return batch
 
-    def video(self, key: str, frames: list[Image.Image]) -> torch.Tensor:
+    def video(self, key: str, frames: list[Image.Image]) -> np.ndarray:
         """``num_frames`` frames at uniform positions; every frame gets the same augmentation (same seed)."""
         picks = [min(len(frames) - 1, int((i + 0.5) * len(frames) / self.num_frames)) for i in range(self.num_frames)]
-        return torch.stack([self.image(key, frames[i]) for i in picks])
+        return np.stack([self.image(key, frames[i]) for i in picks])
 
     def mlm(self, samples: Sequence[tuple]) -> dict[str, torch.Tensor]:
         keys, texts = zip(*samples)
