@@ -23,6 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
+
+try:
+    import simplejpeg
+except ImportError:  # optional: PIL decodes everything, a little slower
+    simplejpeg = None
 from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
 
@@ -192,12 +197,25 @@ def _pick_caption(text: str, seed: int, key: str, randomly: bool) -> str:
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
+def _decode_image(data: bytes, min_side: int) -> Image.Image:
+    if min_side and simplejpeg is not None and simplejpeg.is_jpeg(data):
+        try:  # libjpeg-turbo with DCT scaling, no Python marker parsing: about 3x faster than PIL's draft mode
+            return Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_side,
+                                                          min_width=min_side))
+        except ValueError:  # exotic JPEGs (CMYK, arithmetic coding): PIL below
+            pass
+    image = Image.open(io.BytesIO(data))
+    if min_side and image.format == "JPEG":
+        image.draft("RGB", (min_side, min_side))
+    return image.convert("RGB")
+
+
 def decode_sample(sample: dict, min_side: int = 0) -> dict:
     """Decodes what the tasks read: images (``.jpg``, frames ``f00.jpg``...) to PIL, ``.cls`` to int, ``.txt`` to
     str; other members (``.json``, ``.mp4``) stay bytes until needed.
 
-    JPEGs are decoded with PIL's draft mode at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides at least
-    ``min_side`` pixels: a 64 px JPEG for a 32 px model input costs a quarter of the IDCT work.
+    With ``min_side``, JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides at least
+    ``min_side`` pixels (simplejpeg, else PIL's draft mode): a 64 px JPEG for a 32 px input costs a quarter of the IDCT.
     """
     out = {}
     for key, value in sample.items():
@@ -206,10 +224,7 @@ def decode_sample(sample: dict, min_side: int = 0) -> dict:
             continue
         extension = key.rsplit(".", 1)[-1].lower()
         if extension in IMAGE_EXTENSIONS:
-            image = Image.open(io.BytesIO(value))
-            if min_side and image.format == "JPEG":
-                image.draft("RGB", (min_side, min_side))
-            out[key] = image.convert("RGB")
+            out[key] = _decode_image(value, min_side)
         elif extension == "cls":
             out[key] = int(value)
         elif extension == "txt":
