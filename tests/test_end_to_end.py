@@ -30,6 +30,12 @@ def test_prep_train_eval_console_scripts(tmp_path):
          f"--master_port={free_port()}", "--no-python", script("condmoe-train"), "--config", config, *overrides])
     assert (out / "config.yaml").is_file()
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_4"
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [2, 4]
+    for m in metrics:
+        assert m["samples_per_s"] > 0 and m["tokens_per_s"] > m["samples_per_s"] and m["lr"] > 0
+        assert m["grad_norm"] is not None and m["grad_norm"] > 0
+        assert len(m["expert_share"]) == 2 and abs(sum(m["expert_share"][0]) - 1) < 1e-5
 
     proc = run([script("condmoe-eval"), "--config", config, *overrides])
     metrics = json.loads(proc.stdout.strip().splitlines()[-1])

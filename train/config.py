@@ -40,6 +40,8 @@ class RunConfig:
     """Checkpoint to initialise the weights from (a fresh run; task-indexed router rows are copied where they exist)."""
     freeze: str = ""
     """'' trains everything; 'experts' trains only routers and output heads (transfer to a new task)."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s of one device (e.g. 989 for an H100 in bf16) for the MFU estimate in metrics.jsonl; 0 omits it."""
     task_sampling: str = "per_rank"
     """'per_rank': each rank draws its own task per step (Uni-Perceiver); 'synchronized': all ranks draw the same one
     (needed by tasks with split_targets or gather_negatives)."""

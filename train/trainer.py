@@ -37,6 +37,8 @@ class StepRecord:
     task_loss: torch.Tensor
     aux_loss: torch.Tensor
     expert_counts_LE: torch.Tensor | None
+    samples: int = 0  # inputs processed in this step (over micro-steps)
+    tokens: int = 0  # encoder tokens of both passes (inputs and targets)
 
 
 class Trainer:
@@ -55,6 +57,7 @@ class Trainer:
             if info.is_main:
                 log.info("transfer: training %d router/head tensors, experts frozen", len(trainable))
         self.img_size = model.image_embed.patch_embed.img_size[0]
+        self.model_active_params = model.num_params(active_only=True)
         self.engine = create_engine(cfg, model)
         self.sampler = TaskSampler(cfg.tasks, cfg.run.seed, info.rank, cfg.run.task_sampling == "synchronized")
         if info.world_size > 1:
@@ -88,6 +91,7 @@ class Trainer:
         cfg = self.cfg
         total = task_total = aux_total = 0.0
         counts = None
+        samples = tokens = 0
         names = []
         for micro in range(cfg.run.gradient_accumulation_steps):
             index = self.sampler(step, micro)
@@ -107,6 +111,8 @@ class Trainer:
                 if index in self.mixups:
                     batch["images"], batch["soft_labels"] = self.mixups[index](batch["images"], batch["labels"])
                     smoothing = 0.0  # already in the mixed targets
+            samples += len(batch["labels"]) if "labels" in batch else len(batch["text_ids"])
+            tokens += self._count_tokens(batch)
             batch = {k: v.to(self.engine.device) for k, v in batch.items()}
             out = self.engine(task.type, batch, label_smoothing=smoothing, task_id=index,
                               split_targets=task.split_targets, gather_negatives=task.gather_negatives)
@@ -133,7 +139,19 @@ class Trainer:
                     self.usage_counts = torch.zeros(len(cfg.tasks), *stats.expert_counts_LE.shape)
                 self.usage_counts[index] += stats.expert_counts_LE.detach().float().cpu()
             names.append(task.name)
-        return StepRecord(step, "+".join(names), total, task_total, aux_total, counts)
+        return StepRecord(step, "+".join(names), total, task_total, aux_total, counts, samples, tokens)
+
+    def _count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        patches = self.model.image_embed.num_patches
+        tokens = 0
+        for key in ("images", "videos"):
+            if key in batch:
+                frames = batch[key].shape[1] if key == "videos" else 1
+                tokens += batch[key].shape[0] * (frames * patches + 1)
+        for key in ("text_mask", "target_mask"):
+            if key in batch:
+                tokens += int(batch[key].numel())
+        return tokens
 
     def train(self) -> int:
         """Runs to ``max_steps`` (exit code 0) or until a stop signal (checkpoint, then ``EXIT_PREEMPTED``)."""
@@ -195,36 +213,54 @@ class Trainer:
             (self.output_dir / "expert_usage_ema.json").write_text(json.dumps(record))
 
     def _log(self, records: list[StepRecord], metrics_file: Path, seconds: float) -> None:
-        """Writes this rank's per-step losses (one host sync per log interval) and prints a summary on rank 0."""
+        """Writes this rank's per-step losses and, on rank 0, one line of run metrics to ``metrics.jsonl`` (one host
+        sync per log interval) and a summary to the log."""
         with metrics_file.open("a") as f:
             for r in records:
                 f.write(json.dumps({"step": r.step, "task": r.task, "loss": float(r.loss),
                                     "task_loss": float(r.task_loss), "aux_loss": float(r.aux_loss)}) + "\n")
-        errors = torch.tensor([float(self.data_errors)], device=self.engine.device)
-        dist.all_reduce(errors)
-        self.data_errors = 0
         last = records[-1]
-        mean_loss = torch.stack([torch.as_tensor(r.loss) for r in records]).mean().reshape(1).to(self.engine.device)
-        dist.all_reduce(mean_loss)
+        # [loss sum, bad samples, samples, tokens] summed over ranks in one all-reduce
+        totals = torch.tensor([float(sum(float(r.loss) for r in records)), float(self.data_errors),
+                               float(sum(r.samples for r in records)), float(sum(r.tokens for r in records))],
+                              device=self.engine.device)
+        dist.all_reduce(totals)
+        self.data_errors = 0
         counts = last.expert_counts_LE
         if counts is not None:
             counts = counts.to(self.engine.device, torch.float32)
             dist.all_reduce(counts)
         self._update_usage_ema()
-        if self.info.is_main:
-            usage = ""
-            if counts is not None:
-                share = counts / counts.sum(dim=-1, keepdim=True)
-                usage = " | expert share " + " ".join("[" + ",".join(f"{v:.2f}" for v in row) + "]"
-                                                      for row in share.tolist())
-            lr = self.engine.get_lr()[0]
-            skipped = f" | {int(errors.item())} bad samples skipped" if errors.item() else ""
-            if self.skipped_steps:
-                skipped += f" | {self.skipped_steps} non-finite micro-steps skipped so far"
-            log.info("step %d | loss %.4f (mean over ranks) | rank0 %s %.4f aux %.4f | lr %.2e | %.2f s/step%s%s",
-                     last.step + 1, float(mean_loss) / self.info.world_size, last.task, float(last.task_loss),
-                     float(last.aux_loss), lr, seconds / len(records), skipped, usage)
-
+        if not self.info.is_main:
+            return
+        loss_sum, errors, samples, tokens = totals.tolist()
+        mean_loss = loss_sum / (len(records) * self.info.world_size)
+        share = counts / counts.sum(dim=-1, keepdim=True).clamp_min(1) if counts is not None else None
+        lr = self.engine.get_lr()[0]
+        grad_norm = self.engine.get_global_grad_norm()
+        record = {"step": last.step + 1, "loss": mean_loss, "lr": lr,
+                  "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                  "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
+                  "seconds_per_step": seconds / len(records), "bad_samples": int(errors),
+                  "skipped_micro_steps": self.skipped_steps,
+                  "expert_share": share.tolist() if share is not None else None}
+        if self.cfg.run.peak_tflops > 0:
+            # 6 x active parameters per token (forward + backward), the usual dense estimate
+            flops = 6 * self.model_active_params * tokens / seconds
+            record["mfu"] = flops / (self.cfg.run.peak_tflops * 1e12 * self.info.world_size)
+        with (self.output_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        usage = ""
+        if share is not None:
+            usage = " | expert share " + " ".join("[" + ",".join(f"{v:.2f}" for v in row) + "]"
+                                                  for row in share.tolist())
+        skipped = f" | {int(errors)} bad samples skipped" if errors else ""
+        if self.skipped_steps:
+            skipped += f" | {self.skipped_steps} non-finite micro-steps skipped so far"
+        mfu = f" | MFU {record['mfu']:.1%}" if "mfu" in record else ""
+        log.info("step %d | loss %.4f (mean over ranks) | rank0 %s %.4f aux %.4f | lr %.2e | %.2f s/step | "
+                 "%.0f samples/s%s%s%s", last.step + 1, mean_loss, last.task, float(last.task_loss),
+                 float(last.aux_loss), lr, seconds / len(records), samples / seconds, mfu, skipped, usage)
 
 
 def _routed_layer_names(model) -> list[tuple[str, object]]:
