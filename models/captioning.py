@@ -96,7 +96,7 @@ class _Decoder:
     def __init__(self, model, images: torch.Tensor, task_id: int, cache: bool):
         self.model, self.task_id = model, task_id
         self.visual = _visual_tokens(model, images)
-        self.cache = cache and all(isinstance(b.attn, Attention) for b in model.blocks)
+        self.cache = cache and model.prompts is None and all(isinstance(b.attn, Attention) for b in model.blocks)
         self.kv = None
         if self.cache:
             self.kv = self._encode_visual()

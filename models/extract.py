@@ -186,6 +186,23 @@ def freeze_for_transfer(model: UniPerceiver) -> list[str]:
     return trainable
 
 
+def freeze_for_prompt_tuning(model: UniPerceiver) -> list[str]:
+    """Uni-Perceiver's prompt tuning: only the deep prompts, every LayerNorm, ``ln_post`` and the temperatures train;
+    the rest of the backbone (attention, MLPs, experts, embeddings, projection) is frozen. Returns the trainable
+    names."""
+    if model.prompts is None:
+        raise ValueError("prompt tuning needs a model with prompts (model.num_prompts > 0)")
+    norms = {name for name, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
+    trainable = []
+    for name, param in model.named_parameters():
+        owner = name.rsplit(".", 1)[0]
+        train = name in ("prompts", "logit_scale") or owner in norms
+        param.requires_grad_(train)
+        if train:
+            trainable.append(name)
+    return trainable
+
+
 def estimate_flops_per_token(model: UniPerceiver) -> float:
     """Forward multiply-adds x 2 per token of the encoder's matmuls (attention scores excluded): dense layers count
     fully, an MoE MLP k experts, a mixture of attention heads all of its (kept) query/output projections."""

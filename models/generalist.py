@@ -89,6 +89,7 @@ class UniPerceiver(nn.Module):
         moe_kept, moa_kept: per block, the experts to build (an extracted model, see ``models/extract.py``).
         embed_norm: the LayerNorm shared by all modalities' embeddings (Uni-Perceiver); False gives timm's ViT layout
             (``models/timm_compat.py`` loads timm ViT weights into such a model).
+        num_prompts: learned prompt tokens per block and side (inputs, targets) for prompt tuning (0: none).
     """
 
     def __init__(
@@ -112,6 +113,7 @@ class UniPerceiver(nn.Module):
         moe_kept: dict[int, list[int]] | None = None,
         moa_kept: dict[int, list[int]] | None = None,
         embed_norm: bool = True,
+        num_prompts: int = 0,
     ):
         super().__init__()
         # What it takes to rebuild this model (extracted models are saved with it).
@@ -124,7 +126,7 @@ class UniPerceiver(nn.Module):
                               moa_kwargs=dict(moa_kwargs or {}),
                               moe_kept={int(k): list(v) for k, v in (moe_kept or {}).items()},
                               moa_kept={int(k): list(v) for k, v in (moa_kept or {}).items()},
-                              embed_norm=embed_norm)
+                              embed_norm=embed_norm, num_prompts=num_prompts)
         moe_kept, moa_kept = self.init_args["moe_kept"], self.init_args["moa_kept"]
         for name, layers in (("moe_layers", moe_layers), ("moa_layers", moa_layers)):
             if any(not 0 <= i < depth for i in layers):
@@ -152,6 +154,9 @@ class UniPerceiver(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.logit_scale = nn.Parameter(torch.full((len(TASK_TYPES),), math.log(1 / 0.07)))
         self.collectives = LocalCollectives()  # split target sets / gathered negatives (set by the trainer)
+        # Deep prompts (Uni-Perceiver's prompt tuning): per block, P tokens for input passes and P for target passes,
+        # placed before the sequence at every block and dropped after it.
+        self.prompts = nn.Parameter(torch.zeros(2, depth, num_prompts, dim)) if num_prompts else None
         self.init_weights()
 
     # ----------------------------------------------------------------------------------------------- init / optim
@@ -160,6 +165,8 @@ class UniPerceiver(nn.Module):
         self.apply(_init_module)
         self.image_embed.init_weights()
         self.text_embed.init_weights()
+        if self.prompts is not None:
+            trunc_normal_(self.prompts, std=0.02)
         for m in self.modules():
             if isinstance(m, MoEMLP | MoAttention):
                 m.init_weights()
@@ -167,30 +174,38 @@ class UniPerceiver(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay besides biases and norms (which have ndim < 2)."""
         return {"image_embed.pos_embed", "image_embed.temporal_embed", "image_embed.type_embed",
-                "text_embed.pos_embed", "text_embed.type_embed", "logit_scale"}
+                "text_embed.pos_embed", "text_embed.type_embed", "logit_scale", "prompts"}
 
     # ---------------------------------------------------------------------------------------------------- encoder
     def encode_hidden(self, x_BND: torch.Tensor, pad_mask_BN: torch.Tensor | None = None,
-                      ctx: RoutingContext | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      ctx: RoutingContext | None = None, attn_mask: torch.Tensor | None = None,
+                      prompt_side: int = 0) -> torch.Tensor:
         """Shared encoder over embedded tokens: the last block's hidden states ``[B, N, D]``. ``attn_mask`` (additive,
-        ``[B, 1, N, N]``) replaces the padding mask when a task needs its own pattern (captioning's two streams)."""
+        ``[B, 1, N, N]``) replaces the padding mask when a task needs its own pattern (captioning's two streams).
+        ``prompt_side`` picks the deep prompts (0 inputs, 1 targets) when the model has them."""
         if attn_mask is None and pad_mask_BN is not None:
             # Additive float mask (works in timm's fused and unfused attention): padded keys get -inf-like scores.
             attn_mask = torch.zeros(pad_mask_BN.shape, dtype=x_BND.dtype, device=x_BND.device)
             attn_mask = attn_mask.masked_fill(~pad_mask_BN, torch.finfo(x_BND.dtype).min)[:, None, None, :]
         x_BND = self.embed_norm(x_BND)
-        for block in self.blocks:
-            x_BND = block(x_BND, attn_mask=attn_mask, ctx=ctx)
+        if self.prompts is None:
+            for block in self.blocks:
+                x_BND = block(x_BND, attn_mask=attn_mask, ctx=ctx)
+            return x_BND
+        num = self.prompts.shape[2]
+        attn_mask, ctx = _prefix_mask(attn_mask, num, x_BND), _prefix_context(ctx, num)
+        for i, block in enumerate(self.blocks):
+            prompts = self.prompts[prompt_side, i].to(x_BND.dtype).expand(x_BND.shape[0], -1, -1)
+            x_BND = block(torch.cat([prompts, x_BND], dim=1), attn_mask=attn_mask, ctx=ctx)[:, num:]
         return x_BND
-
     def head(self, h_ND: torch.Tensor) -> torch.Tensor:
         """``ln_post`` + projection: the feature compared with targets."""
         return self.proj(self.ln_post(h_ND))
 
     def encode(self, x_BND: torch.Tensor, pad_mask_BN: torch.Tensor | None = None,
-               ctx: RoutingContext | None = None) -> torch.Tensor:
+               ctx: RoutingContext | None = None, prompt_side: int = 0) -> torch.Tensor:
         """The projected ``<|spe|>`` feature ``[B, D]`` of embedded tokens."""
-        return self.head(self.encode_hidden(x_BND, pad_mask_BN, ctx)[:, 0])
+        return self.head(self.encode_hidden(x_BND, pad_mask_BN, ctx, prompt_side=prompt_side)[:, 0])
 
     def encode_images(self, pixels: torch.Tensor, task_id: int = 0, attribute: str = "visual_input") -> torch.Tensor:
         """Images ``[B, 3, H, W]`` or videos ``[B, T, 3, H, W]`` -> ``[B, D]``."""
@@ -213,7 +228,8 @@ class UniPerceiver(nn.Module):
     def encode_texts(self, ids_BL: torch.Tensor, mask_BL: torch.Tensor, task_id: int = 0,
                      attribute: str = "text_target") -> torch.Tensor:
         x_BND = self.text_embed(ids_BL)
-        return self.encode(x_BND, mask_BL, routing_context(x_BND, "text", attribute, task_id, mask_BL))
+        side = 1 if attribute.endswith("target") else 0
+        return self.encode(x_BND, mask_BL, routing_context(x_BND, "text", attribute, task_id, mask_BL), side)
 
     # ------------------------------------------------------------------------------------------------------ tasks
     def forward(self, task_type: str, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0,
@@ -317,6 +333,28 @@ class UniPerceiver(nn.Module):
                     per_expert = sum(p.numel() for p in m.experts.deepspeed_experts[0].parameters())
                     total -= per_expert * (m.num_local_experts - m.top_k)
         return total
+
+
+def _prefix_mask(attn_mask: torch.Tensor | None, num: int, x_BND: torch.Tensor) -> torch.Tensor | None:
+    """The attention mask of ``[prompts | sequence]``: prompts see and are seen by every token."""
+    if attn_mask is None:
+        return None
+    batch, _, rows, cols = attn_mask.shape
+    out = attn_mask.new_zeros(batch, 1, rows + num if rows > 1 else 1, cols + num)
+    out[..., -rows:, num:] = attn_mask
+    return out
+
+
+def _prefix_context(ctx: RoutingContext | None, num: int) -> RoutingContext | None:
+    """Prompt tokens route like the sequence's first token (its modality and attribute)."""
+    if ctx is None:
+        return None
+
+    def prefix(t):
+        return None if t is None else torch.cat([t[:, :1].expand(-1, num, *t.shape[2:]), t], dim=1)
+
+    return RoutingContext(task_id=ctx.task_id, modality_BN=prefix(ctx.modality_BN),
+                          attribute_BNA=prefix(ctx.attribute_BNA), pad_mask_BN=prefix(ctx.pad_mask_BN))
 
 
 def _pixels(batch: dict[str, torch.Tensor]) -> torch.Tensor:

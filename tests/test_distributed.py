@@ -205,3 +205,19 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_losses(tiny_data, t
     for rank in (0, 1):
         want, got = losses(reference, rank), losses(killed, rank)  # later lines win: the rerun's
         assert all(got[step] == want[step] for step in range(8)), rank
+
+
+def test_prompt_tuning_run_from_a_checkpoint(tiny_data, tmp_path):
+    """Pre-train, then prompt-tune (new prompts; everything but prompts, norms and temperatures frozen) on 2 ranks."""
+    from train.checkpoint import load_plain_state_dict
+
+    source, tuned = tmp_path / "source", tmp_path / "tuned"
+    cfg = small_config(tmp_path, tiny_data, **{"run.max_steps": 2})
+    run([*torchrun(2), "-m", "train", "--config", str(cfg), f"run.output_dir={source}"])
+    run([*torchrun(2), "-m", "train", "--config", str(cfg), f"run.output_dir={tuned}", "run.max_steps=2",
+         "model.num_prompts=4", "run.freeze=prompt", f"run.init_from={source / 'checkpoints'}"])
+    before, after = load_plain_state_dict(source / "checkpoints"), load_plain_state_dict(tuned / "checkpoints")
+    assert after["prompts"].shape == (2, 4, 4, 64)
+    frozen = [k for k in before if "norm" not in k and not k.startswith(("ln_post", "logit_scale"))]
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert not torch.equal(before["blocks.0.norm1.weight"], after["blocks.0.norm1.weight"])

@@ -39,7 +39,8 @@ class RunConfig:
     init_from: str = ""
     """Checkpoint to initialise the weights from (a fresh run; task-indexed router rows are copied where they exist)."""
     freeze: str = ""
-    """'' trains everything; 'experts' trains only routers and output heads (transfer to a new task)."""
+    """'' trains everything; 'experts' only routers and output heads (transfer to a new task); 'prompt' only the
+    prompts, LayerNorms and temperatures (prompt tuning, with model.num_prompts > 0)."""
     peak_tflops: float = 0.0
     """Peak TFLOP/s of one device (e.g. 989 for an H100 in bf16) for the MFU estimate in metrics.jsonl; 0 omits it."""
     task_sampling: str = "per_rank"
@@ -50,8 +51,8 @@ class RunConfig:
         if self.task_sampling not in ("per_rank", "synchronized"):
             raise ValueError(f"run.task_sampling={self.task_sampling!r} must be 'per_rank' or 'synchronized'")
         _positive(self, "max_steps", "log_every", "save_every", "keep_last", "gradient_accumulation_steps")
-        if self.freeze not in ("", "experts"):
-            raise ValueError(f"run.freeze={self.freeze!r} must be '' or 'experts'")
+        if self.freeze not in ("", "experts", "prompt"):
+            raise ValueError(f"run.freeze={self.freeze!r} must be '', 'experts' or 'prompt'")
 
 
 @dataclass
@@ -85,6 +86,8 @@ class ModelConfig:
     """Patch size; 0 keeps the size's default."""
     drop_path_rate: float = -1.0
     """Stochastic depth; negative keeps the size's default."""
+    num_prompts: int = 0
+    """Learned prompt tokens per block and side for prompt tuning (Uni-Perceiver uses 10); 0: none."""
 
     def __post_init__(self):
         if self.size not in SIZES:
@@ -283,6 +286,8 @@ class Config:
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"tasks: names must be unique, got {names}")
+        if self.run.freeze == "prompt" and not self.model.num_prompts:
+            raise ValueError("run.freeze=prompt needs model.num_prompts > 0")
         collective = [t.name for t in self.tasks if t.split_targets or t.gather_negatives]
         if collective and len(self.tasks) > 1 and self.run.task_sampling != "synchronized":
             raise ValueError(f"run.task_sampling must be 'synchronized' when tasks use split_targets or "

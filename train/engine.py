@@ -28,6 +28,8 @@ def build_model(cfg: Config, vocab_size: int, spe_token_id: int) -> UniPerceiver
         overrides["patch_size"] = cfg.model.patch_size
     if cfg.model.drop_path_rate >= 0:
         overrides["drop_path_rate"] = cfg.model.drop_path_rate
+    if cfg.model.num_prompts:
+        overrides["num_prompts"] = cfg.model.num_prompts
     depth = SIZES[cfg.model.size]["depth"]
     moe, moa, num_tasks = cfg.moe, cfg.moa, len(cfg.tasks)
     moe_kwargs = dict(num_experts=moe.num_experts, top_k=moe.top_k, routing_level=moe.routing, num_tasks=num_tasks,
@@ -88,6 +90,7 @@ def initialise_from(model: UniPerceiver, path: str) -> list[str]:
             state[name] = filled
             partial.append(name)
     missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "prompts"]  # new prompts (prompt tuning) start from their initialisation
     if missing or unexpected:
         raise ValueError(f"run.init_from={path}: checkpoint does not match the model (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
@@ -125,10 +128,10 @@ def load_ds_config(cfg: Config) -> dict:
     if stage == 3 and cfg.moe.num_experts:
         raise ValueError(f"deepspeed_config={cfg.deepspeed_config}: ZeRO stage 3 is refused by DeepSpeed's native MoE;"
                          " use ZeRO-1/2 with MoE (ZeRO-3 only for dense configs, moe.num_experts=0)")
-    if cfg.run.freeze == "experts" and cfg.moe.num_experts and stage > 0:
-        # DeepSpeed's ZeRO optimizer refuses an MoE model without a trainable expert parameter group, and a transfer
-        # run trains only small replicated tensors (routers, heads), where partitioning buys nothing.
-        log.info("run.freeze=experts: ZeRO stage %d -> 0 (all experts frozen)", stage)
+    if cfg.run.freeze and cfg.moe.num_experts and stage > 0:
+        # DeepSpeed's ZeRO optimizer refuses an MoE model without a trainable expert parameter group, and transfer
+        # and prompt tuning train only small replicated tensors, where partitioning buys nothing.
+        log.info("run.freeze=%s: ZeRO stage %d -> 0 (all experts frozen)", cfg.run.freeze, stage)
         ds_config["zero_optimization"] = {**ds_config.get("zero_optimization", {}), "stage": 0}
     ds_config["train_micro_batch_size_per_gpu"] = max(t.batch_size for t in cfg.tasks)
     ds_config["gradient_accumulation_steps"] = cfg.run.gradient_accumulation_steps
@@ -142,6 +145,9 @@ def create_engine(cfg: Config, model: UniPerceiver):
     ds_config = load_ds_config(cfg)
     apply_expert_parallel(model, cfg.moe.ep_size if cfg.moe.num_experts else 1)
     groups = split_params_into_different_moe_groups_for_optimizer(param_groups(model, cfg.optim.weight_decay))
+    # DeepSpeed drops empty groups from the optimizer (e.g. no decayed weight is trainable in prompt tuning); the
+    # schedule must see the same groups.
+    groups = [g for g in groups if g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
     min_ratio = cfg.optim.min_lr / cfg.optim.lr
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -14,7 +14,7 @@ import torch
 from deepspeed import comm as dist
 
 from models import pop_moe_stats
-from models.extract import freeze_for_transfer
+from models.extract import freeze_for_prompt_tuning, freeze_for_transfer
 from models.text_tokenizer import TextTokenizer
 from train import checkpoint
 from train.collectives import DataParallelCollectives
@@ -52,10 +52,11 @@ class Trainer:
             partial = initialise_from(model, cfg.run.init_from)
             if info.is_main:
                 log.info("initialised from %s (new task rows in %d router tensors)", cfg.run.init_from, len(partial))
-        if cfg.run.freeze == "experts":
-            trainable = freeze_for_transfer(model)
+        if cfg.run.freeze:
+            trainable = (freeze_for_transfer if cfg.run.freeze == "experts" else freeze_for_prompt_tuning)(model)
             if info.is_main:
-                log.info("transfer: training %d router/head tensors, experts frozen", len(trainable))
+                log.info("run.freeze=%s: training %d tensors (%s, ...)", cfg.run.freeze, len(trainable),
+                         ", ".join(trainable[:3]))
         self.img_size = model.image_embed.patch_embed.img_size[0]
         self.model_active_params = model.num_params(active_only=True)
         self.engine = create_engine(cfg, model)
