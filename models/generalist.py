@@ -173,8 +173,9 @@ class UniPerceiver(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay besides biases and norms (which have ndim < 2)."""
-        return {"image_embed.pos_embed", "image_embed.temporal_embed", "image_embed.type_embed",
-                "text_embed.pos_embed", "text_embed.type_embed", "logit_scale", "prompts"}
+        names = {"image_embed.pos_embed", "image_embed.temporal_embed", "image_embed.type_embed",
+                 "text_embed.pos_embed", "text_embed.type_embed", "logit_scale"}
+        return names | ({"prompts"} if self.prompts is not None else set())
 
     # ---------------------------------------------------------------------------------------------------- encoder
     def encode_hidden(self, x_BND: torch.Tensor, pad_mask_BN: torch.Tensor | None = None,
