@@ -5,15 +5,16 @@ Both sides read the same JPEGs and produce the same batches (``[64, 3, S, S]`` n
   * condmoe: ``train.data.TaskStream`` for an ``image_classification`` task, exactly as training builds it
     (resampled shards -> tar reader -> shuffle buffer -> decode of the members the task reads -> ``Collate``:
     resize per image, normalise per batch), with ``DataConfig``/``TaskConfig`` defaults: shuffle buffer 1,000, no
-    augmentation, hence JPEG draft decoding at the model's input size;
+    augmentation, hence JPEGs decoded at the model's input size (DCT scaling);
   * ImageFolder: the shards' JPEGs exported once to ``<tmp>/imagefolder/<cls label>/<key>.jpg``, read by
     ``torchvision.datasets.ImageFolder`` (its default loader: PIL open, full decode, ``convert("RGB")``) with the
     usual per-image transform written in PIL + numpy (``reference_transform``: bicubic resize, to float, normalise;
     the same resize and constants as ours; torchvision's C-op transforms cannot load next to CPU torch) and
     ``DataLoader(shuffle=True, drop_last=True)`` with the default collate. This is the baseline of the ratio columns;
-  * ImageFolder, draft decode (control): the same with a loader that asks PIL for draft decoding at the input size,
-    as ours does; it separates what the reader and pipeline gain from what decoding less gains (``--no-control``
-    drops it).
+  * ImageFolder, draft decode / simplejpeg decode (controls): the same with a loader that decodes JPEGs at the
+    smallest DCT scale that keeps the input size, as ours does when images are not augmented: PIL's draft mode, and
+    libjpeg-turbo through simplejpeg (condmoe's decoder when installed; row shown when it is). Ours against the
+    simplejpeg row is what the reader and pipeline gain, with the same decoding (``--no-control`` drops them).
 
 For each worker count the stream is opened, a few warm-up batches are drawn (worker start, the shuffle buffer's first
 100 samples), then a fixed number of images is timed; repeated, interleaved, and the median reported. Until the
@@ -31,7 +32,7 @@ Columns:
   * vs ImageFolder: our images/s per core over ImageFolder's at the same worker count (and the same for images
     per CPU-s, the figure to trust when other processes share the cores).
 
-    python bench/data_loader.py                         # synthetic 2,000 x 64 px images in a temp dir, ~30 s
+    python bench/data_loader.py                         # synthetic 2,000 x 64 px images in a temp dir, ~40 s
     python bench/data_loader.py --num-images 6000 --warmup 30       # full shuffle buffers (steady state)
     python bench/data_loader.py --data data/synthetic --dataset image --workers 0 2
     python bench/data_loader.py --profile               # also cProfile each pipeline single-process
@@ -41,6 +42,7 @@ Prints a table and writes JSON (``--json``). Not a test: numbers depend on the m
 
 import argparse
 import cProfile
+import importlib.util
 import io
 import json
 import math
@@ -70,6 +72,7 @@ from train.data import MEAN, STD, TaskStream, shard_urls
 
 
 BASELINE, CONTROL, OURS = "ImageFolder + DataLoader", "ImageFolder, draft decode", "condmoe TaskStream"
+CONTROL_SJ = "ImageFolder, simplejpeg decode"
 
 
 def export_image_folder(root: Path, dataset: str, out: Path) -> int:
@@ -108,9 +111,18 @@ def draft_loader(path: str, size: int) -> Image.Image:
         return image.convert("RGB")
 
 
-def image_folder_stream(folder: Path, workers: int, batch_size: int, img_size: int, seed: int, draft: bool = False):
+def simplejpeg_loader(path: str, size: int) -> Image.Image:
+    """libjpeg-turbo DCT-scaled decoding through simplejpeg, as condmoe's stream decodes when it is installed."""
+    import simplejpeg
+
+    with open(path, "rb") as f:
+        data = f.read()
+    return Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=size, min_width=size))
+
+
+def image_folder_stream(folder: Path, workers: int, batch_size: int, img_size: int, seed: int, loader=None):
     """Endless batches from ImageFolder + DataLoader; a new epoch re-opens the loader, like ``TaskStream``."""
-    kwargs = {"loader": partial(draft_loader, size=img_size)} if draft else {}
+    kwargs = {"loader": partial(loader, size=img_size)} if loader else {}
     dataset = ImageFolder(str(folder), transform=partial(reference_transform, size=img_size), **kwargs)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers,
                         generator=torch.Generator().manual_seed(seed))
@@ -153,6 +165,7 @@ STAGES = (
     ("decode (open, JPEG decode, convert)", "train/data.py", "decode_sample"),
     ("decode (open, JPEG decode, convert)", "torchvision/datasets/folder.py", "pil_loader"),
     ("decode (open, JPEG decode, convert)", "bench/data_loader.py", "draft_loader"),
+    ("decode (open, JPEG decode, convert)", "bench/data_loader.py", "simplejpeg_loader"),
     ("per-image transform", "train/data.py", "image_pixels"),
     ("per-image transform", "bench/data_loader.py", "reference_transform"),
     ("  of which PIL bicubic resize", "PIL/Image.py", "resize"),
@@ -214,7 +227,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="batches drawn before timing")
     parser.add_argument("--repeats", type=int, default=5, help="measurements per row (the median is reported)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-control", action="store_true", help="skip the draft-decode ImageFolder row")
+    parser.add_argument("--no-control", action="store_true", help="skip the ImageFolder rows with faster decoding")
     parser.add_argument("--profile", action="store_true", help="also cProfile each pipeline with 0 workers")
     parser.add_argument("--json", default="bench/data_loader.json")
     args = parser.parse_args()
@@ -233,10 +246,11 @@ def main() -> None:
         def make(pipeline: str, workers: int):
             if pipeline == OURS:
                 return condmoe_stream(root, args.dataset, workers, args.batch_size, args.img_size, args.seed)
-            return image_folder_stream(folder, workers, args.batch_size, args.img_size, args.seed,
-                                       draft=pipeline == CONTROL)
+            loader = {CONTROL: draft_loader, CONTROL_SJ: simplejpeg_loader}.get(pipeline)
+            return image_folder_stream(folder, workers, args.batch_size, args.img_size, args.seed, loader)
 
-        pipelines = (BASELINE, OURS) if args.no_control else (BASELINE, CONTROL, OURS)
+        controls = [] if args.no_control else [CONTROL, CONTROL_SJ][:2 if importlib.util.find_spec("simplejpeg") else 1]
+        pipelines = (BASELINE, *controls, OURS)
         load_before = os.getloadavg()[0]
         runs: dict[tuple[str, int], list[dict]] = {}
         for _ in range(args.repeats):  # interleaved, so both pipelines see the same background load
@@ -274,12 +288,12 @@ def main() -> None:
           f"{'' if args.data else f' of {args.image_size} px'} -> {args.img_size} px, batch {args.batch_size}, "
           f"{args.images} images timed after {args.warmup} warm-up batches, median of {args.repeats}, 1-min load "
           f"{env['load_average_1min_before']} before, {env['load_average_1min_after']} after")
-    print(f"| {'pipeline':<25} | workers | images/s | images/s per core | vs ImageFolder | images per CPU-s "
+    print(f"| {'pipeline':<30} | workers | images/s | images/s per core | vs ImageFolder | images per CPU-s "
           f"| vs ImageFolder (CPU-s) |")
-    print(f"|{'-' * 27}|---------|----------|-------------------|----------------|------------------|"
+    print(f"|{'-' * 32}|---------|----------|-------------------|----------------|------------------|"
           f"------------------------|")
     for row in results:
-        print(f"| {row['pipeline']:<25} | {row['workers']:7d} | {row['images_per_s']:8.0f} | "
+        print(f"| {row['pipeline']:<30} | {row['workers']:7d} | {row['images_per_s']:8.0f} | "
               f"{row['images_per_s_per_core']:17.0f} | {row['vs_image_folder']:13.2f}x | "
               f"{row['images_per_cpu_s']:16.0f} | {row['vs_image_folder_cpu']:21.2f}x |")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
