@@ -113,6 +113,34 @@ class ExpertParallelMoE(MoE):
         return self.deepspeed_moe(x, ctx)
 
 
+def expert_layout(model: nn.Module) -> dict:
+    """This rank's place in expert parallelism (as checkpoints record it): ep_size, experts per layer, its rank in the
+    expert-parallel group and in the expert-data-parallel group."""
+    for module in model.modules():
+        if isinstance(module, ExpertParallelMoE):
+            name = module.expert_group_name
+            return {"ep_size": module.ep_size, "num_experts": module.num_experts,
+                    "ep_rank": groups._get_expert_parallel_rank(name),
+                    "expert_dp_rank": groups._get_expert_data_parallel_rank(name)}
+    return {"ep_size": 1, "num_experts": 0, "ep_rank": 0, "expert_dp_rank": dist.get_rank()}
+
+
+def global_parameter_names(model: nn.Module) -> dict[nn.Parameter, str]:
+    """Every parameter's name in the plain model, as ``checkpoint.load_plain_state_dict`` names it: DeepSpeed's wrapper
+    level dropped and local expert ids made global (expert ``i`` of ep rank ``r`` is global expert ``r * L + i``)."""
+    names = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, ExpertParallelMoE):
+            offset = groups._get_expert_parallel_rank(module.expert_group_name) * module.num_local_experts
+            experts = module.deepspeed_moe.experts.deepspeed_experts
+            for local, expert in enumerate(experts):
+                for name, param in expert.named_parameters():
+                    names[param] = f"{prefix}.experts.deepspeed_experts.{offset + local}.{name}"
+    for name, param in model.named_parameters():
+        names.setdefault(param, name.replace(".deepspeed_moe.", "."))
+    return names
+
+
 def apply_expert_parallel(model: nn.Module, ep_size: int) -> nn.Module:
     """Makes every ``MoEMLP`` of ``model`` expert parallel over groups of ``ep_size`` ranks (in place).
 

@@ -59,7 +59,7 @@ def main() -> None:
     check(not torch.equal(router, plain_layers[0].router.weight), "router did not train")
 
     # The per-global-expert checkpoint files reassemble into the plain model (any ep_size can load them).
-    path = save(trainer.engine, cfg.run.output_dir, 3, keep_last=1)
+    path = save(trainer.engine, cfg.run.output_dir, 3, keep_last=1, layout=trainer.layout)
     state = load_plain_state_dict(path)
     plain.load_state_dict(state, strict=True)
     plain_experts = [m for m in plain.modules() if isinstance(m, MoEMLP)][0].experts.deepspeed_experts

@@ -1,9 +1,15 @@
-"""Checkpoints: DeepSpeed's own (ZeRO optimizer shards, one file per global expert), pruning, and a plain reader.
+"""Checkpoints: DeepSpeed's own (ZeRO optimizer shards, one file per global expert), committed atomically, pruned,
+resumed on the same or a different layout, and read back as a plain state dict.
 
-Layout under ``<output_dir>/checkpoints``: one ``step_<N>`` directory per checkpoint and DeepSpeed's ``latest`` file,
-which DeepSpeed rewrites only after every rank finished writing that checkpoint.
+Layout under ``<output_dir>/checkpoints``: one ``step_<N>`` directory per checkpoint and a ``latest`` file. A
+checkpoint counts only once it is committed: after every rank finished writing, rank 0 writes ``step_<N>/condmoe.json``
+(the layout it was written with) and then replaces ``latest`` atomically. DeepSpeed's own ``latest`` is not used: its
+rank 0 writes it before the other ranks are known to be done, so a rank killed mid-save could leave ``latest``
+pointing at a torn checkpoint.
 """
 
+import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -14,50 +20,123 @@ from deepspeed import comm as dist
 TAG = re.compile(r"^step_(\d+)$")
 EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
 DS_EXPERTS = ".deepspeed_moe.experts.deepspeed_experts."
+MARKER = "condmoe.json"
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def is_complete(path: str | Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def read_layout(path: str | Path) -> dict:
+    """The committed checkpoint's record: step, world size, ep_size, ZeRO stage and each rank's expert group ranks."""
+    marker = Path(path) / MARKER
+    if not marker.is_file():
+        raise FileNotFoundError(f"{path}: not a complete checkpoint (no {MARKER}: its save never finished)")
+    return json.loads(marker.read_text())
+
+
 def latest_tag(ckpt_dir: str | Path) -> str | None:
-    latest = Path(ckpt_dir) / "latest"
-    if not latest.is_file():
-        return None
-    tag = latest.read_text().strip()
-    return tag if (Path(ckpt_dir) / tag).is_dir() else None
+    """The tag ``latest`` names if that checkpoint is committed, else the newest committed one (None if none is)."""
+    ckpt_dir = Path(ckpt_dir)
+    latest = ckpt_dir / "latest"
+    if latest.is_file() and is_complete(ckpt_dir / latest.read_text().strip()):
+        return latest.read_text().strip()
+    committed = sorted((int(m.group(1)), p.name) for p in ckpt_dir.glob("step_*") if (m := TAG.match(p.name))
+                       and is_complete(p)) if ckpt_dir.is_dir() else []
+    return committed[-1][1] if committed else None
 
 
-def save(engine, output_dir: str | Path, step: int, keep_last: int) -> Path:
-    """Saves on every rank (each writes its ZeRO shard and its experts), then rank 0 prunes old checkpoints."""
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(engine, output_dir: str | Path, step: int, keep_last: int, layout: dict) -> Path:
+    """Saves on every rank (each writes its ZeRO shard and its experts), commits, then prunes old checkpoints.
+
+    ``layout`` is this rank's part of the record (its expert-parallel and expert-data-parallel ranks); the record of
+    every rank goes into ``condmoe.json``, which resuming on another layout reads.
+    """
     ckpt_dir = checkpoint_dir(output_dir)
     tag = f"step_{step}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step})
+    path = ckpt_dir / tag
+    rank = dist.get_rank()
+    if rank == 0 and path.exists():
+        shutil.rmtree(path)  # a torn save of this step by an earlier, killed run: never mix its files in
     dist.barrier()
-    if dist.get_rank() == 0:
-        tags = sorted((int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := TAG.match(p.name)) and p.is_dir())
-        for _, path in tags[:-keep_last]:
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+    ranks = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, layout)  # also a barrier: every rank has written its files
+    if rank == 0:
+        record = {"step": step, "world_size": len(ranks), "zero_stage": engine.zero_optimization_stage(),
+                  "ep_size": ranks[0]["ep_size"], "num_experts": ranks[0]["num_experts"],
+                  "ranks": [{"ep_rank": r["ep_rank"], "expert_dp_rank": r["expert_dp_rank"]} for r in ranks]}
+        _write_atomic(path / MARKER, json.dumps(record, indent=1) + "\n")
+        _write_atomic(ckpt_dir / "latest", tag)
+        _prune(ckpt_dir, step, keep_last)
+    dist.barrier()
+    return path
+
+
+def _prune(ckpt_dir: Path, latest_step: int, keep_last: int) -> None:
+    """Keeps the newest ``keep_last`` committed checkpoints; deletes older ones and torn ones older than the latest."""
+    tags = sorted((int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := TAG.match(p.name)) and p.is_dir())
+    complete = [p for _, p in tags if is_complete(p)]
+    for path in complete[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+    for step, path in tags:
+        if step < latest_step and not is_complete(path):
             shutil.rmtree(path, ignore_errors=True)
-    dist.barrier()
-    return ckpt_dir / tag
 
 
-def resume(engine, output_dir: str | Path, resume_from: str) -> int:
-    """Loads model, ZeRO optimizer, scheduler and experts; returns the step to continue from (0 if fresh)."""
+def find(output_dir: str | Path, resume_from: str) -> Path | None:
+    """The checkpoint ``run.resume`` names: ``auto`` (the latest committed one, None if there is none), ``none``, or a
+    path to a ``step_N`` directory or to a checkpoints folder (its latest)."""
     if resume_from == "none":
-        return 0
+        return None
     if resume_from == "auto":
-        ckpt_dir, tag = checkpoint_dir(output_dir), None
-        if latest_tag(ckpt_dir) is None:
-            return 0
-    else:
-        path = Path(resume_from)
-        if not path.is_dir():
-            raise FileNotFoundError(f"run.resume={resume_from}: no such checkpoint directory")
-        ckpt_dir, tag = (path.parent, path.name) if TAG.match(path.name) else (path, None)
-    load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        ckpt_dir = checkpoint_dir(output_dir)
+        tag = latest_tag(ckpt_dir)
+        return ckpt_dir / tag if tag else None
+    path = Path(resume_from)
+    if not path.is_dir():
+        raise FileNotFoundError(f"run.resume={resume_from}: no such checkpoint directory")
+    if not TAG.match(path.name) and not is_complete(path):
+        tag = latest_tag(path)
+        if tag is None:
+            raise FileNotFoundError(f"run.resume={resume_from}: no committed checkpoint in this folder")
+        path = path / tag
+    if not is_complete(path):
+        raise FileNotFoundError(f"run.resume={resume_from}: not a complete checkpoint (no {MARKER}: its save never "
+                                "finished)")
+    return path
+
+
+def resume(engine, output_dir: str | Path, resume_from: str, layout: dict) -> int:
+    """Loads model, optimizer, scheduler and experts; returns the step to continue from (0 if fresh).
+
+    Written with the same world size and ep_size: DeepSpeed loads its own files (exact). Otherwise the checkpoint is
+    first turned into a layout-free copy (``train.reshard``) and every rank takes its part of it.
+    """
+    path = find(output_dir, resume_from)
+    if path is None:
+        return 0
+    record = read_layout(path)
+    if (record["world_size"], record["ep_size"]) != (dist.get_world_size(), layout["ep_size"]):
+        from train import reshard
+
+        return reshard.resume(engine, path, record)
+    load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
     if load_path is None:
-        raise FileNotFoundError(f"run.resume={resume_from}: DeepSpeed found no checkpoint in {ckpt_dir}")
+        raise FileNotFoundError(f"run.resume={resume_from}: DeepSpeed found no checkpoint in {path}")
     return int(client_state["step"])
 
 
@@ -79,4 +158,8 @@ def load_plain_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if EXPERT_FILE.match(file.name):
             merged.update(torch.load(file, map_location="cpu", weights_only=False))
     # Expert keys already carry global expert ids; drop the DeepSpeed wrapper level everywhere.
-    return {key.replace(".deepspeed_moe.", "."): value for key, value in merged.items()}
+    return {plain_name(key): value for key, value in merged.items()}
+
+
+def plain_name(name: str) -> str:
+    return name.replace(".deepspeed_moe.", ".")

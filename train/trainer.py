@@ -14,6 +14,7 @@ import torch
 from deepspeed import comm as dist
 
 from models import pop_moe_stats
+from models.ds_moe import expert_layout
 from models.extract import freeze_for_prompt_tuning, freeze_for_transfer
 from models.text_tokenizer import TextTokenizer
 from train import checkpoint
@@ -60,6 +61,7 @@ class Trainer:
         self.img_size = model.image_embed.patch_embed.img_size[0]
         self.model_active_params = model.num_params(active_only=True)
         self.engine = create_engine(cfg, model)
+        self.layout = expert_layout(self.model)  # this rank's place in expert parallelism, recorded by checkpoints
         self.sampler = TaskSampler(cfg.tasks, cfg.run.seed, info.rank, cfg.run.task_sampling == "synchronized")
         if info.world_size > 1:
             self.model.collectives = DataParallelCollectives()
@@ -167,7 +169,7 @@ class Trainer:
         if self.info.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.output_dir / "config.yaml")
-        start = checkpoint.resume(self.engine, self.output_dir, cfg.run.resume)
+        start = checkpoint.resume(self.engine, self.output_dir, cfg.run.resume, self.layout)
         positions = self.sampler.counts_until(start, cfg.run.gradient_accumulation_steps)
         for stream, position in zip(self.streams, positions):
             stream.position = position  # the stream seeks lazily on its first batch
@@ -186,7 +188,7 @@ class Trainer:
                 self._log(pending, metrics_file, time.time() - t0)
                 pending, t0 = [], time.time()
             if (step + 1) % cfg.run.save_every == 0 or last:
-                path = checkpoint.save(self.engine, self.output_dir, step + 1, cfg.run.keep_last)
+                path = checkpoint.save(self.engine, self.output_dir, step + 1, cfg.run.keep_last, self.layout)
                 if self.info.is_main:
                     log.info("saved %s", path)
             if stopping:

@@ -1,0 +1,34 @@
+"""Round trip through another layout: load a checkpoint (written by any world size / ep_size) into this run's layout,
+save it again untouched, and compare the two checkpoints' layout-free copies bit for bit (weights, Adam moments,
+optimizer step count, schedule). Run under torchrun: dist_check_reshard.py CONFIG SOURCE_CKPT OUT_DIR [overrides]"""
+
+import models._compat  # noqa: F401  (first: before timm)
+
+import sys
+
+import torch
+
+from train import checkpoint, reshard
+from train.config import load_config
+from train.dist import init_distributed
+from train.trainer import Trainer
+
+cfg_path, source, out = sys.argv[1:4]
+cfg = load_config(cfg_path, [f"run.output_dir={out}", *sys.argv[4:]])
+info = init_distributed()
+trainer = Trainer(cfg, info)
+step = checkpoint.resume(trainer.engine, out, source, trainer.layout)
+saved = checkpoint.save(trainer.engine, out, step, keep_last=1, layout=trainer.layout)
+if info.rank == 0:
+    before, after = reshard.consolidate(source), reshard.consolidate(saved)
+    assert after["source"]["world_size"] == info.world_size and after["step"] == before["step"] == step
+    assert before["source"]["world_size"] != info.world_size or before["source"]["ep_size"] != cfg.moe.ep_size
+    assert sorted(before["params"]) == sorted(after["params"])
+    for name, entry in before["params"].items():
+        assert sorted(entry) == ["exp_avg", "exp_avg_sq", "fp32"], name
+        for key, value in entry.items():
+            assert torch.equal(value, after["params"][name][key]), (name, key)
+    assert torch.equal(before["optimizer_step"], after["optimizer_step"])
+    assert before["lr_scheduler"]["last_epoch"] == after["lr_scheduler"]["last_epoch"] == step
+    assert set(after["lr_scheduler"]["_last_lr"]) == set(before["lr_scheduler"]["_last_lr"])
+    print(f"RESHARD-OK {len(before['params'])} tensors", flush=True)
