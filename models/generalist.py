@@ -11,12 +11,14 @@ meet in the same collectives (see docs/ARCHITECTURE.md).
 Shape legend: B batch, N tokens, L text length, M targets, D width.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from timm.layers import Mlp, trunc_normal_
 from timm.models.vision_transformer import Block
 
@@ -30,7 +32,7 @@ from models.losses import (
     soft_target_cross_entropy,
 )
 from models.moa import MoAttention
-from models.moe import MoEMLP
+from models.moe import MoEMLP, recomputing
 from models.router import RoutingContext, routing_context
 
 TASK_TYPES = ("image_classification", "image_text_retrieval", "video_classification", "video_text_retrieval", "mlm",
@@ -157,7 +159,12 @@ class UniPerceiver(nn.Module):
         # Deep prompts (Uni-Perceiver's prompt tuning): per block, P tokens for input passes and P for target passes,
         # placed before the sequence at every block and dropped after it.
         self.prompts = nn.Parameter(torch.zeros(2, depth, num_prompts, dim)) if num_prompts else None
+        self.grad_checkpointing = False
         self.init_weights()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per block (timm's switch): activations are recomputed in the backward pass."""
+        self.grad_checkpointing = enable
 
     # ----------------------------------------------------------------------------------------------- init / optim
     def init_weights(self) -> None:
@@ -191,14 +198,23 @@ class UniPerceiver(nn.Module):
         x_BND = self.embed_norm(x_BND)
         if self.prompts is None:
             for block in self.blocks:
-                x_BND = block(x_BND, attn_mask=attn_mask, ctx=ctx)
+                x_BND = self._run_block(block, x_BND, attn_mask, ctx)
             return x_BND
         num = self.prompts.shape[2]
         attn_mask, ctx = _prefix_mask(attn_mask, num, x_BND), _prefix_context(ctx, num)
         for i, block in enumerate(self.blocks):
             prompts = self.prompts[prompt_side, i].to(x_BND.dtype).expand(x_BND.shape[0], -1, -1)
-            x_BND = block(torch.cat([prompts, x_BND], dim=1), attn_mask=attn_mask, ctx=ctx)[:, num:]
+            x_BND = self._run_block(block, torch.cat([prompts, x_BND], dim=1), attn_mask, ctx)[:, num:]
         return x_BND
+
+    def _run_block(self, block: nn.Module, x_BND: torch.Tensor, attn_mask: torch.Tensor | None,
+                   ctx: RoutingContext | None) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            # Non-reentrant checkpointing restores the RNG state (dropout, drop-path, gate noise) for the
+            # recomputation, which therefore routes exactly as the forward pass did (the same all-to-all sizes).
+            return torch.utils.checkpoint.checkpoint(block, x_BND, attn_mask=attn_mask, ctx=ctx, use_reentrant=False,
+                                                     context_fn=_recompute_contexts)
+        return block(x_BND, attn_mask=attn_mask, ctx=ctx)
     def head(self, h_ND: torch.Tensor) -> torch.Tensor:
         """``ln_post`` + projection: the feature compared with targets."""
         return self.proj(self.ln_post(h_ND))
@@ -334,6 +350,10 @@ class UniPerceiver(nn.Module):
                     per_expert = sum(p.numel() for p in m.experts.deepspeed_experts[0].parameters())
                     total -= per_expert * (m.num_local_experts - m.top_k)
         return total
+
+
+def _recompute_contexts():
+    return contextlib.nullcontext(), recomputing()
 
 
 def _prefix_mask(attn_mask: torch.Tensor | None, num: int, x_BND: torch.Tensor) -> torch.Tensor | None:

@@ -17,6 +17,8 @@ Shape legend: B batch, N sequence, T = B*N tokens, K experts per token, R sorted
 L local experts, X tasks, D width, H expert hidden width.
 """
 
+import contextlib
+import contextvars
 import copy
 from dataclasses import dataclass
 
@@ -102,6 +104,20 @@ class MoEStats:
     dropped_fraction: torch.Tensor  # share of assignments dropped for capacity, over all layers
 
 
+_recomputing = contextvars.ContextVar("condmoe_recomputing", default=False)
+
+
+@contextlib.contextmanager
+def recomputing():
+    """Marks an activation-checkpointing recomputation (in the backward pass): routed layers run as before but do not
+    record their losses and statistics a second time."""
+    token = _recomputing.set(True)
+    try:
+        yield
+    finally:
+        _recomputing.reset(token)
+
+
 class RoutedLayer(nn.Module):
     """Shared bookkeeping of layers with a router: per-call statistics accumulated until ``pop_moe_stats``."""
 
@@ -133,6 +149,15 @@ class RoutedLayer(nn.Module):
         balance = routing.load_balance_loss(r.probs_TE, r.expert_idx_TK)
         z = routing.router_z_loss(logits_TE) if self.z_loss_weight > 0 else logits_TE.new_zeros(())
         aux = self.balance_loss_weight * balance + self.z_loss_weight * z
+        joint_XE = None
+        if self.mi_loss_weight > 0:
+            joint_XE = r.probs_TE.new_zeros(self.num_tasks, self.num_experts)
+            joint_XE = joint_XE.index_add(0, torch.tensor([task_id], device=joint_XE.device),
+                                          r.probs_TE.sum(0, keepdim=True))
+        if _recomputing.get():
+            # Recorded in the forward pass already. The losses above were still built: activation checkpointing
+            # requires the recomputation to save the same tensors for backward as the forward pass did.
+            return
         self._aux_loss = aux if self._aux_loss is None else self._aux_loss + aux
         self._balance.append(balance.detach())
         self._z.append(z.detach())
@@ -143,10 +168,7 @@ class RoutedLayer(nn.Module):
             self.usage["counts"][task_id] += counts_E.double().cpu()
             self.usage["prob_sum"][task_id] += r.probs_TE.detach().sum(0).double().cpu()
             self.usage["tokens"][task_id] += r.probs_TE.shape[0]
-        if self.mi_loss_weight > 0:
-            joint_XE = r.probs_TE.new_zeros(self.num_tasks, self.num_experts)
-            joint_XE = joint_XE.index_add(0, torch.tensor([task_id], device=joint_XE.device),
-                                          r.probs_TE.sum(0, keepdim=True))
+        if joint_XE is not None:
             self._task_expert_XE = joint_XE if self._task_expert_XE is None else self._task_expert_XE + joint_XE
 
     def _pop(self):

@@ -76,7 +76,7 @@ def reference(tiny_data, tmp_path_factory):
 def test_a_save_torn_by_sigkill_never_becomes_latest(reference, tmp_path):
     cfg, full = reference
     torn = tmp_path / "torn"
-    proc = run([*torchrun(2), str(REPO / "tests" / "dist_check_torn_save.py"), "6", "--config", str(cfg),
+    proc = run([*torchrun(2), str(REPO / "tests" / "dist_check_faults.py"), "torn-save", "6", "--config", str(cfg),
                 f"run.output_dir={torn}"], check=False)
     assert proc.returncode != 0
     ckpt = torn / "checkpoints"

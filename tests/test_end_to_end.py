@@ -100,3 +100,42 @@ def test_experts_tool_on_a_trained_mod_squad_checkpoint(tiny_data, tmp_path):
     assert usage["tasks"] == ["shapes_classification", "shapes_caption_retrieval"] and len(usage["layers"]) == 4
     run([script("condmoe-experts"), "plot", "--usage", str(out / "experts" / "expert_usage.json")])
     assert (out / "experts" / "expert_usage.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_logs_tensorboard_progress_and_evaluation_during_training(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    overrides = [f"data.root={tiny_data}", f"run.output_dir={out}", "run.max_steps=4", "run.log_every=1",
+                 "run.save_every=2", "run.eval_every=2", "run.progress_bar=always", "tasks.0.batch_size=8",
+                 "tasks.1.batch_size=8", "data.shuffle_buffer=50"]
+    config = str(REPO / "configs" / "demo.yaml")
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                f"--master_port={free_port()}", "-m", "train", "--config", config, *overrides])
+    assert "train: 100%" in proc.stderr and "4/4" in proc.stderr  # rank 0's bar
+
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    for m in metrics:
+        assert m["task_loss"] and all(v > 0 for v in m["task_loss"].values()) and m["aux_loss"] > 0
+        # 2 MoE layers x 4 experts; top-2 of every routed token of both ranks
+        assert len(m["expert_counts"]) == 2 and sum(m["expert_counts"][0]) == sum(m["expert_counts"][1]) > 0
+        assert m["bad_samples"] == 0 and m["skipped_micro_steps"] == 0
+
+    # Evaluated at steps 2 and 4 from the checkpoints, tasks split over the ranks; the same as condmoe-eval.
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [2, 4]
+    final = json.loads(run([script("condmoe-eval"), "--config", config, "--batch-size", "64",
+                            *overrides]).stdout.strip().splitlines()[-1])
+    assert {k: v for k, v in evals[-1].items() if k != "step"} == final
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "task_loss/shapes_classification",
+            "expert_share/blocks.0.mlp/expert0", "eval/shapes_classification/top1",
+            "eval/shapes_caption_retrieval/i2t_r1"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([m["loss"] for m in metrics])
+    assert [e.step for e in events.Scalars("eval/shapes_classification/top1")] == [2, 4]

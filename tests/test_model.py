@@ -197,3 +197,31 @@ def test_mod_squad_placement_and_every_level_gives_every_parameter_a_gradient(le
         (out.loss + stats.aux_loss).backward()
         assert not [n for n, p in model.named_parameters() if p.grad is None], task_type
         model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("task_type", ["image_text_retrieval", "captioning"])
+def test_activation_checkpointing_keeps_loss_gradients_and_moe_statistics_bitwise(task_type):
+    """Recomputation replays dropout, drop-path and gate noise and routes the same way; routed layers record their
+    statistics once (not again in the backward pass)."""
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = create_model("debug", vocab_size=VOCAB, spe_token_id=SPE, max_text_len=12, drop_path_rate=0.2,
+                             moe_layers=moe_layer_indices(4, 2, 1),
+                             moe_kwargs=dict(num_experts=4, top_k=2, num_tasks=2, mi_loss_weight=0.01,
+                                             gate_noise_std=1.0, z_loss_weight=0.001),
+                             moa_layers=moe_layer_indices(4, 2, 0),
+                             moa_kwargs=dict(num_experts=6, num_heads=2, routing_level="task_gate", num_tasks=2))
+        model.set_grad_checkpointing(checkpointing)
+        model.train()
+        torch.manual_seed(1)
+        out = model(task_type, task_batch(task_type), task_id=1)
+        stats = pop_moe_stats(model)
+        (out.loss + stats.aux_loss).backward()
+        assert pop_moe_stats(model) is None  # nothing recorded during the recomputation
+        results.append((out.loss, stats, {n: p.grad for n, p in model.named_parameters()}))
+    (loss, stats, grads), (loss_ckpt, stats_ckpt, grads_ckpt) = results
+    assert torch.equal(loss, loss_ckpt) and torch.equal(stats.aux_loss, stats_ckpt.aux_loss)
+    assert torch.equal(stats.expert_counts_LE, stats_ckpt.expert_counts_LE)
+    assert grads.keys() == grads_ckpt.keys()
+    assert all(torch.equal(grads[n], grads_ckpt[n]) for n in grads)

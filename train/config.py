@@ -41,8 +41,18 @@ class RunConfig:
     freeze: str = ""
     """'' trains everything; 'experts' only routers and output heads (transfer to a new task); 'prompt' only the
     prompts, LayerNorms and temperatures (prompt tuning, with model.num_prompts > 0)."""
+    eval_every: int = 0
+    """Steps between zero-shot evaluations on the val splits during training (0: none). Evaluation reads the
+    checkpoint just written, so it must be a multiple of save_every; the last step is evaluated too."""
+    eval_batch_size: int = 64
+    """Val batch size of the evaluations during training."""
     peak_tflops: float = 0.0
-    """Peak TFLOP/s of one device (e.g. 989 for an H100 in bf16) for the MFU estimate in metrics.jsonl; 0 omits it."""
+    """Peak TFLOP/s of one device (e.g. 989 for an H100 in bf16) for the MFU estimate in metrics.jsonl; 0 looks the
+    device up (H100/H200/A100 in bf16) and omits MFU where it is not known (CPU)."""
+    tensorboard: bool = True
+    """Rank 0 writes tensorboard scalars to <output_dir>/tensorboard."""
+    progress_bar: str = "auto"
+    """Rank 0's progress bar (steps, loss, samples/s, ETA): 'auto' (when stderr is a terminal), 'always' or 'never'."""
     task_sampling: str = "per_rank"
     """'per_rank': each rank draws its own task per step (Uni-Perceiver); 'synchronized': all ranks draw the same one
     (needed by tasks with split_targets or gather_negatives)."""
@@ -53,6 +63,12 @@ class RunConfig:
         _positive(self, "max_steps", "log_every", "save_every", "keep_last", "gradient_accumulation_steps")
         if self.freeze not in ("", "experts", "prompt"):
             raise ValueError(f"run.freeze={self.freeze!r} must be '', 'experts' or 'prompt'")
+        if self.progress_bar not in ("auto", "always", "never"):
+            raise ValueError(f"run.progress_bar={self.progress_bar!r} must be 'auto', 'always' or 'never'")
+        _positive(self, "eval_batch_size")
+        if self.eval_every < 0 or self.eval_every % self.save_every:
+            raise ValueError(f"run.eval_every={self.eval_every} must be 0 or a multiple of run.save_every="
+                             f"{self.save_every} (evaluation reads the checkpoint written at that step)")
 
 
 @dataclass
@@ -88,6 +104,9 @@ class ModelConfig:
     """Stochastic depth; negative keeps the size's default."""
     num_prompts: int = 0
     """Learned prompt tokens per block and side for prompt tuning (Uni-Perceiver uses 10); 0: none."""
+    grad_checkpointing: bool = False
+    """Activation checkpointing per block: recompute activations in the backward pass (less memory, ~1/3 more
+    compute). The loss is unchanged."""
 
     def __post_init__(self):
         if self.size not in SIZES:

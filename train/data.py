@@ -339,6 +339,14 @@ class TaskStream:
         self._remaining = self.batches_per_epoch - offset
         self.position = position
 
+    def close(self) -> None:
+        """Stops the loader's workers now. They ignore SIGTERM (see ``_ignore_stop_signals``), so the interpreter's
+        exit, which terminates and joins child processes, would wait for them forever after an exception."""
+        iterator, self._iterator = self._iterator, None
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._iterator is None or self._remaining == 0:
             self.seek(self.position)

@@ -45,12 +45,14 @@ def build_model(cfg: Config, vocab_size: int, spe_token_id: int) -> UniPerceiver
     if moa.head_dim:
         moa_kwargs["head_dim"] = moa.head_dim
     torch.manual_seed(cfg.run.seed)
-    return create_model(cfg.model.size, vocab_size=vocab_size, spe_token_id=spe_token_id,
+    model = create_model(cfg.model.size, vocab_size=vocab_size, spe_token_id=spe_token_id,
                         max_text_len=cfg.data.max_text_len,
                         moe_layers=_placement(moe.num_experts, moe.layers, depth, moe.every, moe.offset, "moe"),
                         moe_kwargs=moe_kwargs,
                         moa_layers=_placement(moa.num_experts, moa.layers, depth, moa.every, moa.offset, "moa"),
                         moa_kwargs=moa_kwargs, **overrides)
+    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    return model
 
 
 def _placement(num_experts: int, layers: list[int], depth: int, every: int, offset: int, name: str) -> tuple:

@@ -2,8 +2,8 @@
 
 "Zero-shot" in Uni-Perceiver's sense: no classifier head and no tuning; predictions are the most similar encoded
 target. Classification: top-1/top-5 against the encoded class names. Retrieval: R@1/5/10 both ways over the whole
-split. MLM: accuracy of the masked tokens against the encoded vocabulary. Captioning: corpus BLEU-4 of beam-search
-captions.
+split. MLM: accuracy of the masked tokens against the encoded vocabulary. Captioning: corpus BLEU-4 and CIDEr-D of
+beam-search captions.
 """
 
 import torch
@@ -14,7 +14,7 @@ from models.captioning import generate
 from models.text_tokenizer import TextTokenizer
 from train.config import Config
 from train.data import read_json, val_batches
-from train.metrics import corpus_bleu
+from train.metrics import corpus_bleu, corpus_cider
 
 
 def vocabulary_targets(tokenizer: TextTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +73,8 @@ def evaluate_task(model: UniPerceiver, cfg: Config, task_index: int, tokenizer: 
 
 def evaluate_captioning(model: UniPerceiver, task, batches, tokenizer: TextTokenizer, task_id: int,
                         beam_size: int = 2, max_length: int = 20) -> dict[str, float]:
-    """Beam-search captions (KV cache) scored with corpus BLEU-4 against the sample's captions."""
+    """Beam-search captions (KV cache) scored with corpus BLEU-4 and CIDEr-D against the sample's captions (words
+    lower-cased and split on white space)."""
     vocab_ids, vocab_mask = vocabulary_targets(tokenizer)
     vocab = model.encode_texts(vocab_ids, vocab_mask, task_id, attribute="vocab_target")
     banned = [i for i in tokenizer.tokenizer.all_special_ids if i != tokenizer.eos_id]
@@ -81,11 +82,12 @@ def evaluate_captioning(model: UniPerceiver, task, batches, tokenizer: TextToken
     for batch in batches:
         for (ids, _), reference in zip(generate(model, batch["images"], vocab, tokenizer.spe_id, tokenizer.eos_id,
                                                 max_length, beam_size, task_id, banned=banned), batch["text_ids"]):
-            hypotheses.append(tokenizer.decode(ids).split())
-            references.append([tokenizer.decode(reference).split()])
+            hypotheses.append(tokenizer.decode(ids).lower().split())
+            references.append([tokenizer.decode(reference).lower().split()])
     _require(len(hypotheses), task)
     example = " ".join(hypotheses[0])
-    return {"num_samples": len(hypotheses), "bleu4": corpus_bleu(hypotheses, references), "example": example}
+    return {"num_samples": len(hypotheses), "bleu4": corpus_bleu(hypotheses, references),
+            "cider": corpus_cider(hypotheses, references), "example": example}
 
 
 def evaluate(model: UniPerceiver, cfg: Config, tokenizer: TextTokenizer, batch_size: int = 128) -> dict[str, dict]:

@@ -3,8 +3,10 @@
 One step (``train_step``) is separate from the run (``train``), like torchtitan's trainer.
 """
 
+import contextlib
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from deepspeed import comm as dist
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from models import pop_moe_stats
 from models.ds_moe import expert_layout
@@ -84,6 +88,10 @@ class Trainer:
         # Expert selections per task since the last log ([X, L, E]), folded into a running EMA at each log.
         self.usage_counts: torch.Tensor | None = None
         self.usage_ema: torch.Tensor | None = None
+        # Per task: unweighted loss sum and micro-steps since the last log (on the device: no sync per step).
+        self.task_losses = torch.zeros(len(cfg.tasks), 2, device=self.engine.device)
+        self.peak_tflops = device_peak_tflops(cfg.run.peak_tflops, self.engine.device)
+        self.tensorboard = None  # rank 0's SummaryWriter, opened by train()
 
     @property
     def model(self):
@@ -134,6 +142,8 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             total = total + loss.detach()
+            self.task_losses[index, 0] += out.loss.detach().float()
+            self.task_losses[index, 1] += 1
             task_total = task_total + task_loss.detach()
             aux_total = aux_total + aux.detach()
             if stats is not None:
@@ -163,6 +173,10 @@ class Trainer:
             return self._train(stop)
         finally:
             stop.uninstall()
+            for stream in self.streams:
+                stream.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
 
     def _train(self, stop: StopRequest) -> int:
         cfg = self.cfg
@@ -176,7 +190,21 @@ class Trainer:
         if self.info.is_main:
             log.info("training steps %d..%d on %d ranks (ep_size=%d), tasks: %s", start, cfg.run.max_steps,
                      self.info.world_size, cfg.moe.ep_size, ", ".join(t.name for t in cfg.tasks))
+            if cfg.run.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
 
+                # purge_step drops what a killed run logged after the checkpoint it resumes from
+                self.tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=start)
+        bar = self._progress_bar(start)
+        with logging_redirect_tqdm() if bar is not None else contextlib.nullcontext():
+            try:
+                return self._loop(start, stop, bar)
+            finally:
+                if bar is not None:
+                    bar.close()
+
+    def _loop(self, start: int, stop: StopRequest, bar) -> int:
+        cfg = self.cfg
         pending = []
         metrics_file = self.output_dir / f"train_rank{self.info.rank}.jsonl"
         t0 = time.time()
@@ -185,74 +213,132 @@ class Trainer:
             stopping = stop.agreed()
             last = step + 1 == cfg.run.max_steps or stopping
             if (step + 1) % cfg.run.log_every == 0 or last:
-                self._log(pending, metrics_file, time.time() - t0)
+                record = self._log(pending, metrics_file, time.time() - t0)
                 pending, t0 = [], time.time()
-            if (step + 1) % cfg.run.save_every == 0 or last:
+                if bar is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.0f}")
+            if bar is not None:
+                bar.update(1)
+            # not on the way out after a stop signal: the checkpoint must be written before the job's time runs out
+            evaluate_now = cfg.run.eval_every and not stopping and ((step + 1) % cfg.run.eval_every == 0 or last)
+            if (step + 1) % cfg.run.save_every == 0 or last or evaluate_now:
                 path = checkpoint.save(self.engine, self.output_dir, step + 1, cfg.run.keep_last, self.layout)
                 if self.info.is_main:
                     log.info("saved %s", path)
+                if evaluate_now:
+                    self._evaluate(step + 1, path)
+                    t0 = time.time()  # evaluation time is not training throughput
             if stopping:
                 return EXIT_PREEMPTED
         return 0
 
-    def _update_usage_ema(self, decay: float = 0.95) -> None:
-        """Per-task expert shares of this log interval, summed over ranks, folded into an EMA (Mod-Squad's 0.95)
-        and written to ``<output_dir>/expert_usage_ema.json`` by rank 0."""
-        if self.usage_counts is None:
+    def _progress_bar(self, start: int):
+        mode = self.cfg.run.progress_bar
+        if not self.info.is_main or mode == "never" or (mode == "auto" and not sys.stderr.isatty()):
+            return None
+        return tqdm(total=self.cfg.run.max_steps, initial=start, unit="step", dynamic_ncols=True, desc="train")
+
+    def _evaluate(self, step: int, path: Path) -> None:
+        """Zero-shot metrics of every task on its val split, from the checkpoint just written: each rank loads the
+        plain model (all experts) and evaluates tasks ``rank, rank + world, ...``; rank 0 collects and writes them to
+        ``eval.jsonl`` and tensorboard."""
+        from train.evaluate import evaluate_task, format_table
+
+        cfg, info = self.cfg, self.info
+        t0 = time.time()
+        model = build_model(cfg, self.tokenizer.vocab_size, self.tokenizer.spe_id)
+        model.load_state_dict(checkpoint.load_plain_state_dict(path))
+        model.to(self.engine.device)
+        mine = {task.name: evaluate_task(model, cfg, i, self.tokenizer, batch_size=cfg.run.eval_batch_size)
+                for i, task in enumerate(cfg.tasks) if i % info.world_size == info.rank}
+        del model
+        gathered = [None] * info.world_size
+        dist.all_gather_object(gathered, mine)
+        if not info.is_main:
             return
-        counts = self.usage_counts.to(self.engine.device)
+        results = {task.name: next(part[task.name] for part in gathered if task.name in part) for task in cfg.tasks}
+        with (self.output_dir / "eval.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, **results}) + "\n")
+        if self.tensorboard is not None:
+            for task, values in results.items():
+                for name, value in values.items():
+                    if isinstance(value, float):
+                        self.tensorboard.add_scalar(f"eval/{task}/{name}", value, step)
+        log.info("eval at step %d (%.1f s):\n%s", step, time.time() - t0, format_table(results))
+
+    def _interval_expert_counts(self) -> torch.Tensor | None:
+        """Expert selections per task since the last log, summed over ranks ([X, L, E]); resets the tally."""
+        if self.usage_counts is None:
+            return None
+        counts = self.usage_counts.to(self.engine.device, copy=True)  # a copy: the tally is reset below
         dist.all_reduce(counts)
-        counts = counts.cpu()
         self.usage_counts.zero_()
+        return counts.cpu()
+
+    def _update_usage_ema(self, counts: torch.Tensor, decay: float = 0.95) -> None:
+        """Per-task expert shares of this log interval folded into an EMA (Mod-Squad's 0.95) and written to
+        ``<output_dir>/expert_usage_ema.json`` by rank 0."""
         share = counts / counts.sum(-1, keepdim=True).clamp_min(1)
         seen = counts.sum(dim=(1, 2)) > 0
         if self.usage_ema is None:
-            self.usage_ema = share.clone()
-        self.usage_ema[seen] = decay * self.usage_ema[seen] + (1 - decay) * share[seen]
+            self.usage_ema = torch.zeros_like(share)
+            self.usage_ema_started = torch.zeros(len(share), dtype=torch.bool)
+        first, later = seen & ~self.usage_ema_started, seen & self.usage_ema_started
+        self.usage_ema[first] = share[first]  # a task's first interval starts its average
+        self.usage_ema[later] = decay * self.usage_ema[later] + (1 - decay) * share[later]
+        self.usage_ema_started |= seen
         if self.info.is_main:
             record = {"decay": decay, "tasks": [t.name for t in self.cfg.tasks],
                       "layers": [name for name, _ in _routed_layer_names(self.model)],
                       "share": self.usage_ema.tolist()}
             (self.output_dir / "expert_usage_ema.json").write_text(json.dumps(record))
 
-    def _log(self, records: list[StepRecord], metrics_file: Path, seconds: float) -> None:
-        """Writes this rank's per-step losses and, on rank 0, one line of run metrics to ``metrics.jsonl`` (one host
-        sync per log interval) and a summary to the log."""
+    def _log(self, records: list[StepRecord], metrics_file: Path, seconds: float) -> dict | None:
+        """Writes this rank's per-step losses and, on rank 0, one line of run metrics to ``metrics.jsonl`` and
+        tensorboard, and a summary to the log. Two all-reduces and one host sync per log interval; returns rank 0's
+        record."""
         with metrics_file.open("a") as f:
             for r in records:
                 f.write(json.dumps({"step": r.step, "task": r.task, "loss": float(r.loss),
                                     "task_loss": float(r.task_loss), "aux_loss": float(r.aux_loss)}) + "\n")
         last = records[-1]
-        # [loss sum, bad samples, samples, tokens] summed over ranks in one all-reduce
-        totals = torch.tensor([float(sum(float(r.loss) for r in records)), float(self.data_errors),
+        # [loss sum, aux sum, bad samples, samples, tokens] summed over ranks in one all-reduce
+        totals = torch.tensor([float(sum(float(r.loss) for r in records)),
+                               float(sum(float(r.aux_loss) for r in records)), float(self.data_errors),
                                float(sum(r.samples for r in records)), float(sum(r.tokens for r in records))],
                               device=self.engine.device)
         dist.all_reduce(totals)
+        per_task = self.task_losses.clone()  # [X, 2]: unweighted loss sum, micro-steps
+        dist.all_reduce(per_task)
+        self.task_losses.zero_()
         self.data_errors = 0
-        counts = last.expert_counts_LE
-        if counts is not None:
-            counts = counts.to(self.engine.device, torch.float32)
-            dist.all_reduce(counts)
-        self._update_usage_ema()
+        counts_XLE = self._interval_expert_counts()
+        if counts_XLE is not None:
+            self._update_usage_ema(counts_XLE)
         if not self.info.is_main:
-            return
-        loss_sum, errors, samples, tokens = totals.tolist()
-        mean_loss = loss_sum / (len(records) * self.info.world_size)
+            return None
+        loss_sum, aux_sum, errors, samples, tokens = totals.tolist()
+        steps = len(records) * self.info.world_size
+        counts = counts_XLE.sum(0) if counts_XLE is not None else None
         share = counts / counts.sum(dim=-1, keepdim=True).clamp_min(1) if counts is not None else None
         lr = self.engine.get_lr()[0]
         grad_norm = self.engine.get_global_grad_norm()
-        record = {"step": last.step + 1, "loss": mean_loss, "lr": lr,
-                  "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        record = {"step": last.step + 1, "loss": loss_sum / steps, "aux_loss": aux_sum / steps,
+                  "task_loss": {t.name: total / n for t, (total, n) in zip(self.cfg.tasks, per_task.tolist()) if n},
+                  "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
                   "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
                   "seconds_per_step": seconds / len(records), "bad_samples": int(errors),
                   "skipped_micro_steps": self.skipped_steps,
+                  "expert_counts": counts.long().tolist() if counts is not None else None,
                   "expert_share": share.tolist() if share is not None else None}
-        if self.cfg.run.peak_tflops > 0:
+        if self.peak_tflops > 0:
             # 6 x active parameters per token (forward + backward), the usual dense estimate
             flops = 6 * self.model_active_params * tokens / seconds
-            record["mfu"] = flops / (self.cfg.run.peak_tflops * 1e12 * self.info.world_size)
+            record["mfu"] = flops / (self.peak_tflops * 1e12 * self.info.world_size)
         with (self.output_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            self._tensorboard(record)
         usage = ""
         if share is not None:
             usage = " | expert share " + " ".join("[" + ",".join(f"{v:.2f}" for v in row) + "]"
@@ -262,8 +348,34 @@ class Trainer:
             skipped += f" | {self.skipped_steps} non-finite micro-steps skipped so far"
         mfu = f" | MFU {record['mfu']:.1%}" if "mfu" in record else ""
         log.info("step %d | loss %.4f (mean over ranks) | rank0 %s %.4f aux %.4f | lr %.2e | %.2f s/step | "
-                 "%.0f samples/s%s%s%s", last.step + 1, mean_loss, last.task, float(last.task_loss),
+                 "%.0f samples/s%s%s%s", last.step + 1, record["loss"], last.task, float(last.task_loss),
                  float(last.aux_loss), lr, seconds / len(records), samples / seconds, mfu, skipped, usage)
+        return record
+
+    def _tensorboard(self, record: dict) -> None:
+        tb, step = self.tensorboard, record["step"]
+        for key in ("loss", "aux_loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "seconds_per_step", "mfu",
+                    "bad_samples", "skipped_micro_steps"):
+            if record.get(key) is not None:
+                tb.add_scalar(f"train/{key}", record[key], step)
+        for task, value in record["task_loss"].items():
+            tb.add_scalar(f"task_loss/{task}", value, step)
+        if record["expert_share"] is not None:
+            names = [name for name, _ in _routed_layer_names(self.model)]
+            for name, row in zip(names, record["expert_share"]):
+                for expert, value in enumerate(row):
+                    tb.add_scalar(f"expert_share/{name}/expert{expert}", value, step)
+
+
+# Dense bf16 peak TFLOP/s per device, for the MFU estimate when run.peak_tflops is not given.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
+
+
+def device_peak_tflops(configured: float, device: torch.device) -> float:
+    if configured > 0 or device.type != "cuda":
+        return configured
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), 0.0)
 
 
 def _routed_layer_names(model) -> list[tuple[str, object]]:
