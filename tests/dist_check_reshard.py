@@ -17,7 +17,7 @@ cfg_path, source, out = sys.argv[1:4]
 cfg = load_config(cfg_path, [f"run.output_dir={out}", *sys.argv[4:]])
 info = init_distributed()
 trainer = Trainer(cfg, info)
-step = checkpoint.resume(trainer.engine, out, source, trainer.layout)
+step, _ = checkpoint.resume(trainer.engine, out, source, trainer.layout)
 saved = checkpoint.save(trainer.engine, out, step, keep_last=1, layout=trainer.layout)
 if info.rank == 0:
     before, after = reshard.consolidate(source), reshard.consolidate(saved)

@@ -62,6 +62,16 @@ def test_ep2_zero2_checkpoint_resume_continues_exactly(tiny_data, tmp_path):
             assert f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt" in names
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= names
 
+    # Each rank's stream positions are recorded (batches drawn per task), and win over a changed task mix.
+    record = json.loads((ckpt / "step_3" / "condmoe.json").read_text())
+    for rank in (0, 1):
+        drawn = [task for task, _ in (losses(full, rank)[step] for step in range(3))]
+        names = [t["name"] for t in data["tasks"]]
+        assert record["ranks"][rank]["stream_positions"] == [drawn.count(name) for name in names]
+    proc = run([*train, f"run.output_dir={tmp_path / 'remix'}", f"run.resume={ckpt / 'step_3'}", "run.max_steps=4",
+                "tasks.0.weight=50"])
+    assert "the task mix differs from the checkpoint's" in proc.stderr
+
 
 def test_each_rank_holds_different_experts(tiny_data, tmp_path):
     cfg = small_config(tmp_path, tiny_data)

@@ -62,8 +62,8 @@ def _write_atomic(path: Path, text: str) -> None:
 def save(engine, output_dir: str | Path, step: int, keep_last: int, layout: dict) -> Path:
     """Saves on every rank (each writes its ZeRO shard and its experts), commits, then prunes old checkpoints.
 
-    ``layout`` is this rank's part of the record (its expert-parallel and expert-data-parallel ranks); the record of
-    every rank goes into ``condmoe.json``, which resuming on another layout reads.
+    ``layout`` is this rank's part of the record (its expert-parallel and expert-data-parallel ranks, and optionally
+    its task streams' positions); the record of every rank goes into ``condmoe.json``.
     """
     ckpt_dir = checkpoint_dir(output_dir)
     tag = f"step_{step}"
@@ -78,7 +78,8 @@ def save(engine, output_dir: str | Path, step: int, keep_last: int, layout: dict
     if rank == 0:
         record = {"step": step, "world_size": len(ranks), "zero_stage": engine.zero_optimization_stage(),
                   "ep_size": ranks[0]["ep_size"], "num_experts": ranks[0]["num_experts"],
-                  "ranks": [{"ep_rank": r["ep_rank"], "expert_dp_rank": r["expert_dp_rank"]} for r in ranks]}
+                  "ranks": [{key: r[key] for key in ("ep_rank", "expert_dp_rank", "stream_positions") if key in r}
+                            for r in ranks]}
         _write_atomic(path / MARKER, json.dumps(record, indent=1) + "\n")
         _write_atomic(ckpt_dir / "latest", tag)
         _prune(ckpt_dir, step, keep_last)
@@ -120,24 +121,25 @@ def find(output_dir: str | Path, resume_from: str) -> Path | None:
     return path
 
 
-def resume(engine, output_dir: str | Path, resume_from: str, layout: dict) -> int:
-    """Loads model, optimizer, scheduler and experts; returns the step to continue from (0 if fresh).
+def resume(engine, output_dir: str | Path, resume_from: str, layout: dict) -> tuple[int, dict | None]:
+    """Loads model, optimizer, scheduler and experts; returns the step to continue from (0 if fresh) and the
+    checkpoint's ``condmoe.json`` record (None if fresh).
 
     Written with the same world size and ep_size: DeepSpeed loads its own files (exact). Otherwise the checkpoint is
     first turned into a layout-free copy (``train.reshard``) and every rank takes its part of it.
     """
     path = find(output_dir, resume_from)
     if path is None:
-        return 0
+        return 0, None
     record = read_layout(path)
     if (record["world_size"], record["ep_size"]) != (dist.get_world_size(), layout["ep_size"]):
         from train import reshard
 
-        return reshard.resume(engine, path, record)
+        return reshard.resume(engine, path, record), record
     load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
     if load_path is None:
         raise FileNotFoundError(f"run.resume={resume_from}: DeepSpeed found no checkpoint in {path}")
-    return int(client_state["step"])
+    return int(client_state["step"]), record
 
 
 def load_plain_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

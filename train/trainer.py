@@ -183,9 +183,8 @@ class Trainer:
         if self.info.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.output_dir / "config.yaml")
-        start = checkpoint.resume(self.engine, self.output_dir, cfg.run.resume, self.layout)
-        positions = self.sampler.counts_until(start, cfg.run.gradient_accumulation_steps)
-        for stream, position in zip(self.streams, positions):
+        start, record = checkpoint.resume(self.engine, self.output_dir, cfg.run.resume, self.layout)
+        for stream, position in zip(self.streams, self._stream_positions(start, record)):
             stream.position = position  # the stream seeks lazily on its first batch
         if self.info.is_main:
             log.info("training steps %d..%d on %d ranks (ep_size=%d), tasks: %s", start, cfg.run.max_steps,
@@ -222,7 +221,8 @@ class Trainer:
             # not on the way out after a stop signal: the checkpoint must be written before the job's time runs out
             evaluate_now = cfg.run.eval_every and not stopping and ((step + 1) % cfg.run.eval_every == 0 or last)
             if (step + 1) % cfg.run.save_every == 0 or last or evaluate_now:
-                path = checkpoint.save(self.engine, self.output_dir, step + 1, cfg.run.keep_last, self.layout)
+                layout = {**self.layout, "stream_positions": [stream.position for stream in self.streams]}
+                path = checkpoint.save(self.engine, self.output_dir, step + 1, cfg.run.keep_last, layout)
                 if self.info.is_main:
                     log.info("saved %s", path)
                 if evaluate_now:
@@ -231,6 +231,21 @@ class Trainer:
             if stopping:
                 return EXIT_PREEMPTED
         return 0
+
+    def _stream_positions(self, start: int, record: dict | None) -> list[int]:
+        """Where each task stream continues: the batches this rank's past steps drew from it. They follow from the
+        task draws, but the checkpoint's own record wins where it has one for this layout and these tasks: a run
+        resumed with another task mix must not replay or skip data."""
+        positions = self.sampler.counts_until(start, self.cfg.run.gradient_accumulation_steps)
+        saved = None
+        if record is not None and record["world_size"] == self.info.world_size:
+            saved = record["ranks"][self.info.rank].get("stream_positions")
+        if saved is None or len(saved) != len(positions):
+            return positions
+        if saved != positions:
+            log.warning("the task mix differs from the checkpoint's: streams continue from their saved positions %s "
+                        "(this config's draws would give %s)", saved, positions)
+        return saved
 
     def _progress_bar(self, start: int):
         mode = self.cfg.run.progress_bar
