@@ -187,16 +187,16 @@ def freeze_for_transfer(model: UniPerceiver) -> list[str]:
 
 
 def freeze_for_prompt_tuning(model: UniPerceiver) -> list[str]:
-    """Uni-Perceiver's prompt tuning: only the deep prompts, every LayerNorm, ``ln_post`` and the temperatures train;
-    the rest of the backbone (attention, MLPs, experts, embeddings, projection) is frozen. Returns the trainable
-    names."""
+    """Uni-Perceiver's prompt tuning: only the deep prompts, every LayerNorm, ``ln_post``, the temperatures and the
+    class head (when the model has one) train; the rest of the backbone (attention, MLPs, experts, embeddings,
+    projection) is frozen. Returns the trainable names."""
     if model.prompts is None:
         raise ValueError("prompt tuning needs a model with prompts (model.num_prompts > 0)")
     norms = {name for name, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
     trainable = []
     for name, param in model.named_parameters():
         owner = name.rsplit(".", 1)[0]
-        train = name in ("prompts", "logit_scale") or owner in norms
+        train = name in ("prompts", "logit_scale") or owner in norms or owner == "class_head"
         param.requires_grad_(train)
         if train:
             trainable.append(name)

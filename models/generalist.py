@@ -116,6 +116,7 @@ class UniPerceiver(nn.Module):
         moa_kept: dict[int, list[int]] | None = None,
         embed_norm: bool = True,
         num_prompts: int = 0,
+        head_classes: int = 0,
     ):
         super().__init__()
         # What it takes to rebuild this model (extracted models are saved with it).
@@ -128,7 +129,8 @@ class UniPerceiver(nn.Module):
                               moa_kwargs=dict(moa_kwargs or {}),
                               moe_kept={int(k): list(v) for k, v in (moe_kept or {}).items()},
                               moa_kept={int(k): list(v) for k, v in (moa_kept or {}).items()},
-                              embed_norm=embed_norm, num_prompts=num_prompts)
+                              embed_norm=embed_norm, num_prompts=num_prompts,
+                              head_classes=head_classes)
         moe_kept, moa_kept = self.init_args["moe_kept"], self.init_args["moa_kept"]
         for name, layers in (("moe_layers", moe_layers), ("moa_layers", moa_layers)):
             if any(not 0 <= i < depth for i in layers):
@@ -159,6 +161,9 @@ class UniPerceiver(nn.Module):
         # Deep prompts (Uni-Perceiver's prompt tuning): per block, P tokens for input passes and P for target passes,
         # placed before the sequence at every block and dropped after it.
         self.prompts = nn.Parameter(torch.zeros(2, depth, num_prompts, dim)) if num_prompts else None
+        # Uni-Perceiver's prompt-tuning head (fc_prompt): a zero-initialised linear map of the input feature whose
+        # output is added to the classification logits (the similarity to the class names).
+        self.class_head = nn.Linear(dim, head_classes) if head_classes else None
         self.grad_checkpointing = False
         self.init_weights()
 
@@ -174,6 +179,9 @@ class UniPerceiver(nn.Module):
         self.text_embed.init_weights()
         if self.prompts is not None:
             trunc_normal_(self.prompts, std=0.02)
+        if self.class_head is not None:
+            nn.init.zeros_(self.class_head.weight)
+            nn.init.zeros_(self.class_head.bias)
         for m in self.modules():
             if isinstance(m, MoEMLP | MoAttention):
                 m.init_weights()
@@ -269,16 +277,19 @@ class UniPerceiver(nn.Module):
         if task_type in ("image_classification", "video_classification"):
             return self.classification(task_type, batch, label_smoothing, task_id, split_targets)
         if task_type in ("image_text_retrieval", "video_text_retrieval"):
-            return self.retrieval(task_type, batch, label_smoothing, task_id, gather_negatives)
-        if task_type == "mlm":
-            return self.masked_language_modelling(batch, label_smoothing, task_id, split_targets)
-        if task_type == "captioning":
+            out = self.retrieval(task_type, batch, label_smoothing, task_id, gather_negatives)
+        elif task_type == "mlm":
+            out = self.masked_language_modelling(batch, label_smoothing, task_id, split_targets)
+        elif task_type == "captioning":
             vocab_VD = self.encode_target_set(batch["target_ids"], batch["target_mask"], task_id, "vocab_target",
                                               split_targets)
-            loss, logits = caption_loss(self, batch["images"], batch["text_ids"], batch["text_mask"], vocab_VD, task_id,
-                                        label_smoothing)
-            return TaskOutput(loss, logits)
-        raise ValueError(f"unknown task type {task_type!r}; known: {', '.join(TASK_TYPES)}")
+            out = TaskOutput(*caption_loss(self, batch["images"], batch["text_ids"], batch["text_mask"], vocab_VD,
+                                           task_id, label_smoothing))
+        else:
+            raise ValueError(f"unknown task type {task_type!r}; known: {', '.join(TASK_TYPES)}")
+        if self.class_head is not None:  # exact-zero gradient: every parameter gets one whatever the task (ZeRO)
+            out = TaskOutput(out.loss + 0.0 * sum(p.sum() for p in self.class_head.parameters()), out.logits)
+        return out
 
     def encode_target_set(self, ids_ML: torch.Tensor, mask_ML: torch.Tensor, task_id: int, attribute: str,
                           split: bool) -> torch.Tensor:
@@ -301,10 +312,22 @@ class UniPerceiver(nn.Module):
         inputs_BD = self.encode_images(_pixels(batch), task_id)
         targets_MD = self.encode_target_set(batch["target_ids"], batch["target_mask"], task_id, "text_target",
                                             split_targets)
-        logits = similarity_logits(inputs_BD, targets_MD, self.logit_scale[TASK_TYPES.index(task_type)])
+        logits = self.classification_logits(inputs_BD, targets_MD, task_type)
         if "soft_labels" in batch:  # mixup / cutmix targets
             return TaskOutput(soft_target_cross_entropy(logits, batch["soft_labels"]), logits)
         return TaskOutput(classification_loss(logits, batch["labels"], label_smoothing), logits)
+
+    def classification_logits(self, inputs_BD: torch.Tensor, targets_MD: torch.Tensor,
+                              task_type: str = "image_classification") -> torch.Tensor:
+        """Scaled cosine similarity of input features to class-name features ``[B, M]``, plus the prompt-tuning head's
+        output when the model has one."""
+        logits = similarity_logits(inputs_BD, targets_MD, self.logit_scale[TASK_TYPES.index(task_type)])
+        if self.class_head is None:
+            return logits
+        if self.class_head.out_features != logits.shape[1]:
+            raise ValueError(f"the model's class head has {self.class_head.out_features} classes, the task "
+                             f"{logits.shape[1]} (model.head_classes)")
+        return logits + self.class_head(inputs_BD).to(logits.dtype)
 
     def retrieval(self, task_type: str, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0,
                   task_id: int = 0, gather_negatives: bool = False) -> TaskOutput:

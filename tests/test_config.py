@@ -398,7 +398,7 @@ def test_save_round_trips_defaults(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "demo_attribute.yaml", "demo_modsquad.yaml", "demo_multitask.yaml",
-                                  "dense_baseline.yaml", "uniperceiver_moe_b.yaml"])
+                                  "dense_baseline.yaml", "uniperceiver_moe_b.yaml", "demo_prompt_tuning.yaml"])
 def test_shipped_configs_load(name):
     cfg = load_config(REPO_ROOT / "configs" / name)
     assert cfg.tasks

@@ -1,10 +1,12 @@
-"""Tier 1: deep prompt tuning (prompts per block and side, only prompts, LayerNorms and temperatures train)."""
+"""Tier 1: deep prompt tuning (prompts per block and side; only prompts, LayerNorms, temperatures and the class head
+train)."""
 
 import pytest
 import torch
 
 from models import create_model, moe_layer_indices, pop_moe_stats
 from models.extract import freeze_for_prompt_tuning
+from models.losses import similarity_logits
 
 VOCAB, SPE = 50, 4
 
@@ -57,3 +59,42 @@ def test_prompt_tuning_trains_only_prompts_norms_and_temperatures():
 def test_prompt_tuning_needs_prompts():
     with pytest.raises(ValueError, match="num_prompts"):
         freeze_for_prompt_tuning(model(0))
+
+
+def classification_batch(num_classes: int = 4):
+    b = batch()
+    g = torch.Generator().manual_seed(1)
+    return {"images": b["images"], "labels": torch.tensor([0, 1, 3]),
+            "target_ids": torch.randint(5, VOCAB, (num_classes, 6), generator=g),
+            "target_mask": torch.ones(num_classes, 6, dtype=torch.bool)}
+
+
+def test_class_head_starts_at_zero_trains_and_checks_the_class_count():
+    """Uni-Perceiver's fc_prompt: zero-initialised, so prompt tuning starts from the zero-shot logits; it trains with
+    the prompts and norms, gets an exact-zero gradient from other tasks, and refuses a task with another class count."""
+    torch.manual_seed(0)
+    m = create_model("debug", vocab_size=VOCAB, spe_token_id=SPE, max_text_len=12, num_prompts=2, head_classes=4)
+    assert not m.class_head.weight.any() and not m.class_head.bias.any()
+    b = classification_batch()
+    with torch.no_grad():
+        features, targets = m.encode_images(b["images"]), m.encode_texts(b["target_ids"], b["target_mask"])
+        zero_shot = similarity_logits(features, targets, m.logit_scale[0])
+        assert torch.equal(m.classification_logits(features, targets), zero_shot)
+    trainable = set(freeze_for_prompt_tuning(m))
+    assert {"class_head.weight", "class_head.bias"} <= trainable
+    optimizer = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    out = m("image_classification", b)
+    out.loss.backward()
+    optimizer.step()
+    assert m.class_head.weight.any()
+    with torch.no_grad():
+        features = m.encode_images(b["images"])
+        targets = m.encode_texts(b["target_ids"], b["target_mask"])
+        head = m.classification_logits(features, targets) - similarity_logits(features, targets, m.logit_scale[0])
+        assert torch.allclose(head, m.class_head(features), atol=1e-6)
+
+    m.zero_grad(set_to_none=True)
+    m("image_text_retrieval", batch()).loss.backward()
+    assert torch.equal(m.class_head.weight.grad, torch.zeros_like(m.class_head.weight))  # present, and exactly zero
+    with pytest.raises(ValueError, match="head_classes"):
+        m("image_classification", classification_batch(num_classes=5))

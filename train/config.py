@@ -104,11 +104,16 @@ class ModelConfig:
     """Stochastic depth; negative keeps the size's default."""
     num_prompts: int = 0
     """Learned prompt tokens per block and side for prompt tuning (Uni-Perceiver uses 10); 0: none."""
+    head_classes: int = 0
+    """Classes of the prompt-tuning head (Uni-Perceiver's zero-initialised fc_prompt, added to the classification
+    logits); 0: none. Must equal the class count of the run's classification tasks."""
     grad_checkpointing: bool = False
     """Activation checkpointing per block: recompute activations in the backward pass (less memory, ~1/3 more
     compute). The loss is unchanged."""
 
     def __post_init__(self):
+        if self.head_classes < 0:
+            raise ValueError(f"model.head_classes={self.head_classes} must be >= 0")
         if self.size not in SIZES:
             raise ValueError(f"model.size={self.size!r} is not one of {', '.join(SIZES)}")
 

@@ -30,6 +30,8 @@ def build_model(cfg: Config, vocab_size: int, spe_token_id: int) -> UniPerceiver
         overrides["drop_path_rate"] = cfg.model.drop_path_rate
     if cfg.model.num_prompts:
         overrides["num_prompts"] = cfg.model.num_prompts
+    if cfg.model.head_classes:
+        overrides["head_classes"] = cfg.model.head_classes
     depth = SIZES[cfg.model.size]["depth"]
     moe, moa, num_tasks = cfg.moe, cfg.moa, len(cfg.tasks)
     moe_kwargs = dict(num_experts=moe.num_experts, top_k=moe.top_k, routing_level=moe.routing, num_tasks=num_tasks,
@@ -92,7 +94,8 @@ def initialise_from(model: UniPerceiver, path: str) -> list[str]:
             state[name] = filled
             partial.append(name)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "prompts"]  # new prompts (prompt tuning) start from their initialisation
+    # New prompts and class head (prompt tuning) start from their initialisation.
+    missing = [k for k in missing if k != "prompts" and not k.startswith("class_head.")]
     if missing or unexpected:
         raise ValueError(f"run.init_from={path}: checkpoint does not match the model (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")

@@ -37,11 +37,11 @@ def evaluate_task(model: UniPerceiver, cfg: Config, task_index: int, tokenizer: 
                           num_frames=cfg.data.num_frames)
     if task.type.endswith("classification"):
         names = read_json(cfg.data.root, "classes.json")[task.dataset]
-        targets = F.normalize(model.encode_texts(*tokenizer(names), task_id), dim=-1)
+        targets = model.encode_texts(*tokenizer(names), task_id)
         correct1 = correct5 = total = 0
         for batch in batches:
             pixels = batch.get("videos", batch.get("images"))
-            scores = F.normalize(model.encode_images(pixels, task_id), dim=-1) @ targets.t()
+            scores = model.classification_logits(model.encode_images(pixels, task_id), targets, task.type)
             top = scores.topk(min(5, scores.shape[1]), dim=-1).indices
             correct1 += int(top[:, 0].eq(batch["labels"]).sum())
             correct5 += int(top.eq(batch["labels"][:, None]).any(dim=-1).sum())
