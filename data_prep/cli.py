@@ -6,6 +6,7 @@ Examples::
     condmoe-prep imagefolder --input photos/ --out data/real --dataset photos --split train --workers 8
     condmoe-prep merge data/real
     condmoe-prep verify data/real
+    condmoe-prep subset --src data/real --out data/real-1pct --dataset photos --fraction 0.01
 
 The real-data subcommands live in :mod:`data_prep.commands`; docs/data.md describes every source.
 """

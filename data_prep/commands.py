@@ -1,8 +1,8 @@
-"""The ``condmoe-prep`` subcommands that prepare real data: one per source, plus ``merge`` and ``verify``.
+"""The ``condmoe-prep`` subcommands that prepare real data: one per source, plus ``merge``, ``verify`` and ``subset``.
 
 Every handler gets the parsed arguments and its own subcommand parser; user mistakes go through
 ``parser.error`` (one line, exit code 2), data problems found by ``merge``/``verify`` print one line each and return
-1.
+1 (``subset``: a damaged split to copy, no usable sample).
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from data_prep.argtypes import byte_size, non_negative_int, positive_int
+from data_prep.argtypes import byte_size, fraction, non_negative_int, positive_int
 from data_prep.errors import UserError
 from data_prep.merge import MergeError, SplitSummary, finalize_split, progress_splits, train_tokenizer
 from data_prep.runner import PartResult, PrepOptions, run_part
 from data_prep.shards import MANIFEST_NAME, read_manifest
 from data_prep.sources import SOURCES
+from data_prep.subset import SubsetError, make_subset
 from data_prep.verify import verify_dataset
 
 __all__ = ["add_commands", "parts_from_env"]
@@ -76,7 +77,7 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add the source subcommands, ``merge`` and ``verify`` to ``condmoe-prep``'s subparsers."""
+    """Add the source subcommands, ``merge``, ``verify`` and ``subset`` to ``condmoe-prep``'s subparsers."""
     for name, source in SOURCES.items():
         aliases = [name.replace("_", "-")] if "_" in name else []
         p = sub.add_parser(name, aliases=aliases, help=source.summary, description=source.summary + ".")
@@ -105,6 +106,28 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     verify.add_argument("--no-decode", action="store_true", help="skip decoding (sizes, hashes and counts only)")
     verify.add_argument("--workers", type=positive_int, default=1, help="processes" + _D)
     verify.set_defaults(func=_run_verify, command_parser=verify)
+
+    subset = sub.add_parser(
+        "subset",
+        help="a seeded fraction (per class if labelled) of one split, as a new dataset root",
+        description="Write OUT, a complete dataset root holding DATASET from SRC: SPLIT cut down to ceil(FRACTION * n) "
+        "samples of every class (of the whole split if its samples have no .cls label), chosen by a seeded hash of "
+        "the sample key; the dataset's other splits, its classes.json entry and the tokenizer copied; sizes.json and "
+        "manifest.json rewritten. Corrupt source samples are skipped, counted and listed in OUT/DATASET/SPLIT/"
+        "errors.jsonl.",
+    )
+    subset.add_argument("--src", type=Path, required=True, help="a prepared dataset root (condmoe-prep output)")
+    subset.add_argument("--out", type=Path, required=True, help="the new dataset root (must not exist or be empty)")
+    subset.add_argument("--dataset", required=True, help="dataset of SRC to take (only this one is written)")
+    subset.add_argument("--fraction", type=fraction, required=True, help="in (0, 1], e.g. 0.01 or 1/100")
+    subset.add_argument("--split", default="train", help="split to cut down; the others are copied" + _D)
+    subset.add_argument("--seed", type=non_negative_int, default=0, help="selection seed" + _D)
+    subset.add_argument("--shard-size", type=positive_int, default=1000, help="samples per output shard" + _D)
+    subset.add_argument(
+        "--shard-bytes", type=byte_size, default=500 * 10**6, help="approximate bytes per output shard" + _D
+    )
+    subset.add_argument("--no-progress", action="store_true", help="no progress bars")
+    subset.set_defaults(func=_run_subset, command_parser=subset)
 
 
 def _skipped_line(skipped: Mapping[str, int]) -> str:
@@ -218,4 +241,26 @@ def _run_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         return 1
     what = "sizes, hashes, counts" if args.no_decode else "sizes, hashes, counts, decoding"
     print(f"OK: {num_shards} shard(s), {num_samples} samples ({what})")
+    return 0
+
+
+def _run_subset(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        summary = make_subset(
+            args.src,
+            args.out,
+            args.dataset,
+            args.fraction,
+            split=args.split,
+            seed=args.seed,
+            shard_size=args.shard_size,
+            shard_bytes=args.shard_bytes,
+            progress=not args.no_progress,
+        )
+    except UserError as e:
+        parser.error(str(e))
+    except (SubsetError, OSError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 1
+    print(summary.line())
     return 0
