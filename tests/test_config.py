@@ -206,6 +206,10 @@ def test_override_without_equals_raises():
     _raises_naming("run.max_steps", "run.max_steps")
 
 
+def test_empty_override_is_the_empty_string():
+    assert load_config(None, [ONE_TASK, "run.freeze=experts", "run.freeze="]).run.freeze == ""
+
+
 @pytest.mark.parametrize("override, field", [
     ("tasks.5.weight=3", "tasks.5"),
     ("tasks.x.weight=3", "tasks.x"),

@@ -437,7 +437,8 @@ def _merge(base: dict, override: dict) -> dict:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Applies ``a.b=value`` strings (value parsed as YAML) to a nested dict; ``tasks.0.weight=2`` indexes lists."""
+    """Applies ``a.b=value`` strings (value parsed as YAML; ``a.b=`` is the empty string) to a nested dict;
+    ``tasks.0.weight=2`` indexes lists."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -453,7 +454,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             elif not isinstance(node, dict):
                 raise ValueError(f"{where}: {'.'.join(key.split('.')[:depth])} is a value, not a section")
             if depth == len(path):
-                node[part] = yaml.safe_load(raw)
+                node[part] = yaml.safe_load(raw) if raw.strip() else ""  # `run.freeze=` clears a string field
             else:
                 node = node[part] if isinstance(node, list) else node.setdefault(part, {})
     return data
