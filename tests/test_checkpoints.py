@@ -132,3 +132,16 @@ def test_resume_on_another_layout_continues_training_with_the_optimizer_state(re
     metrics = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["step"] == 7 and metrics[-1]["lr"] == pytest.approx(1e-3 * 8 / 50)
     assert checkpoint.read_layout(two / "checkpoints" / "step_7")["world_size"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ds_config", ["zero1_cpu.json", "zero2_bf16.json"])
+def test_resharding_zero1_and_bf16_checkpoints(tiny_data, tmp_path, ds_config):
+    """ZeRO-1 shards, and bf16 training (bf16 weights, fp32 master copy in the shards), reshard exactly too."""
+    cfg = small_config(tmp_path, tiny_data, **{"run.max_steps": 3, "deepspeed_config": f"ds_configs/{ds_config}"})
+    run([*torchrun(2), "-m", "train", "--config", str(cfg), f"run.output_dir={tmp_path / 'run'}"])
+    source = tmp_path / "run" / "checkpoints" / "step_3"
+    assert (source / f"{'bf16_' if 'bf16' in ds_config else ''}zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
+    proc = run([*torchrun(1), str(REPO / "tests" / "dist_check_reshard.py"), str(cfg), str(source),
+                str(tmp_path / "one"), "moe.ep_size=1"])
+    assert "RESHARD-OK" in proc.stdout

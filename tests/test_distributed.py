@@ -21,8 +21,8 @@ def small_config(tmp_path: Path, data: Path, name: str = "cfg.yaml", **extra) ->
     for task in cfg["tasks"]:
         task["batch_size"] = 8
     for key, value in extra.items():
-        section, field = key.split(".")
-        cfg[section][field] = value
+        section, _, field = key.rpartition(".")
+        (cfg[section] if section else cfg)[field] = value
     path = tmp_path / name
     path.write_text(yaml.safe_dump(cfg))
     return path

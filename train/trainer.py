@@ -65,6 +65,7 @@ class Trainer:
         self.img_size = model.image_embed.patch_embed.img_size[0]
         self.model_active_params = model.num_params(active_only=True)
         self.engine = create_engine(cfg, model)
+        self.input_dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
         self.layout = expert_layout(self.model)  # this rank's place in expert parallelism, recorded by checkpoints
         self.sampler = TaskSampler(cfg.tasks, cfg.run.seed, info.rank, cfg.run.task_sampling == "synchronized")
         if info.world_size > 1:
@@ -124,7 +125,7 @@ class Trainer:
                     smoothing = 0.0  # already in the mixed targets
             samples += len(batch["labels"]) if "labels" in batch else len(batch["text_ids"])
             tokens += self._count_tokens(batch)
-            batch = {k: v.to(self.engine.device) for k, v in batch.items()}
+            batch = {k: self._to_device(k, v) for k, v in batch.items()}
             out = self.engine(task.type, batch, label_smoothing=smoothing, task_id=index,
                               split_targets=task.split_targets, gather_negatives=task.gather_negatives)
             stats = pop_moe_stats(self.model)
@@ -153,6 +154,12 @@ class Trainer:
                 self.usage_counts[index] += stats.expert_counts_LE.detach().float().cpu()
             names.append(task.name)
         return StepRecord(step, "+".join(names), total, task_total, aux_total, counts, samples, tokens)
+
+    def _to_device(self, key: str, value: torch.Tensor) -> torch.Tensor:
+        """Pixels in the engine's precision (bf16 when the DeepSpeed config enables it); targets stay as they are."""
+        if value.is_floating_point() and key in ("images", "videos"):
+            return value.to(self.engine.device, self.input_dtype, non_blocking=True)
+        return value.to(self.engine.device, non_blocking=True)
 
     def _count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         patches = self.model.image_embed.num_patches
