@@ -223,6 +223,7 @@ class UniPerceiver(nn.Module):
             return torch.utils.checkpoint.checkpoint(block, x_BND, attn_mask=attn_mask, ctx=ctx, use_reentrant=False,
                                                      context_fn=_recompute_contexts)
         return block(x_BND, attn_mask=attn_mask, ctx=ctx)
+
     def head(self, h_ND: torch.Tensor) -> torch.Tensor:
         """``ln_post`` + projection: the feature compared with targets."""
         return self.proj(self.ln_post(h_ND))
@@ -232,22 +233,25 @@ class UniPerceiver(nn.Module):
         """The projected ``<|spe|>`` feature ``[B, D]`` of embedded tokens."""
         return self.head(self.encode_hidden(x_BND, pad_mask_BN, ctx, prompt_side=prompt_side)[:, 0])
 
-    def encode_images(self, pixels: torch.Tensor, task_id: int = 0, attribute: str = "visual_input") -> torch.Tensor:
-        """Images ``[B, 3, H, W]`` or videos ``[B, T, 3, H, W]`` -> ``[B, D]``."""
-        patches_BND = self.image_embed(pixels)
-        spe_ids = torch.full((patches_BND.shape[0], 1), self.spe_token_id, device=patches_BND.device)
-        spe_B1D = self.text_embed.token_embed(spe_ids)
-        x_BND = torch.cat([spe_B1D, patches_BND], dim=1)
-        modality = "video" if pixels.dim() == 5 else "image"
-        return self.encode(x_BND, ctx=routing_context(x_BND, modality, attribute, task_id))
-
-    def visual_features(self, pixels: torch.Tensor, task_id: int = 0) -> torch.Tensor:
-        """``ln_post`` of the ``<|spe|>`` output before the projection: timm's ``forward_features(x)[:, 0]``."""
+    def visual_tokens(self, pixels: torch.Tensor, task_id: int = 0,
+                      attribute: str = "visual_input") -> tuple[torch.Tensor, RoutingContext]:
+        """Images ``[B, 3, H, W]`` or videos ``[B, T, 3, H, W]`` as the encoder's input: ``<|spe|>`` then the patch
+        embeddings ``[B, 1 + N, D]``, with their routing context."""
         patches_BND = self.image_embed(pixels)
         spe_ids = torch.full((patches_BND.shape[0], 1), self.spe_token_id, device=patches_BND.device)
         x_BND = torch.cat([self.text_embed.token_embed(spe_ids), patches_BND], dim=1)
         modality = "video" if pixels.dim() == 5 else "image"
-        hidden = self.encode_hidden(x_BND, ctx=routing_context(x_BND, modality, "visual_input", task_id))
+        return x_BND, routing_context(x_BND, modality, attribute, task_id)
+
+    def encode_images(self, pixels: torch.Tensor, task_id: int = 0, attribute: str = "visual_input") -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` or videos ``[B, T, 3, H, W]`` -> ``[B, D]``."""
+        x_BND, ctx = self.visual_tokens(pixels, task_id, attribute)
+        return self.encode(x_BND, ctx=ctx)
+
+    def visual_features(self, pixels: torch.Tensor, task_id: int = 0) -> torch.Tensor:
+        """``ln_post`` of the ``<|spe|>`` output before the projection: timm's ``forward_features(x)[:, 0]``."""
+        x_BND, ctx = self.visual_tokens(pixels, task_id)
+        hidden = self.encode_hidden(x_BND, ctx=ctx)
         return self.ln_post(hidden[:, 0])
 
     def encode_texts(self, ids_BL: torch.Tensor, mask_BL: torch.Tensor, task_id: int = 0,
