@@ -62,6 +62,33 @@ def test_prune_keeps_the_last_committed_and_drops_old_torn_ones(tmp_path):
     assert sorted(p.name for p in ckpt.iterdir()) == ["step_4", "step_5", "step_6"]
 
 
+def test_prune_never_deletes_the_checkpoint_just_committed(tmp_path):
+    """A newer committed checkpoint of another timeline (a run restarted with run.resume=none) must not push out the
+    one just written (it did, leaving `latest` pointing at nothing)."""
+    ckpt = tmp_path / "checkpoints"
+    _fake_checkpoint(ckpt, 9)
+    _fake_checkpoint(ckpt, 3)
+    checkpoint._prune(ckpt, latest_step=3, keep_last=1)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_3", "step_9"]
+    _fake_checkpoint(ckpt, 6)
+    checkpoint._prune(ckpt, latest_step=6, keep_last=1)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_6", "step_9"]
+
+
+def test_evaluation_during_training_needs_the_val_splits_up_front(tiny_data, tmp_path):
+    import shutil
+
+    from train.config import load_config
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    shutil.rmtree(root / "image" / "val")
+    overrides = [f"data.root={root}", "run.save_every=2"]
+    load_config(REPO / "configs" / "demo.yaml", overrides).validate_paths()  # no evaluation: fine
+    with pytest.raises(FileNotFoundError, match="image/val"):
+        load_config(REPO / "configs" / "demo.yaml", [*overrides, "run.eval_every=2"]).validate_paths()
+
+
 # Real runs: 2 ranks, ep_size 2, ZeRO-2, 6 steps with a checkpoint at 3 and 6 (shared by the tests below).
 
 @pytest.fixture(scope="module")
@@ -145,3 +172,31 @@ def test_resharding_zero1_and_bf16_checkpoints(tiny_data, tmp_path, ds_config):
     proc = run([*torchrun(1), str(REPO / "tests" / "dist_check_reshard.py"), str(cfg), str(source),
                 str(tmp_path / "one"), "moe.ep_size=1"])
     assert "RESHARD-OK" in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_bad_shard_found_by_rank_0_while_resharding_ends_every_rank(reference, tmp_path):
+    """Rank 0 alone reads the shards when resharding: its error must reach the other ranks (not leave them waiting
+    in a collective)."""
+    import shutil
+
+    cfg, full = reference
+    source = tmp_path / "source"
+    shutil.copytree(full / "checkpoints" / "step_3", source)
+    shard = source / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    proc = run([*torchrun(2), "-m", "train", "--config", str(cfg), f"run.output_dir={tmp_path / 'run'}",
+                "moe.ep_size=1", f"run.resume={source}"], timeout=120, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.count("rank 0: ") >= 2, proc.stderr[-3000:]  # both ranks report rank 0's error
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ds_config, overrides", [("zero2_offload_bf16.json", []),
+                                                  ("zero3_dense_bf16.json", ["moe.num_experts=0"])])
+def test_shipped_deepspeed_configs_train(tiny_data, tmp_path, ds_config, overrides):
+    cfg = small_config(tmp_path, tiny_data, **{"run.max_steps": 2, "deepspeed_config": f"ds_configs/{ds_config}"})
+    run([*torchrun(2), "-m", "train", "--config", str(cfg), f"run.output_dir={tmp_path / 'run'}", *overrides])
+    for rank in (0, 1):
+        assert sorted(losses(tmp_path / "run", rank)) == [0, 1]
+    assert checkpoint.is_complete(tmp_path / "run" / "checkpoints" / "step_2")

@@ -12,7 +12,9 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from deepspeed import comm as dist
@@ -59,6 +61,24 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def on_rank0(fn: Callable[[], Any]) -> Any:
+    """Runs ``fn`` on rank 0 only and hands its result, or its error, to every rank: no rank is left waiting in a
+    collective for a rank 0 that failed. A ValueError / FileNotFoundError stays one (the CLI's one-line errors)."""
+    box = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            box = [fn(), None]
+        except Exception as exc:  # re-raised on every rank below
+            box = [None, (type(exc).__name__, str(exc))]
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        kind, message = box[1]
+        if kind in ("ValueError", "FileNotFoundError"):
+            raise {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError}[kind](message)
+        raise RuntimeError(f"rank 0: {kind}: {message}")
+    return box[0]
+
+
 def save(engine, output_dir: str | Path, step: int, keep_last: int, layout: dict) -> Path:
     """Saves on every rank (each writes its ZeRO shard and its experts), commits, then prunes old checkpoints.
 
@@ -68,14 +88,13 @@ def save(engine, output_dir: str | Path, step: int, keep_last: int, layout: dict
     ckpt_dir = checkpoint_dir(output_dir)
     tag = f"step_{step}"
     path = ckpt_dir / tag
-    rank = dist.get_rank()
-    if rank == 0 and path.exists():
-        shutil.rmtree(path)  # a torn save of this step by an earlier, killed run: never mix its files in
-    dist.barrier()
+    # A torn save of this step by an earlier, killed run: never mix its files in.
+    on_rank0(lambda: shutil.rmtree(path) if path.exists() else None)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
     ranks = [None] * dist.get_world_size()
     dist.all_gather_object(ranks, layout)  # also a barrier: every rank has written its files
-    if rank == 0:
+
+    def commit() -> None:
         record = {"step": step, "world_size": len(ranks), "zero_stage": engine.zero_optimization_stage(),
                   "ep_size": ranks[0]["ep_size"], "num_experts": ranks[0]["num_experts"],
                   "ranks": [{key: r[key] for key in ("ep_rank", "expert_dp_rank", "stream_positions") if key in r}
@@ -83,15 +102,19 @@ def save(engine, output_dir: str | Path, step: int, keep_last: int, layout: dict
         _write_atomic(path / MARKER, json.dumps(record, indent=1) + "\n")
         _write_atomic(ckpt_dir / "latest", tag)
         _prune(ckpt_dir, step, keep_last)
-    dist.barrier()
+
+    on_rank0(commit)
     return path
 
 
 def _prune(ckpt_dir: Path, latest_step: int, keep_last: int) -> None:
-    """Keeps the newest ``keep_last`` committed checkpoints; deletes older ones and torn ones older than the latest."""
+    """Keeps the ``keep_last`` newest committed checkpoints up to the latest (the latest always among them); deletes
+    older committed ones and torn ones older than the latest. Newer ones (another timeline of this folder, e.g. a run
+    restarted with run.resume=none) are left alone. A deleted checkpoint loses its marker first."""
     tags = sorted((int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := TAG.match(p.name)) and p.is_dir())
-    complete = [p for _, p in tags if is_complete(p)]
+    complete = [p for step, p in tags if step <= latest_step and is_complete(p)]
     for path in complete[:-keep_last]:
+        (path / MARKER).unlink(missing_ok=True)
         shutil.rmtree(path, ignore_errors=True)
     for step, path in tags:
         if step < latest_step and not is_complete(path):
@@ -128,14 +151,21 @@ def resume(engine, output_dir: str | Path, resume_from: str, layout: dict) -> tu
     Written with the same world size and ep_size: DeepSpeed loads its own files (exact). Otherwise the checkpoint is
     first turned into a layout-free copy (``train.reshard``) and every rank takes its part of it.
     """
-    path = find(output_dir, resume_from)
+    # Rank 0 decides; every rank must then see that checkpoint (one shared filesystem for all nodes).
+    path = on_rank0(lambda: find(output_dir, resume_from))
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, path is None or is_complete(path))
+    if not all(seen):
+        blind = [rank for rank, ok in enumerate(seen) if not ok]
+        raise FileNotFoundError(f"rank(s) {blind} cannot see {path}: checkpoints must be on a filesystem that every "
+                                "node shares")
     if path is None:
         return 0, None
     record = read_layout(path)
     if (record["world_size"], record["ep_size"]) != (dist.get_world_size(), layout["ep_size"]):
         from train import reshard
 
-        return reshard.resume(engine, path, record), record
+        return reshard.resume(engine, path, record, checkpoint_dir(output_dir)), record
     load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
     if load_path is None:
         raise FileNotFoundError(f"run.resume={resume_from}: DeepSpeed found no checkpoint in {path}")

@@ -323,9 +323,11 @@ class Config:
         if not (root / "sizes.json").is_file():
             raise FileNotFoundError(f"data.root={root}: no sizes.json (run `condmoe-prep synthetic --out {root}`)")
         for task in self.tasks:
-            shards = root / task.dataset / "train"
-            if not any(shards.glob("*.tar")):
-                raise FileNotFoundError(f"tasks[{task.name}].dataset: no shards in {shards}")
+            splits = ("train", "val") if self.run.eval_every else ("train",)  # evaluation during training reads val
+            for split in splits:
+                shards = root / task.dataset / split
+                if not any(shards.glob("*.tar")):
+                    raise FileNotFoundError(f"tasks[{task.name}].dataset: no shards in {shards}")
         if not resolve_path(self.deepspeed_config).is_file():
             raise FileNotFoundError(f"deepspeed_config: {self.deepspeed_config} not found")
 

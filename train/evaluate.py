@@ -33,11 +33,13 @@ def evaluate_task(model: UniPerceiver, cfg: Config, task_index: int, tokenizer: 
     task = cfg.tasks[task_index]
     task_id = task_index if model_task_id is None else model_task_id
     img_size = model.image_embed.patch_embed.img_size[0]
-    batches = val_batches(cfg.data.root, task.dataset, img_size, batch_size, tokenizer, task_type=task.type,
-                          num_frames=cfg.data.num_frames)
+    device = next(model.parameters()).device
+    batches = ({k: v.to(device) for k, v in batch.items()} for batch in
+               val_batches(cfg.data.root, task.dataset, img_size, batch_size, tokenizer, task_type=task.type,
+                           num_frames=cfg.data.num_frames))
     if task.type.endswith("classification"):
         names = read_json(cfg.data.root, "classes.json")[task.dataset]
-        targets = model.encode_texts(*tokenizer(names), task_id)
+        targets = model.encode_texts(*(t.to(device) for t in tokenizer(names)), task_id)
         correct1 = correct5 = total = 0
         for batch in batches:
             pixels = batch.get("videos", batch.get("images"))
@@ -59,7 +61,7 @@ def evaluate_task(model: UniPerceiver, cfg: Config, task_index: int, tokenizer: 
     if task.type == "captioning":
         return evaluate_captioning(model, task, batches, tokenizer, task_id)
     # mlm
-    vocab_ids, vocab_mask = vocabulary_targets(tokenizer)
+    vocab_ids, vocab_mask = (t.to(device) for t in vocabulary_targets(tokenizer))
     correct = total = 0
     for batch in batches:
         batch.pop("num_skipped", None)
@@ -75,7 +77,7 @@ def evaluate_captioning(model: UniPerceiver, task, batches, tokenizer: TextToken
                         beam_size: int = 2, max_length: int = 20) -> dict[str, float]:
     """Beam-search captions (KV cache) scored with corpus BLEU-4 and CIDEr-D against the sample's captions (words
     lower-cased and split on white space)."""
-    vocab_ids, vocab_mask = vocabulary_targets(tokenizer)
+    vocab_ids, vocab_mask = (t.to(next(model.parameters()).device) for t in vocabulary_targets(tokenizer))
     vocab = model.encode_texts(vocab_ids, vocab_mask, task_id, attribute="vocab_target")
     banned = [i for i in tokenizer.tokenizer.all_special_ids if i != tokenizer.eos_id]
     hypotheses, references = [], []
@@ -83,7 +85,7 @@ def evaluate_captioning(model: UniPerceiver, task, batches, tokenizer: TextToken
         for (ids, _), reference in zip(generate(model, batch["images"], vocab, tokenizer.spe_id, tokenizer.eos_id,
                                                 max_length, beam_size, task_id, banned=banned), batch["text_ids"]):
             hypotheses.append(tokenizer.decode(ids).lower().split())
-            references.append([tokenizer.decode(reference).lower().split()])
+            references.append([tokenizer.decode(reference.tolist()).lower().split()])
     _require(len(hypotheses), task)
     example = " ".join(hypotheses[0])
     return {"num_samples": len(hypotheses), "bleu4": corpus_bleu(hypotheses, references),
@@ -98,7 +100,7 @@ def evaluate(model: UniPerceiver, cfg: Config, tokenizer: TextTokenizer, batch_s
 
 def retrieval_recall(sim_NN: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
     """R@k both ways for paired inputs (row i matches column i): ``i2t_r1``, ``t2i_r1``, ``i2t_r5``, ..."""
-    target = torch.arange(sim_NN.shape[0])
+    target = torch.arange(sim_NN.shape[0], device=sim_NN.device)
     out = {}
     for k in ks:
         k_ = min(k, sim_NN.shape[0])

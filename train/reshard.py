@@ -11,7 +11,8 @@ refuses ZeRO shards written by another world size. Here:
 * ``load`` writes each of this rank's parameters and its ZeRO partition of the master weights and moments from that
   copy, then restores the schedule and the step counters.
 
-The copy is written once, as ``<checkpoint>/universal.pt``, by rank 0 (atomically); every rank then maps it.
+Rank 0 writes the copy (atomically) into this run's checkpoints folder, never into the source checkpoint (which may be
+another run's, or read-only); every rank maps it, and it is deleted once every rank has loaded it.
 """
 
 import logging
@@ -22,7 +23,7 @@ import torch
 from deepspeed import comm as dist
 
 from models.ds_moe import global_parameter_names
-from train.checkpoint import DS_EXPERTS, load_plain_state_dict, plain_name, read_layout
+from train.checkpoint import DS_EXPERTS, load_plain_state_dict, on_rank0, plain_name, read_layout
 
 log = logging.getLogger("condmoe.reshard")
 
@@ -100,14 +101,13 @@ def consolidate(path: str | Path) -> dict:
             "global_samples": states.get("global_samples", 0)}
 
 
-def write_universal(path: str | Path) -> Path:
-    """``<path>/universal.pt`` (written once; a later call finds it)."""
-    path = Path(path)
-    out = path / UNIVERSAL
-    if not out.is_file():
-        tmp = out.with_name(f".{UNIVERSAL}.tmp")
-        torch.save(consolidate(path), tmp)
-        tmp.replace(out)
+def write_universal(path: str | Path, out: str | Path) -> Path:
+    """The layout-free copy of the checkpoint at ``path``, written to the file ``out`` (atomically)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.save(consolidate(path), tmp)
+    tmp.replace(out)
     return out
 
 
@@ -155,18 +155,18 @@ def load(engine, universal: dict) -> int:
     return int(universal["step"])
 
 
-def resume(engine, path: Path, record: dict) -> int:
-    """Resumes ``engine`` from a checkpoint written with another world size or ep_size."""
-    error = [None]
-    if dist.get_rank() == 0:
+def resume(engine, path: Path, record: dict, work_dir: Path) -> int:
+    """Resumes ``engine`` from a checkpoint written with another world size or ep_size; the layout-free copy goes
+    to ``work_dir`` (this run's checkpoints folder) and is deleted after every rank loaded it."""
+    out = Path(work_dir) / f"{UNIVERSAL.removesuffix('.pt')}_{path.name}.pt"
+
+    def convert() -> None:
         log.info("%s was written by %d ranks with ep_size %d; resharding for %d ranks", path, record["world_size"],
                  record["ep_size"], dist.get_world_size())
-        try:
-            write_universal(path)
-        except (ValueError, FileNotFoundError) as exc:
-            error = [str(exc)]
-    dist.broadcast_object_list(error, src=0)  # every rank fails alike instead of waiting on rank 0
-    if error[0]:
-        raise ValueError(error[0])
-    universal = torch.load(path / UNIVERSAL, map_location="cpu", weights_only=False, mmap=True)
-    return load(engine, universal)
+        write_universal(path, out)
+
+    on_rank0(convert)
+    step = load(engine, torch.load(out, map_location="cpu", weights_only=False, mmap=True))
+    dist.barrier()
+    on_rank0(lambda: out.unlink(missing_ok=True))
+    return step

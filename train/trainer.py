@@ -139,6 +139,12 @@ class Trainer:
             if bad.item() > 0:
                 self.skipped_steps += 1
                 log.warning("step %d micro %d: non-finite loss on %d rank(s); skipped", step, micro, int(bad.item()))
+                if cfg.run.gradient_accumulation_steps == 1:
+                    continue  # no optimizer step at all
+                # Mid-accumulation, DeepSpeed counts micro-steps to place the optimizer step: this one must still run
+                # backward and step, contributing an exact-zero gradient to every trainable parameter.
+                self.engine.backward(sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0)
+                self.engine.step()
                 continue
             self.engine.backward(loss)
             self.engine.step()
@@ -268,12 +274,32 @@ class Trainer:
 
         cfg, info = self.cfg, self.info
         t0 = time.time()
-        model = build_model(cfg, self.tokenizer.vocab_size, self.tokenizer.spe_id)
-        model.load_state_dict(checkpoint.load_plain_state_dict(path))
-        model.to(self.engine.device)
-        mine = {task.name: evaluate_task(model, cfg, i, self.tokenizer, batch_size=cfg.run.eval_batch_size)
-                for i, task in enumerate(cfg.tasks) if i % info.world_size == info.rank}
-        del model
+        mine = {task.name: {} for i, task in enumerate(cfg.tasks) if i % info.world_size == info.rank}
+        # A failure here (a missing val split, memory for the full model) is reported per task and training goes on:
+        # every rank must still reach the gather below.
+        model = None
+        try:
+            if mine:
+                model = build_model(cfg, self.tokenizer.vocab_size, self.tokenizer.spe_id)
+                model.load_state_dict(checkpoint.load_plain_state_dict(path))
+                model.to(self.engine.device)
+            for i, task in enumerate(cfg.tasks):
+                if task.name in mine:
+                    try:
+                        mine[task.name] = evaluate_task(model, cfg, i, self.tokenizer,
+                                                        batch_size=cfg.run.eval_batch_size)
+                    except Exception as exc:  # reported in eval.jsonl
+                        mine[task.name] = {"error": f"{type(exc).__name__}: {exc}"}
+        except Exception as exc:  # reported for each of this rank's tasks
+            mine = {name: {"error": f"evaluation on rank {info.rank} failed: {type(exc).__name__}: {exc}"}
+                    for name in mine}
+        finally:
+            del model
+            if self.engine.device.type == "cuda":
+                torch.cuda.empty_cache()
+        for name, values in mine.items():
+            if "error" in values:
+                log.warning("eval of %s at step %d: %s", name, step, values["error"])
         gathered = [None] * info.world_size
         dist.all_gather_object(gathered, mine)
         if not info.is_main:
