@@ -49,6 +49,9 @@ def test_ep2_zero2_checkpoint_resume_continues_exactly(tiny_data, tmp_path):
         assert sorted(uninterrupted) == sorted(resumed) == list(range(6))
         for step in range(6):
             assert resumed[step] == uninterrupted[step], (rank, step)  # same task, bitwise-equal loss
+    # the per-task expert-usage EMA is carried through the checkpoint too
+    usage = [json.loads((run_dir / "expert_usage_ema.json").read_text()) for run_dir in (full, split)]
+    assert usage[0] == usage[1] and torch.tensor(usage[0]["share"]).sum() > 0
     tasks = {task for rank in (0, 1) for task, _ in losses(full, rank).values()}
     assert tasks == {"shapes_classification", "shapes_caption_retrieval"}  # ranks drew different tasks
 

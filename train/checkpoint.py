@@ -99,6 +99,8 @@ def save(engine, output_dir: str | Path, step: int, keep_last: int, layout: dict
                   "ep_size": ranks[0]["ep_size"], "num_experts": ranks[0]["num_experts"],
                   "ranks": [{key: r[key] for key in ("ep_rank", "expert_dp_rank", "stream_positions") if key in r}
                             for r in ranks]}
+        if "expert_usage_ema" in ranks[0]:
+            record["expert_usage_ema"] = ranks[0]["expert_usage_ema"]
         _write_atomic(path / MARKER, json.dumps(record, indent=1) + "\n")
         _write_atomic(ckpt_dir / "latest", tag)
         _prune(ckpt_dir, step, keep_last)

@@ -197,6 +197,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.output_dir / "config.yaml")
         start, record = checkpoint.resume(self.engine, self.output_dir, cfg.run.resume, self.layout)
+        self._restore_usage_ema(record)
         for stream, position in zip(self.streams, self._stream_positions(start, record)):
             stream.position = position  # the stream seeks lazily on its first batch
         if self.info.is_main:
@@ -235,6 +236,9 @@ class Trainer:
             evaluate_now = cfg.run.eval_every and not stopping and ((step + 1) % cfg.run.eval_every == 0 or last)
             if (step + 1) % cfg.run.save_every == 0 or last or evaluate_now:
                 layout = {**self.layout, "stream_positions": [stream.position for stream in self.streams]}
+                if self.usage_ema is not None:  # the same on every rank (its counts are summed over ranks)
+                    layout["expert_usage_ema"] = {"share": self.usage_ema.tolist(),
+                                                  "started": self.usage_ema_started.tolist()}
                 path = checkpoint.save(self.engine, self.output_dir, step + 1, cfg.run.keep_last, layout)
                 if self.info.is_main:
                     log.info("saved %s", path)
@@ -244,6 +248,15 @@ class Trainer:
             if stopping:
                 return EXIT_PREEMPTED
         return 0
+
+    def _restore_usage_ema(self, record: dict | None) -> None:
+        saved = (record or {}).get("expert_usage_ema")
+        if saved is None:
+            return
+        share = torch.tensor(saved["share"])
+        if share.shape[0] != len(self.cfg.tasks):
+            return  # another task list: start the averages afresh
+        self.usage_ema, self.usage_ema_started = share, torch.tensor(saved["started"])
 
     def _stream_positions(self, start: int, record: dict | None) -> list[int]:
         """Where each task stream continues: the batches this rank's past steps drew from it. They follow from the
