@@ -379,4 +379,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from train.dist import shutdown_distributed
+
     main()
+    shutdown_distributed()  # the process group this benchmark made: destroyed before the interpreter's exit

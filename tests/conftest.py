@@ -48,7 +48,21 @@ def run(cmd: list[str], timeout: float = 300, cwd: Path = REPO, check: bool = Tr
     if check and proc.returncode != 0:
         pytest.fail(f"exit {proc.returncode}: {' '.join(cmd)}\n--- stdout\n{proc.stdout[-6000:]}\n"
                     f"--- stderr\n{proc.stderr[-6000:]}")
+    if check:
+        assert_clean_teardown(proc.stdout + proc.stderr)
     return proc
+
+
+# What an unclean exit of a rank prints: the abort of a gloo thread in interpreter finalization (train/dist.py
+# shutdown_distributed), and shutdown_distributed's warning that some process group outlived its destruction.
+TEARDOWN_FAULTS = ("terminate called", "communication threads still run")
+
+
+def assert_clean_teardown(output: str) -> None:
+    """Every multi-process run that succeeds must also exit cleanly: its output shows none of TEARDOWN_FAULTS."""
+    faults = [fault for fault in TEARDOWN_FAULTS if fault in output]
+    if faults:
+        pytest.fail(f"unclean teardown ({', '.join(faults)}):\n{output[-6000:]}")
 
 
 def torchrun(nproc: int) -> list[str]:

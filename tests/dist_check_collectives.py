@@ -8,6 +8,7 @@
 
 import models._compat  # noqa: F401  (first: before anything imports timm or torchvision)
 
+import os
 import sys
 
 import torch
@@ -15,13 +16,15 @@ import torch
 from models import create_model
 from models.generalist import LocalCollectives
 from train.collectives import DataParallelCollectives
+from train.dist import shutdown_distributed
 
 VOCAB, SPE = 60, 4
+RANK = os.environ.get("RANK", "?")
 
 
 def check(ok: bool, message: str) -> None:
     if not ok:
-        print(f"rank {torch.distributed.get_rank()}: FAILED: {message}", file=sys.stderr, flush=True)
+        print(f"rank {RANK}: FAILED: {message}", file=sys.stderr, flush=True)
         sys.exit(1)
 
 
@@ -35,7 +38,16 @@ def batch_of(rank: int, size: int = 3) -> dict[str, torch.Tensor]:
 
 def main() -> None:
     torch.distributed.init_process_group("gloo")
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank = torch.distributed.get_rank()
+    check_collectives(rank, torch.distributed.get_world_size())
+    torch.distributed.barrier()
+    # the checks' tensors and autograd graphs (which hold the group of the gathered negatives) are gone here
+    check(not shutdown_distributed(), "communication threads outlived the process groups")
+    if rank == 0:
+        print("COLLECTIVES-OK", flush=True)
+
+
+def check_collectives(rank: int, world: int) -> None:
     torch.manual_seed(0)
     model = create_model("debug", vocab_size=VOCAB, spe_token_id=SPE, max_text_len=10).eval()
     model.collectives = DataParallelCollectives()
@@ -63,9 +75,6 @@ def main() -> None:
     full = {k: torch.cat([batch_of(r)[k] for r in range(world)]) for k in batch_of(0)}
     single = model("image_text_retrieval", full).loss.detach()
     check(torch.allclose(mean, single, atol=1e-5), f"gathered retrieval {mean.item()} != concatenated {single.item()}")
-    torch.distributed.barrier()
-    if rank == 0:
-        print("COLLECTIVES-OK", flush=True)
 
 
 if __name__ == "__main__":

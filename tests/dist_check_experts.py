@@ -14,7 +14,7 @@ from models import MoEMLP
 from train.checkpoint import load_plain_state_dict, save
 from train.cli import _setup_logging
 from train.config import load_config
-from train.dist import init_distributed
+from train.dist import distributed
 from train.engine import build_model
 from train.trainer import Trainer
 
@@ -27,9 +27,12 @@ def check(condition: bool, message: str) -> None:
 
 def main() -> None:
     cfg = load_config(sys.argv[1], sys.argv[2:])
-    info = init_distributed()
-    _setup_logging(info.rank)
-    trainer = Trainer(cfg, info)
+    with distributed() as info, Trainer(cfg, info) as trainer:
+        _setup_logging(info.rank)
+        check_experts(cfg, info, trainer)
+
+
+def check_experts(cfg, info, trainer: Trainer) -> None:
     ep_size, num_experts = cfg.moe.ep_size, cfg.moe.num_experts
     num_local = num_experts // ep_size
     plain = build_model(cfg, trainer.tokenizer.vocab_size, trainer.tokenizer.spe_id)  # same seed: same init

@@ -11,16 +11,20 @@ from deepspeed import comm as dist
 
 from train.cli import _setup_logging
 from train.config import load_config
-from train.dist import init_distributed
+from train.dist import distributed
 from train.trainer import Trainer
 
 
 def main() -> None:
     cfg = load_config(sys.argv[1], sys.argv[3:])
     poisoned_call = int(sys.argv[2])
-    info = init_distributed()
-    _setup_logging(info.rank)
-    trainer = Trainer(cfg, info)
+    with distributed() as info, Trainer(cfg, info) as trainer:
+        _setup_logging(info.rank)
+        check(trainer, info, poisoned_call)
+
+
+def check(trainer: Trainer, info, poisoned_call: int) -> None:
+    cfg = trainer.cfg
     engine_forward = trainer.engine.forward
     calls = {"n": 0}
 

@@ -11,6 +11,7 @@ Modes:
 import models._compat  # noqa: F401  (first: before anything imports timm or torchvision)
 
 import copy
+import os
 import sys
 
 import deepspeed
@@ -22,13 +23,14 @@ from torch import nn
 from models import MoEMLP, pop_moe_stats
 from models.ds_moe import apply_expert_parallel
 from models.router import RoutingContext
+from train.dist import shutdown_distributed
 
 DIM, HIDDEN, EXPERTS = 16, 32, 4
 
 
 def check(ok: bool, message: str) -> None:
     if not ok:
-        print(f"rank {torch.distributed.get_rank()}: FAILED: {message}", file=sys.stderr, flush=True)
+        print(f"rank {os.environ.get('RANK', '?')}: FAILED: {message}", file=sys.stderr, flush=True)
         sys.exit(1)
 
 
@@ -114,6 +116,7 @@ def main() -> None:
     rank = torch.distributed.get_rank()
     {"reference": lambda: reference_mode(), "ep": lambda: ep_mode(rank), "mi": lambda: mi_mode(rank)}[mode]()
     torch.distributed.barrier()
+    check(not shutdown_distributed(), "communication threads outlived the process groups")
     if rank == 0:
         print(f"MOE-{mode.upper()}-OK", flush=True)
 

@@ -7,23 +7,27 @@ import models._compat  # noqa: F401  (first: before timm)
 import sys
 
 import torch
-from deepspeed import comm as dist
 
 from train import checkpoint, reshard
 from train.config import load_config
-from train.dist import init_distributed
+from train.dist import distributed
 from train.trainer import Trainer
 
-cfg_path, source, out = sys.argv[1:4]
-cfg = load_config(cfg_path, [f"run.output_dir={out}", *sys.argv[4:]])
-info = init_distributed()
-trainer = Trainer(cfg, info)
-step, _ = checkpoint.resume(trainer.engine, out, source, trainer.layout)
-saved = checkpoint.save(trainer.engine, out, step, keep_last=1, layout=trainer.layout)
-if info.rank == 0:
+
+def main() -> None:
+    cfg_path, source, out = sys.argv[1:4]
+    cfg = load_config(cfg_path, [f"run.output_dir={out}", *sys.argv[4:]])
+    with distributed() as info, Trainer(cfg, info) as trainer:
+        step, _ = checkpoint.resume(trainer.engine, out, source, trainer.layout)
+        saved = checkpoint.save(trainer.engine, out, step, keep_last=1, layout=trainer.layout)
+        if info.rank == 0:
+            compare(source, saved, step, info.world_size, cfg.moe.ep_size)
+
+
+def compare(source: str, saved, step: int, world_size: int, ep_size: int) -> None:
     before, after = reshard.consolidate(source), reshard.consolidate(saved)
-    assert after["source"]["world_size"] == info.world_size and after["step"] == before["step"] == step
-    assert before["source"]["world_size"] != info.world_size or before["source"]["ep_size"] != cfg.moe.ep_size
+    assert after["source"]["world_size"] == world_size and after["step"] == before["step"] == step
+    assert before["source"]["world_size"] != world_size or before["source"]["ep_size"] != ep_size
     assert sorted(before["params"]) == sorted(after["params"])
     for name, entry in before["params"].items():
         assert sorted(entry) == ["exp_avg", "exp_avg_sq", "fp32"], name
@@ -33,4 +37,7 @@ if info.rank == 0:
     assert before["lr_scheduler"]["last_epoch"] == after["lr_scheduler"]["last_epoch"] == step
     assert set(after["lr_scheduler"]["_last_lr"]) == set(before["lr_scheduler"]["_last_lr"])
     print(f"RESHARD-OK {len(before['params'])} tensors", flush=True)
-dist.barrier()  # leave together: a rank exiting while rank 0 still compares aborted in gloo's teardown
+
+
+if __name__ == "__main__":
+    main()

@@ -49,23 +49,26 @@ def train_main(argv: list[str] | None = None) -> int:
 
         return dry_run(cfg.moe.ep_size if cfg.moe.num_experts else 1)
 
-    from train.dist import init_distributed
+    from train.dist import distributed
     from train.trainer import Trainer
 
-    info = init_distributed()
-    _setup_logging(info.rank)
-    if cfg.moe.num_experts and info.world_size % cfg.moe.ep_size:
-        return _fail("condmoe-train", ValueError(f"moe.ep_size={cfg.moe.ep_size} does not divide the world size "
-                                                 f"{info.world_size}"))
-    torch_threads = os.environ.get("CONDMOE_TORCH_THREADS")
-    if torch_threads:
-        import torch
+    # The trainer is closed before the process groups are destroyed, and both happen before the interpreter's exit
+    # (train/dist.py shutdown_distributed says why the order matters).
+    with distributed() as info:
+        _setup_logging(info.rank)
+        if cfg.moe.num_experts and info.world_size % cfg.moe.ep_size:
+            return _fail("condmoe-train", ValueError(f"moe.ep_size={cfg.moe.ep_size} does not divide the world size "
+                                                     f"{info.world_size}"))
+        torch_threads = os.environ.get("CONDMOE_TORCH_THREADS")
+        if torch_threads:
+            import torch
 
-        torch.set_num_threads(int(torch_threads))
-    try:
-        return Trainer(cfg, info).train()  # 0, or EXIT_PREEMPTED (75) after a stop signal and a checkpoint
-    except (ValueError, FileNotFoundError) as exc:
-        return _fail("condmoe-train", exc)
+            torch.set_num_threads(int(torch_threads))
+        try:
+            with Trainer(cfg, info) as trainer:
+                return trainer.train()  # 0, or EXIT_PREEMPTED (75) after a stop signal and a checkpoint
+        except (ValueError, FileNotFoundError) as exc:
+            return _fail("condmoe-train", exc)
 
 
 def eval_main(argv: list[str] | None = None) -> int:

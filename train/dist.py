@@ -11,11 +11,17 @@ launcher in place of ``train`` to check a job's ranks (the sbatch scripts do thi
 """
 
 import argparse
+import contextlib
+import gc
+import logging
 import os
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 # The port mpi4py discovery uses when MASTER_PORT is not set (DeepSpeed's TORCH_DISTRIBUTED_DEFAULT_PORT).
 DEFAULT_MPI_PORT = 29500
@@ -59,6 +65,7 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     import datetime
 
     import deepspeed  # here, not at the top: `python -m train.dist` and detect() must not pay for its import
+    import torch.distributed.nn.functional  # noqa: F401  (before the init: see shutdown_distributed)
 
     info = detect()
     if info.source == "slurm":
@@ -77,6 +84,68 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
                                timeout=datetime.timedelta(minutes=timeout_minutes))
     local_rank = int(os.environ.get("LOCAL_RANK", info.local_rank))  # MPI discovery sets it from the host names
     return DistInfo(deepspeed.comm.get_rank(), local_rank, deepspeed.comm.get_world_size(), info.source)
+
+
+# Native threads of torch.distributed's gloo backend (their names in /proc/self/task/*/comm): the work loops of a
+# ProcessGroupGloo and the event loops of its tcp devices. They end only when the process group object is destroyed.
+COMM_THREAD_NAMES = ("pt_gloo_runloop", "gloo_tcp_loop")
+
+
+def shutdown_distributed() -> list[str]:
+    """Destroys every process group while the interpreter is fully alive; returns the communication threads still
+    running afterwards (empty when the shutdown is clean).
+
+    Why: a ProcessGroupGloo's worker threads (``pt_gloo_runloop``) end only in its destructor. Without this the groups
+    live until interpreter finalization, and a worker thread that drops its last reference to a finished work there
+    (``~AsyncAllreduceWork`` freeing tensors with Python objects) takes the GIL during ``Py_FinalizeEx``; Python then
+    ends that thread with ``pthread_exit``, whose forced unwind through a noexcept C++ frame aborts the process
+    ("terminate called without an active exception", SIGABRT, exit -6 after a run that succeeded; pytorch#190489).
+    ``deepspeed.comm.destroy_process_group`` destroys the groups and drops DeepSpeed's own references to them
+    (``deepspeed.utils.groups``); the caller must have dropped its engine and model (they hold the expert groups)
+    before, which :class:`train.trainer.Trainer`'s ``close`` does. The collection then runs the destructors, which
+    wait for each group's queued work and join its threads.
+    """
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Not imported here if it was not before: a module imported after the init captures the world group in its
+        # default arguments (``group=dist.group.WORLD`` in deepspeed.comm.torch and torch.distributed.nn.functional)
+        # and holds it for ever. init_distributed imports both before the init.
+        comm = sys.modules.get("deepspeed.comm")
+        if comm is not None and comm.is_initialized():
+            comm.destroy_process_group()  # also drops deepspeed.utils.groups' references
+        else:  # torch.distributed initialised without DeepSpeed
+            torch.distributed.destroy_process_group()
+    gc.collect()  # the engine and its hooks form reference cycles that hold process groups
+    alive = live_comm_threads()
+    if alive:
+        log.warning("process groups destroyed, but %d communication threads still run (%s): something still holds a "
+                    "process group", len(alive), ", ".join(sorted(set(alive))))
+    return alive
+
+
+def live_comm_threads() -> list[str]:
+    """Names of this process's gloo threads that are still running (Linux; empty elsewhere)."""
+    names = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError):
+                name = Path(f"/proc/self/task/{task}/comm").read_text().strip()
+                if name.startswith(COMM_THREAD_NAMES):
+                    names.append(name)
+    return names
+
+
+@contextlib.contextmanager
+def distributed(timeout_minutes: int = 30) -> Iterator[DistInfo]:
+    """``init_distributed`` for a ``with`` block that ends with ``shutdown_distributed``. Close what holds process
+    groups (the trainer) inside the block."""
+    info = init_distributed(timeout_minutes)
+    yield info
+    # Not on an exception: a peer may still wait in a collective with this rank, and destroying a group first waits
+    # for its queued work, up to the process-group timeout; the process exits non-zero anyway, its launcher ends the
+    # others. A user error the block handles (returning an exit code) gets here and shuts down cleanly.
+    shutdown_distributed()
 
 
 def describe(info: DistInfo, environ: Mapping[str, str] | None = None) -> str:

@@ -186,10 +186,33 @@ class Trainer:
             return self._train(stop)
         finally:
             stop.uninstall()
-            for stream in self.streams:
-                stream.close()
-            if self.tensorboard is not None:
-                self.tensorboard.close()
+            self._close_streams()
+
+    def _close_streams(self) -> None:
+        for stream in self.streams:
+            stream.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+
+    def close(self) -> None:
+        """Releases what this trainer owns, in order: the task streams' loader workers, tensorboard's writer, then the
+        engine and the model, which hold the expert-parallel process groups. Call it (or leave the ``with`` block)
+        before ``train.dist.shutdown_distributed``: a group still referenced cannot be destroyed, and its threads
+        would outlive the interpreter (see there). Idempotent; the trainer cannot train afterwards."""
+        self._close_streams()
+        self.streams = []
+        if self.engine is not None:
+            # DeepSpeed's own teardown: removes the ZeRO gradient hooks, whose closures hold the parameters (and
+            # through their attributes the process groups) in a cycle through C++ that garbage collection cannot see.
+            self.engine.destroy()
+            self.engine = None
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _train(self, stop: StopRequest) -> int:
         cfg = self.cfg
