@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_prep import schema
 from data_prep.progress import PROGRESS_DIR, list_part_files, part_file_name, read_part_file
 from data_prep.shards import read_manifest, write_index, write_json_atomic
 from data_prep.slice_writer import SLICE_FILE_RE
@@ -41,7 +42,7 @@ __all__ = [
 ]
 
 ERRORS_NAME = "errors.jsonl"
-CLASSES_NAME = "classes.json"
+CLASSES_NAME = schema.CLASSES
 LOCK_NAME = ".prep.lock"
 
 

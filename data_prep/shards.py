@@ -25,6 +25,8 @@ from typing import IO, Any
 import webdataset as wds
 from tqdm import tqdm
 
+from data_prep import schema
+
 __all__ = [
     "MANIFEST_NAME",
     "MANIFEST_VERSION",
@@ -42,8 +44,8 @@ __all__ = [
 ]
 
 SHARD_PATTERN = "shard-%06d.tar"
-MANIFEST_NAME = "manifest.json"
-SIZES_NAME = "sizes.json"
+MANIFEST_NAME = schema.MANIFEST
+SIZES_NAME = schema.SIZES
 MANIFEST_VERSION = 1
 TMP_SUFFIX = ".tmp"
 

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from data_prep import schema
 from data_prep.shapes import (
     COLORS,
     add_specks,
@@ -313,9 +314,9 @@ def iter_image_samples(seed: int, split: str, num_samples: int, image_size: int 
         img, meta = render_image(seed, split, index, image_size)
         yield {
             "__key__": f"{index:06d}",
-            "jpg": _jpeg(img),
-            "cls": str(meta["label"]).encode("ascii"),
-            "txt": meta["caption"].encode("utf-8"),
+            schema.IMAGE: _jpeg(img),
+            schema.LABEL: str(meta["label"]).encode("ascii"),
+            schema.TEXT: meta["caption"].encode("utf-8"),
             "json": _json_bytes(meta),
         }
 
@@ -339,9 +340,9 @@ def iter_video_samples(
         frames, meta = render_video(seed, split, index, video_size, num_frames)
         sample: dict[str, Any] = {"__key__": f"{index:06d}"}
         for t, frame in enumerate(frames):
-            sample[f"f{t:02d}.jpg"] = _jpeg(frame)
-        sample["cls"] = str(meta["label"]).encode("ascii")
-        sample["txt"] = meta["caption"].encode("utf-8")
+            sample[schema.frame_member(t)] = _jpeg(frame)
+        sample[schema.LABEL] = str(meta["label"]).encode("ascii")
+        sample[schema.TEXT] = meta["caption"].encode("utf-8")
         sample["json"] = _json_bytes(meta)
         yield sample
 

@@ -21,11 +21,11 @@ from PIL import Image
 from data_prep.argtypes import non_negative_int, positive_int
 from data_prep.errors import SkipSample, UserError
 from data_prep.imaging import encode_jpeg, resize_short_side
+from data_prep.schema import MAX_FRAMES, VIDEO, frame_member, uniform_frame_indices
 
 __all__ = ["VIDEO_EXTENSIONS", "VideoOptions", "decode_clip", "encode_clip", "sample_indices", "video_sample"]
 
 VIDEO_EXTENSIONS: frozenset[str] = frozenset({".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v"})
-MAX_FRAMES = 100  # frame members are named f00..f99
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def sample_indices(total: int, options: VideoOptions) -> list[int]:
     """Indices of the frames to keep from a clip of ``total`` frames (``total >= 1``), in order, maybe repeated."""
     n = options.num_frames
     if options.sampling == "uniform":
-        return [min(total - 1, (2 * i + 1) * total // (2 * n)) for i in range(n)]
+        return uniform_frame_indices(total, n)
     span = (n - 1) * options.stride + 1
     start = max(0, (total - span) // 2)
     return [min(total - 1, start + i * options.stride) for i in range(n)]
@@ -215,8 +215,8 @@ def _mp4(frames: list[Image.Image], fps: int) -> bytes:
 def encode_clip(frames: list[Image.Image], options: VideoOptions) -> dict[str, bytes]:
     """Encode frames as sample members: ``{"f00.jpg": ..., ...}`` or ``{"mp4": ...}``."""
     if options.fmt == "mp4":
-        return {"mp4": _mp4(frames, options.fps)}
-    return {f"f{t:02d}.jpg": encode_jpeg(frame, options.quality) for t, frame in enumerate(frames)}
+        return {VIDEO: _mp4(frames, options.fps)}
+    return {frame_member(t): encode_jpeg(frame, options.quality) for t, frame in enumerate(frames)}
 
 
 def video_sample(source: bytes | str | os.PathLike, options: VideoOptions) -> tuple[dict[str, bytes], dict[str, Any]]:

@@ -14,6 +14,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from data_prep import schema
 from models import SIZES, TASK_TYPES
 from models.router import ROUTING_LEVELS
 
@@ -320,8 +321,8 @@ class Config:
     def validate_paths(self) -> None:
         """Checks what must exist on disk before training (separate so configs can be built without data)."""
         root = Path(self.data.root)
-        if not (root / "sizes.json").is_file():
-            raise FileNotFoundError(f"data.root={root}: no sizes.json (run `condmoe-prep synthetic --out {root}`)")
+        if not (root / schema.SIZES).is_file():
+            raise FileNotFoundError(f"data.root={root}: no {schema.SIZES} (run `condmoe-prep synthetic --out {root}`)")
         for task in self.tasks:
             splits = ("train", "val") if self.run.eval_every else ("train",)  # evaluation during training reads val
             for split in splits:

@@ -1,7 +1,7 @@
 """Webdataset pipelines: one endless, seeded stream of batches per task and rank, plus the in-order val reader.
 
-Layout read here (written by ``condmoe-prep``): ``<root>/<dataset>/<split>/*.tar``, ``<root>/sizes.json``,
-``<root>/classes.json``. Image samples carry ``jpg``, ``cls`` and ``txt`` members.
+The layout read here (written by ``condmoe-prep``) and the member keys are ``data_prep.schema``'s, the only module of
+data_prep/ that train/ imports.
 
 Shards are split by rank (disjoint subsets when there are at least as many shards as ranks) and each DataLoader
 worker resamples its own seeded sequence from its rank's subset.
@@ -12,10 +12,8 @@ re-opens at its epoch and skips the batches already consumed in it.
 """
 
 import io
-import json
 import logging
 import random
-import re
 from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -31,34 +29,20 @@ except ImportError:  # optional: PIL decodes everything, a little slower
 from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
 
+from data_prep import schema
+from data_prep.schema import shard_urls
 from models.text_tokenizer import TextTokenizer
 from train.config import DataConfig, TaskConfig
 from train.masking import IGNORE, mask_whole_words, word_starts
 from train.tarstream import tar_samples
 from train.transforms import Augment, augment_image, stable_seed
+from train.video import video_frames
 
 log = logging.getLogger(__name__)
-
-FRAME_MEMBER = re.compile(r"f\d{2}\.jpg")
-MAX_DECODED_FRAMES = 16  # frames decoded from an mp4 member before the task picks num_frames of them
 
 # Pixel normalisation of the synthetic data and of the demo; real datasets usually want ImageNet's.
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
-
-
-def read_json(root: str | Path, name: str) -> dict:
-    path = Path(root) / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (is {root} a condmoe-prep output directory?)")
-    return json.loads(path.read_text())
-
-
-def shard_urls(root: str | Path, dataset: str, split: str) -> list[str]:
-    urls = sorted(str(p) for p in (Path(root) / dataset / split).glob("*.tar"))
-    if not urls:
-        raise FileNotFoundError(f"no shards in {Path(root) / dataset / split}")
-    return urls
 
 
 def split_by_rank(urls: list[str], rank: int, world_size: int) -> list[str]:
@@ -164,7 +148,7 @@ class Collate:
 
     def video(self, key: str, frames: list[Image.Image]) -> np.ndarray:
         """``num_frames`` frames at uniform positions; every frame gets the same augmentation (same seed)."""
-        picks = [min(len(frames) - 1, int((i + 0.5) * len(frames) / self.num_frames)) for i in range(self.num_frames)]
+        picks = schema.uniform_frame_indices(len(frames), self.num_frames)
         return np.stack([self.image(key, frames[i]) for i in picks])
 
     def mlm(self, samples: Sequence[tuple]) -> dict[str, torch.Tensor]:
@@ -194,9 +178,6 @@ def _pick_caption(text: str, seed: int, key: str, randomly: bool) -> str:
     return lines[random.Random(stable_seed(seed, key, "caption")).randrange(len(lines))]
 
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-
-
 def _decode_image(data: bytes, min_side: int) -> Image.Image:
     if min_side and simplejpeg is not None and simplejpeg.is_jpeg(data):
         try:  # libjpeg-turbo with DCT scaling, no Python marker parsing: about 3x faster than PIL's draft mode
@@ -223,11 +204,11 @@ def decode_sample(sample: dict, min_side: int = 0) -> dict:
             out[key] = value
             continue
         extension = key.rsplit(".", 1)[-1].lower()
-        if extension in IMAGE_EXTENSIONS:
+        if extension in schema.IMAGE_EXTENSIONS:
             out[key] = _decode_image(value, min_side)
-        elif extension == "cls":
+        elif extension == schema.LABEL:
             out[key] = int(value)
-        elif extension == "txt":
+        elif extension == schema.TEXT:
             out[key] = value.decode("utf-8")
         else:
             out[key] = value
@@ -248,28 +229,15 @@ def _worker_id() -> int:
     return 0 if info is None else info.id
 
 
-def video_frames(sample: dict) -> list[Image.Image]:
-    """A video sample's frames: ``f00.jpg ... fNN.jpg`` members in order, or a decoded ``mp4`` member."""
-    names = sorted(k for k in sample if FRAME_MEMBER.fullmatch(k))
-    if names:
-        return [sample[k] for k in names]
-    if "mp4" in sample:
-        from data_prep.video import VideoOptions, decode_clip
-
-        frames, _ = decode_clip(sample["mp4"], VideoOptions(num_frames=MAX_DECODED_FRAMES, sampling="uniform"))
-        return frames
-    raise ValueError(f"video sample {sample.get('__key__')} has neither fNN.jpg frames nor an mp4")
-
-
 def sample_fields(task_type: str, handler) -> list:
     """Pipeline stages picking what a task type reads from a decoded sample."""
     if task_type == "mlm":
-        return [wds.to_tuple("__key__", "txt", handler=handler)]
+        return [wds.to_tuple("__key__", schema.TEXT, handler=handler)]
     if task_type.startswith("video"):
         def pick(sample):
-            return sample["__key__"], video_frames(sample), sample["cls"], sample.get("txt", "")
+            return sample["__key__"], video_frames(sample), sample[schema.LABEL], sample.get(schema.TEXT, "")
         return [wds.map(pick, handler=handler)]
-    return [wds.to_tuple("__key__", "jpg", "cls", "txt", handler=handler)]
+    return [wds.to_tuple("__key__", schema.IMAGE, schema.LABEL, schema.TEXT, handler=handler)]
 
 
 def build_pipeline(urls: list[str], collate: Collate, batch_size: int, shuffle_buffer: int, seed: int,
@@ -304,7 +272,7 @@ class TaskStream:
                  rank: int, world_size: int, seed: int):
         self.task = task
         self.urls = split_by_rank(shard_urls(data.root, task.dataset, "train"), rank, world_size)
-        num_samples = int(read_json(data.root, "sizes.json")[f"{task.dataset}/train"])
+        num_samples = schema.num_samples(data.root, task.dataset, "train")
         self.num_workers = data.num_workers
         # An epoch is about one pass of the dataset over all ranks; with_epoch counts per worker.
         batches = max(1, num_samples // (task.batch_size * world_size))

@@ -9,11 +9,12 @@ beam-search captions.
 import torch
 import torch.nn.functional as F
 
+from data_prep import schema
 from models import UniPerceiver
 from models.captioning import generate
 from models.text_tokenizer import TextTokenizer
 from train.config import Config
-from train.data import read_json, val_batches
+from train.data import val_batches
 from train.metrics import corpus_bleu, corpus_cider
 
 
@@ -38,7 +39,7 @@ def evaluate_task(model: UniPerceiver, cfg: Config, task_index: int, tokenizer: 
                val_batches(cfg.data.root, task.dataset, img_size, batch_size, tokenizer, task_type=task.type,
                            num_frames=cfg.data.num_frames))
     if task.type.endswith("classification"):
-        names = read_json(cfg.data.root, "classes.json")[task.dataset]
+        names = schema.read_classes(cfg.data.root)[task.dataset]
         targets = model.encode_texts(*(t.to(device) for t in tokenizer(names)), task_id)
         correct1 = correct5 = total = 0
         for batch in batches:

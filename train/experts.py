@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from data_prep import schema
 from models.extract import (
     collect_usage,
     estimate_flops_per_token,
@@ -27,7 +28,7 @@ from models.extract import (
 from models.text_tokenizer import TextTokenizer
 from train.checkpoint import checkpoint_dir, load_plain_state_dict
 from train.config import Config, load_config
-from train.data import read_json, val_batches
+from train.data import val_batches
 from train.engine import build_model
 from train.evaluate import evaluate_task, vocabulary_targets
 
@@ -50,7 +51,7 @@ def measure_usage(model, cfg: Config, tokenizer: TextTokenizer, batch_size: int 
         targets = {}
         if task.type.endswith("classification"):
             targets = dict(zip(("target_ids", "target_mask"),
-                               tokenizer(read_json(cfg.data.root, "classes.json")[task.dataset])))
+                               tokenizer(schema.read_classes(cfg.data.root)[task.dataset])))
         elif task.type in ("mlm", "captioning"):
             targets = dict(zip(("target_ids", "target_mask"), vocabulary_targets(tokenizer)))
         for batch in val_batches(cfg.data.root, task.dataset, img_size, batch_size, tokenizer, task_type=task.type,

@@ -17,6 +17,7 @@ from deepspeed import comm as dist
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from data_prep import schema
 from models import pop_moe_stats
 from models.ds_moe import expert_layout
 from models.extract import freeze_for_prompt_tuning, freeze_for_transfer
@@ -24,7 +25,7 @@ from models.text_tokenizer import TextTokenizer
 from train import checkpoint
 from train.collectives import DataParallelCollectives
 from train.config import Config
-from train.data import TaskSampler, TaskStream, read_json
+from train.data import TaskSampler, TaskStream
 from train.dist import DistInfo
 from train.engine import build_model, create_engine, initialise_from
 from train.evaluate import vocabulary_targets
@@ -73,7 +74,7 @@ class Trainer:
         self.streams = [TaskStream(task, i, cfg.data, self.tokenizer, self.img_size, info.rank, info.world_size,
                                    cfg.run.seed) for i, task in enumerate(cfg.tasks)]
         # Class-name targets of each classification dataset: tokenised once, encoded every step (with gradients).
-        classes = read_json(cfg.data.root, "classes.json")
+        classes = schema.read_classes(cfg.data.root)
         self.class_targets = {t.dataset: self.tokenizer(classes[t.dataset]) for t in cfg.tasks
                               if t.type.endswith("classification")}
         self.vocab_targets = vocabulary_targets(self.tokenizer)  # MLM: every token as a one-token sentence

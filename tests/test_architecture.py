@@ -1,0 +1,67 @@
+"""The picture of docs/ARCHITECTURE.md, checked on the imports: data flows shards -> train/ -> models/, and the only
+thing train/ knows of data_prep/ is its data contract, data_prep/schema.py (standard library only)."""
+
+import ast
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+
+def imported_modules(path: Path, root: Path = REPO) -> set[str]:
+    """Every module a file imports, at any depth (function-level imports included); relative imports resolved."""
+    names = set()
+    package = ".".join(path.relative_to(root).with_suffix("").parts[:-1])
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def sources(folder: str) -> list[Path]:
+    return sorted((REPO / folder).rglob("*.py"))
+
+
+def data_prep_imports_beyond_the_schema(paths: list[Path], root: Path = REPO) -> dict[str, list[str]]:
+    offenders = {}
+    for path in paths:
+        bad = sorted(name for name in imported_modules(path, root)
+                     if name.split(".")[0] == "data_prep" and name not in ("data_prep", "data_prep.schema")
+                     and not name.startswith("data_prep.schema."))
+        if bad:
+            offenders[str(path.relative_to(root))] = bad
+    return offenders
+
+
+def test_train_reads_data_prep_only_through_its_schema():
+    assert not data_prep_imports_beyond_the_schema(sources("train"))
+
+
+def test_the_schema_needs_the_standard_library_only():
+    path = REPO / "data_prep" / "schema.py"
+    roots = {name.split(".")[0] for name in imported_modules(path)}
+    assert roots <= set(sys.stdlib_module_names) | {"__future__"}, roots - set(sys.stdlib_module_names)
+
+
+def test_models_hold_architecture_only():
+    """models/ never imports train/ or data_prep/ (and so never reads a config file, a rank or a shard)."""
+    offenders = {str(p.relative_to(REPO)): sorted(n for n in imported_modules(p) if n.split(".")[0] in
+                                                  ("train", "data_prep")) for p in sources("models")}
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_the_checker_sees_function_level_and_relative_imports(tmp_path):
+    """The checks above cannot pass by overlooking imports: lazy and relative ones are found."""
+    (tmp_path / "train").mkdir()
+    probe = tmp_path / "train" / "probe.py"
+    probe.write_text("from data_prep import schema\n\n\ndef f():\n    from data_prep.video import decode_clip\n"
+                     "    from ..data_prep import merge\n")
+    assert data_prep_imports_beyond_the_schema([probe], tmp_path) == {
+        "train/probe.py": ["data_prep.merge", "data_prep.video", "data_prep.video.decode_clip"]}
