@@ -17,6 +17,8 @@ expert-parallel layer:
 Routing and expert compute stay in ``models/moe.py``; DeepSpeed's own gate and ``MOELayer`` are not used.
 """
 
+import re
+
 import torch
 import torch.distributed.nn.functional
 import torch.nn as nn
@@ -113,6 +115,27 @@ class ExpertParallelMoE(MoE):
         return self.deepspeed_moe(x, ctx)
 
 
+# DeepSpeed's names for the parameters of an expert-parallel layer: a wrapper level (``deepspeed_moe``) and local
+# expert ids. Plain names (the model in one process) drop the wrapper level and use global expert ids.
+DS_WRAPPER = re.compile(r"\.deepspeed_moe(?=\.|$)")
+DS_EXPERTS = ".deepspeed_moe.experts.deepspeed_experts."
+
+
+def plain_name(name: str) -> str:
+    """A parameter's or module's name without DeepSpeed's wrapper level."""
+    return DS_WRAPPER.sub("", name)
+
+
+def global_expert_name(name: str, ep_rank: int, num_local: int) -> str:
+    """The plain name of a parameter as DeepSpeed names it on ep rank ``ep_rank`` (local expert ``i`` is global expert
+    ``ep_rank * num_local + i``)."""
+    head, sep, tail = name.partition(DS_EXPERTS)
+    if not sep:
+        return plain_name(name)
+    local, _, rest = tail.partition(".")
+    return plain_name(f"{head}{DS_EXPERTS}{ep_rank * num_local + int(local)}.{rest}")
+
+
 def expert_layout(model: nn.Module) -> dict:
     """This rank's place in expert parallelism (as checkpoints record it): ep_size, experts per layer, its rank in the
     expert-parallel group and in the expert-data-parallel group."""
@@ -137,7 +160,7 @@ def global_parameter_names(model: nn.Module) -> dict[nn.Parameter, str]:
                 for name, param in expert.named_parameters():
                     names[param] = f"{prefix}.experts.deepspeed_experts.{offset + local}.{name}"
     for name, param in model.named_parameters():
-        names.setdefault(param, name.replace(".deepspeed_moe.", "."))
+        names.setdefault(param, plain_name(name))
     return names
 
 

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from train import checkpoint, reshard
+from train import checkpoint, reshard, resume
 from train.config import load_config
 from train.dist import distributed
 from train.trainer import Trainer
@@ -18,7 +18,7 @@ def main() -> None:
     cfg_path, source, out = sys.argv[1:4]
     cfg = load_config(cfg_path, [f"run.output_dir={out}", *sys.argv[4:]])
     with distributed() as info, Trainer(cfg, info) as trainer:
-        step, _ = checkpoint.resume(trainer.engine, out, source, trainer.layout)
+        step, _ = resume.resume(trainer.engine, out, source, trainer.layout)
         saved = checkpoint.save(trainer.engine, out, step, keep_last=1, layout=trainer.layout)
         if info.rank == 0:
             compare(source, saved, step, info.world_size, cfg.moe.ep_size)

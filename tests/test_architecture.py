@@ -65,3 +65,67 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path):
                      "    from ..data_prep import merge\n")
     assert data_prep_imports_beyond_the_schema([probe], tmp_path) == {
         "train/probe.py": ["data_prep.merge", "data_prep.video", "data_prep.video.decode_clip"]}
+
+
+FIRST_PARTY = ("train", "models", "data_prep")
+
+
+def module_name(path: Path, root: Path = REPO) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(root: Path = REPO) -> dict[str, set[str]]:
+    """First-party module -> the first-party modules it imports (``from pkg import mod`` counts as ``pkg.mod``)."""
+    paths = [p for folder in FIRST_PARTY for p in sorted((root / folder).rglob("*.py"))]
+    modules = {module_name(p, root): p for p in paths}
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for imported in imported_modules(path, root):
+            while imported and imported not in modules:
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name and imported not in FIRST_PARTY:  # a package __init__ is no module here
+                targets.add(imported)
+        graph[name] = targets
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of ``graph`` (one path per strongly connected component of more than one module)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:  # Tarjan
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph.get(node, ()):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_cycles():
+    assert cycles(import_graph()) == []
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []

@@ -192,13 +192,14 @@ def test_non_finite_loss_on_one_rank_is_skipped_by_all(tiny_data, tmp_path, accu
 
 
 def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_losses(tiny_data, tmp_path):
-    """kill -9 every process at some step; the rerun resumes from the last complete checkpoint and every step's
-    loss equals the uninterrupted run's."""
+    """kill -9 the launcher at some step: the ranks follow it (parent-death signal) instead of training on as orphans;
+    the rerun resumes from the last complete checkpoint and every step's loss equals the uninterrupted run's."""
     import os
     import signal
     import subprocess
     import time
 
+    import psutil
     from conftest import subprocess_env
 
     reference = tmp_path / "reference"
@@ -209,6 +210,7 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_losses(tiny_data, t
     cmd = [*torchrun(2), "-m", "train", "--config", str(cfg), f"run.output_dir={killed}", "run.max_steps=1000"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
+    ranks = []
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -216,9 +218,17 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_losses(tiny_data, t
             if log.is_file() and len(log.read_text().splitlines()) >= 5:
                 break
             time.sleep(0.2)
+        ranks = psutil.Process(proc.pid).children()  # in sessions of their own: the killpg below misses them
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # no handler runs: a crash, not a stop
+        os.killpg(proc.pid, signal.SIGKILL)  # no handler runs in torchrun: a crash of the launcher
         proc.wait(timeout=60)
+    # The ranks must not train on as orphans (they did: a relaunch then shared the folder with them). They get the
+    # stop signal when their launcher dies and leave within a step and a save.
+    assert len(ranks) == 2
+    gone, alive = psutil.wait_procs(ranks, timeout=60)
+    for orphan in alive:
+        orphan.kill()
+    assert not alive, f"ranks {[p.pid for p in alive]} outlived their killed launcher"
     resumed_from = int((killed / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
     assert resumed_from >= 2
     run([*torchrun(2), "-m", "train", "--config", str(cfg), f"run.output_dir={killed}"])

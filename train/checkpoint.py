@@ -1,5 +1,5 @@
 """Checkpoints: DeepSpeed's own (ZeRO optimizer shards, one file per global expert), committed atomically, pruned,
-resumed on the same or a different layout, and read back as a plain state dict.
+and read back as a plain state dict. Which checkpoint a run resumes from, and how, is ``train.resume``'s.
 
 Layout under ``<output_dir>/checkpoints``: one ``step_<N>`` directory per checkpoint and a ``latest`` file. A
 checkpoint counts only once it is committed: after every rank finished writing, rank 0 writes ``step_<N>/condmoe.json``
@@ -12,16 +12,16 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from deepspeed import comm as dist
 
+from models.ds_moe import plain_name
+from train.dist import on_rank0
+
 TAG = re.compile(r"^step_(\d+)$")
 EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
-DS_EXPERTS = ".deepspeed_moe.experts.deepspeed_experts."
 MARKER = "condmoe.json"
 
 
@@ -59,24 +59,6 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def on_rank0(fn: Callable[[], Any]) -> Any:
-    """Runs ``fn`` on rank 0 only and hands its result, or its error, to every rank: no rank is left waiting in a
-    collective for a rank 0 that failed. A ValueError / FileNotFoundError stays one (the CLI's one-line errors)."""
-    box = [None, None]
-    if dist.get_rank() == 0:
-        try:
-            box = [fn(), None]
-        except Exception as exc:  # re-raised on every rank below
-            box = [None, (type(exc).__name__, str(exc))]
-    dist.broadcast_object_list(box, src=0)
-    if box[1] is not None:
-        kind, message = box[1]
-        if kind in ("ValueError", "FileNotFoundError"):
-            raise {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError}[kind](message)
-        raise RuntimeError(f"rank 0: {kind}: {message}")
-    return box[0]
 
 
 def save(engine, output_dir: str | Path, step: int, keep_last: int, layout: dict) -> Path:
@@ -146,34 +128,6 @@ def find(output_dir: str | Path, resume_from: str) -> Path | None:
     return path
 
 
-def resume(engine, output_dir: str | Path, resume_from: str, layout: dict) -> tuple[int, dict | None]:
-    """Loads model, optimizer, scheduler and experts; returns the step to continue from (0 if fresh) and the
-    checkpoint's ``condmoe.json`` record (None if fresh).
-
-    Written with the same world size and ep_size: DeepSpeed loads its own files (exact). Otherwise the checkpoint is
-    first turned into a layout-free copy (``train.reshard``) and every rank takes its part of it.
-    """
-    # Rank 0 decides; every rank must then see that checkpoint (one shared filesystem for all nodes).
-    path = on_rank0(lambda: find(output_dir, resume_from))
-    seen = [None] * dist.get_world_size()
-    dist.all_gather_object(seen, path is None or is_complete(path))
-    if not all(seen):
-        blind = [rank for rank, ok in enumerate(seen) if not ok]
-        raise FileNotFoundError(f"rank(s) {blind} cannot see {path}: checkpoints must be on a filesystem that every "
-                                "node shares")
-    if path is None:
-        return 0, None
-    record = read_layout(path)
-    if (record["world_size"], record["ep_size"]) != (dist.get_world_size(), layout["ep_size"]):
-        from train import reshard
-
-        return reshard.resume(engine, path, record, checkpoint_dir(output_dir)), record
-    load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
-    if load_path is None:
-        raise FileNotFoundError(f"run.resume={resume_from}: DeepSpeed found no checkpoint in {path}")
-    return int(client_state["step"]), record
-
-
 def load_plain_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A DeepSpeed MoE checkpoint as the state dict of the plain model (all experts, no DeepSpeed needed).
 
@@ -193,7 +147,3 @@ def load_plain_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             merged.update(torch.load(file, map_location="cpu", weights_only=False))
     # Expert keys already carry global expert ids; drop the DeepSpeed wrapper level everywhere.
     return {plain_name(key): value for key, value in merged.items()}
-
-
-def plain_name(name: str) -> str:
-    return name.replace(".deepspeed_moe.", ".")

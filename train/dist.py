@@ -17,9 +17,10 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if info.source == "env":
+        exit_with_launcher()
     # mpi4py discovery overwrites MASTER_PORT with this port: pass the one the user chose so that two MPI jobs
     # sharing a node need not collide on 29500.
     port = int(os.environ.get("MASTER_PORT", DEFAULT_MPI_PORT))
@@ -84,6 +87,31 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
                                timeout=datetime.timedelta(minutes=timeout_minutes))
     local_rank = int(os.environ.get("LOCAL_RANK", info.local_rank))  # MPI discovery sets it from the host names
     return DistInfo(deepspeed.comm.get_rank(), local_rank, deepspeed.comm.get_world_size(), info.source)
+
+
+def exit_with_launcher() -> bool:
+    """Asks Linux to send this process SIGTERM when its parent dies; returns whether it is armed.
+
+    torchrun starts every rank in a session of its own, so a ``kill -9`` of torchrun (or of its process group, or
+    the OOM killer) left the ranks training on as orphans: still writing the run's folder, which a relaunch then
+    shares. With this the ranks get the stop signal instead, checkpoint together and exit (``train/signals.py``).
+    Armed for the launchers that are a rank's parent (torchrun, the deepspeed launcher); srun and mpirun end their
+    own tasks.
+    """
+    if sys.platform != "linux":
+        return False
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
+        log.warning("could not arm the parent-death signal (errno %d): this rank outlives a killed launcher",
+                    ctypes.get_errno())
+        return False
+    if os.getppid() != parent:  # the launcher died before the call: the signal will never come
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
 
 
 # Native threads of torch.distributed's gloo backend (their names in /proc/self/task/*/comm): the work loops of a
@@ -146,6 +174,26 @@ def distributed(timeout_minutes: int = 30) -> Iterator[DistInfo]:
     # for its queued work, up to the process-group timeout; the process exits non-zero anyway, its launcher ends the
     # others. A user error the block handles (returning an exit code) gets here and shuts down cleanly.
     shutdown_distributed()
+
+
+def on_rank0(fn: Callable[[], Any]) -> Any:
+    """Runs ``fn`` on rank 0 only and hands its result, or its error, to every rank: no rank is left waiting in a
+    collective for a rank 0 that failed. A ValueError / FileNotFoundError stays one (the CLI's one-line errors)."""
+    from deepspeed import comm as dist
+
+    box = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            box = [fn(), None]
+        except Exception as exc:  # re-raised on every rank below
+            box = [None, (type(exc).__name__, str(exc))]
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        kind, message = box[1]
+        if kind in ("ValueError", "FileNotFoundError"):
+            raise {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError}[kind](message)
+        raise RuntimeError(f"rank 0: {kind}: {message}")
+    return box[0]
 
 
 def describe(info: DistInfo, environ: Mapping[str, str] | None = None) -> str:

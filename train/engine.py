@@ -13,7 +13,7 @@ import torch
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
 from models import SIZES, UniPerceiver, create_model, moe_layer_indices
-from models.ds_moe import apply_expert_parallel
+from models.ds_moe import apply_expert_parallel, plain_name
 from train.config import Config, resolve_path
 
 log = logging.getLogger("condmoe.engine")
@@ -109,7 +109,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        plain = name.replace(".deepspeed_moe.", ".")
+        plain = plain_name(name)
         (no_decay if param.ndim < 2 or plain in skip else decay).append(param)
     return [{"name": "decay", "params": decay, "weight_decay": weight_decay},
             {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]

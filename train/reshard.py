@@ -22,21 +22,14 @@ from pathlib import Path
 import torch
 from deepspeed import comm as dist
 
-from models.ds_moe import global_parameter_names
-from train.checkpoint import DS_EXPERTS, load_plain_state_dict, on_rank0, plain_name, read_layout
+from models.ds_moe import global_expert_name, global_parameter_names, plain_name
+from train.checkpoint import load_plain_state_dict, read_layout
+from train.dist import on_rank0
 
 log = logging.getLogger("condmoe.reshard")
 
 UNIVERSAL = "universal.pt"
 MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-def _global_expert_name(name: str, ep_rank: int, num_local: int) -> str:
-    head, sep, tail = name.partition(DS_EXPERTS)
-    if not sep:
-        return plain_name(name)
-    local, _, rest = tail.partition(".")
-    return plain_name(f"{head}{DS_EXPERTS}{ep_rank * num_local + int(local)}.{rest}")
 
 
 def _zero_file(path: Path, rank: int) -> Path:
@@ -74,7 +67,7 @@ def consolidate(path: str | Path) -> dict:
             if "step" in state:
                 optimizer_step = state["step"]
             for name, fragment in mapping.items():
-                name = _global_expert_name(name, ranks["ep_rank"], num_local) if expert_group else plain_name(name)
+                name = global_expert_name(name, ranks["ep_rank"], num_local) if expert_group else plain_name(name)
                 for key, tensor in flat.items():
                     pieces[name][key].append((partition, tensor.narrow(0, fragment.start, fragment.numel)))
     params = {}

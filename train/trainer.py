@@ -19,10 +19,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data_prep import schema
 from models import pop_moe_stats
-from models.ds_moe import expert_layout
+from models.ds_moe import expert_layout, plain_name
 from models.extract import freeze_for_prompt_tuning, freeze_for_transfer
 from models.text_tokenizer import TextTokenizer
-from train import checkpoint
+from train import checkpoint, resume
 from train.collectives import DataParallelCollectives
 from train.config import Config
 from train.data import TaskSampler, TaskStream
@@ -220,7 +220,7 @@ class Trainer:
         if self.info.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.output_dir / "config.yaml")
-        start, record = checkpoint.resume(self.engine, self.output_dir, cfg.run.resume, self.layout)
+        start, record = resume.resume(self.engine, self.output_dir, cfg.run.resume, self.layout)
         self._restore_usage_ema(record)
         for stream, position in zip(self.streams, self._stream_positions(start, record)):
             stream.position = position  # the stream seeks lazily on its first batch
@@ -466,4 +466,4 @@ def device_peak_tflops(configured: float, device: torch.device) -> float:
 def _routed_layer_names(model) -> list[tuple[str, object]]:
     from models.moe import RoutedLayer
 
-    return [(name.replace(".deepspeed_moe", ""), m) for name, m in model.named_modules() if isinstance(m, RoutedLayer)]
+    return [(plain_name(name), m) for name, m in model.named_modules() if isinstance(m, RoutedLayer)]
