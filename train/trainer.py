@@ -27,7 +27,7 @@ from train.collectives import DataParallelCollectives
 from train.config import Config
 from train.data import TaskSampler, TaskStream
 from train.dist import DistInfo
-from train.engine import build_model, create_engine, initialise_from
+from train.engine import build_model, create_engine, destroy_engine, initialise_from
 from train.evaluate import vocabulary_targets
 from train.signals import EXIT_PREEMPTED, StopRequest
 from train.transforms import stable_seed
@@ -206,7 +206,7 @@ class Trainer:
         if self.engine is not None:
             # DeepSpeed's own teardown: removes the ZeRO gradient hooks, whose closures hold the parameters (and
             # through their attributes the process groups) in a cycle through C++ that garbage collection cannot see.
-            self.engine.destroy()
+            destroy_engine(self.engine)
             self.engine = None
 
     def __enter__(self) -> "Trainer":
