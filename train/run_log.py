@@ -1,0 +1,214 @@
+"""What a training run records besides the training itself: each rank's per-step losses (``train_rank{r}.jsonl``),
+rank 0's interval metrics (``metrics.jsonl``, the log line, tensorboard), evaluation results (``eval.jsonl``), the
+per-task expert-usage EMA (``expert_usage_ema.json``, carried by checkpoints) and the MFU estimate.
+
+The trainer feeds it per micro-step (``add_micro_step``, ``add_bad_samples``: device tensors, no host sync) and calls
+``write`` once per log interval: two small all-reduces and one host sync there, plus one for the expert counts.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from deepspeed import comm as dist
+
+from models.ds_moe import plain_name
+from train.config import Config
+from train.dist import DistInfo
+
+log = logging.getLogger("condmoe.train")
+
+
+class RunLog:
+    def __init__(self, cfg: Config, info: DistInfo, output_dir: Path, engine, model_active_params: int):
+        self.cfg = cfg
+        self.info = info
+        self.output_dir = output_dir
+        self.engine = engine
+        self.model_active_params = model_active_params
+        self.metrics_file = output_dir / f"train_rank{info.rank}.jsonl"
+        self.data_errors = 0  # bad samples skipped by this rank's streams since the last log
+        # Expert selections per task since the last log ([X, L, E]), folded into a running EMA at each log.
+        self.usage_counts: torch.Tensor | None = None
+        self.usage_ema: torch.Tensor | None = None
+        self.usage_ema_started: torch.Tensor | None = None
+        # Per task: unweighted loss sum and micro-steps since the last log (on the device: no sync per step).
+        self.task_losses = torch.zeros(len(cfg.tasks), 2, device=engine.device)
+        self.peak_tflops = device_peak_tflops(cfg.run.peak_tflops, engine.device)
+        self.tensorboard = None  # rank 0's SummaryWriter, opened by open()
+
+    @property
+    def model(self):
+        return self.engine.module
+
+    def open(self, start: int) -> None:
+        """Rank 0 opens tensorboard (``run.tensorboard``) at the step the run starts or resumes from."""
+        if self.info.is_main and self.cfg.run.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops what a killed run logged after the checkpoint it resumes from
+            self.tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=start)
+
+    def close(self) -> None:
+        """Closes tensorboard and lets go of the engine (the trainer destroys it next)."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+        self.engine = None
+
+    def add_bad_samples(self, count: int) -> None:
+        self.data_errors += count
+
+    def add_micro_step(self, task_index: int, task_loss: torch.Tensor, expert_counts_LE: torch.Tensor | None) -> None:
+        """A micro-step that stepped: its task's unweighted loss and, for MoE models, its expert selections."""
+        self.task_losses[task_index, 0] += task_loss.detach().float()
+        self.task_losses[task_index, 1] += 1
+        if expert_counts_LE is not None:
+            if self.usage_counts is None:
+                self.usage_counts = torch.zeros(len(self.cfg.tasks), *expert_counts_LE.shape)
+            self.usage_counts[task_index] += expert_counts_LE.detach().float().cpu()
+
+    def checkpoint_state(self) -> dict:
+        """What checkpoints carry of this log: the expert-usage EMA (the same on every rank: its counts are summed
+        over ranks)."""
+        if self.usage_ema is None:
+            return {}
+        return {"expert_usage_ema": {"share": self.usage_ema.tolist(), "started": self.usage_ema_started.tolist()}}
+
+    def restore(self, record: dict | None) -> None:
+        """The expert-usage EMA of the checkpoint a run resumes from (a checkpoint of another task list: afresh)."""
+        saved = (record or {}).get("expert_usage_ema")
+        if saved is None:
+            return
+        share = torch.tensor(saved["share"])
+        if share.shape[0] != len(self.cfg.tasks):
+            return  # another task list: start the averages afresh
+        self.usage_ema, self.usage_ema_started = share, torch.tensor(saved["started"])
+
+    def write_eval(self, step: int, results: dict[str, dict]) -> None:
+        """Rank 0: one line of ``eval.jsonl`` and the float metrics as tensorboard scalars."""
+        with (self.output_dir / "eval.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, **results}) + "\n")
+        if self.tensorboard is not None:
+            for task, values in results.items():
+                for name, value in values.items():
+                    if isinstance(value, float):
+                        self.tensorboard.add_scalar(f"eval/{task}/{name}", value, step)
+
+    def _interval_expert_counts(self) -> torch.Tensor | None:
+        """Expert selections per task since the last log, summed over ranks ([X, L, E]); resets the tally."""
+        if self.usage_counts is None:
+            return None
+        counts = self.usage_counts.to(self.engine.device, copy=True)  # a copy: the tally is reset below
+        dist.all_reduce(counts)
+        self.usage_counts.zero_()
+        return counts.cpu()
+
+    def _update_usage_ema(self, counts: torch.Tensor, decay: float = 0.95) -> None:
+        """Per-task expert shares of this log interval folded into an EMA (Mod-Squad's 0.95) and written to
+        ``<output_dir>/expert_usage_ema.json`` by rank 0."""
+        share = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+        seen = counts.sum(dim=(1, 2)) > 0
+        if self.usage_ema is None:
+            self.usage_ema = torch.zeros_like(share)
+            self.usage_ema_started = torch.zeros(len(share), dtype=torch.bool)
+        first, later = seen & ~self.usage_ema_started, seen & self.usage_ema_started
+        self.usage_ema[first] = share[first]  # a task's first interval starts its average
+        self.usage_ema[later] = decay * self.usage_ema[later] + (1 - decay) * share[later]
+        self.usage_ema_started |= seen
+        if self.info.is_main:
+            record = {"decay": decay, "tasks": [t.name for t in self.cfg.tasks],
+                      "layers": [name for name, _ in _routed_layer_names(self.model)],
+                      "share": self.usage_ema.tolist()}
+            (self.output_dir / "expert_usage_ema.json").write_text(json.dumps(record))
+
+    def write(self, records: list, seconds: float, skipped_steps: int) -> dict | None:
+        """Writes this rank's per-step losses and, on rank 0, one line of run metrics to ``metrics.jsonl`` and
+        tensorboard, and a summary to the log. Two all-reduces and one host sync per log interval; returns rank 0's
+        record."""
+        with self.metrics_file.open("a") as f:
+            for r in records:
+                f.write(json.dumps({"step": r.step, "task": r.task, "loss": float(r.loss),
+                                    "task_loss": float(r.task_loss), "aux_loss": float(r.aux_loss)}) + "\n")
+        last = records[-1]
+        # [loss sum, aux sum, bad samples, samples, tokens] summed over ranks in one all-reduce
+        totals = torch.tensor([float(sum(float(r.loss) for r in records)),
+                               float(sum(float(r.aux_loss) for r in records)), float(self.data_errors),
+                               float(sum(r.samples for r in records)), float(sum(r.tokens for r in records))],
+                              device=self.engine.device)
+        dist.all_reduce(totals)
+        per_task = self.task_losses.clone()  # [X, 2]: unweighted loss sum, micro-steps
+        dist.all_reduce(per_task)
+        self.task_losses.zero_()
+        self.data_errors = 0
+        counts_XLE = self._interval_expert_counts()
+        if counts_XLE is not None:
+            self._update_usage_ema(counts_XLE)
+        if not self.info.is_main:
+            return None
+        loss_sum, aux_sum, errors, samples, tokens = totals.tolist()
+        steps = len(records) * self.info.world_size
+        counts = counts_XLE.sum(0) if counts_XLE is not None else None
+        share = counts / counts.sum(dim=-1, keepdim=True).clamp_min(1) if counts is not None else None
+        lr = self.engine.get_lr()[0]
+        grad_norm = self.engine.get_global_grad_norm()
+        record = {"step": last.step + 1, "loss": loss_sum / steps, "aux_loss": aux_sum / steps,
+                  "task_loss": {t.name: total / n for t, (total, n) in zip(self.cfg.tasks, per_task.tolist()) if n},
+                  "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                  "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
+                  "seconds_per_step": seconds / len(records), "bad_samples": int(errors),
+                  "skipped_micro_steps": skipped_steps,
+                  "expert_counts": counts.long().tolist() if counts is not None else None,
+                  "expert_share": share.tolist() if share is not None else None}
+        if self.peak_tflops > 0:
+            # 6 x active parameters per token (forward + backward), the usual dense estimate
+            flops = 6 * self.model_active_params * tokens / seconds
+            record["mfu"] = flops / (self.peak_tflops * 1e12 * self.info.world_size)
+        with (self.output_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            self._tensorboard(record)
+        usage = ""
+        if share is not None:
+            usage = " | expert share " + " ".join("[" + ",".join(f"{v:.2f}" for v in row) + "]"
+                                                  for row in share.tolist())
+        skipped = f" | {int(errors)} bad samples skipped" if errors else ""
+        if skipped_steps:
+            skipped += f" | {skipped_steps} non-finite micro-steps skipped so far"
+        mfu = f" | MFU {record['mfu']:.1%}" if "mfu" in record else ""
+        log.info("step %d | loss %.4f (mean over ranks) | rank0 %s %.4f aux %.4f | lr %.2e | %.2f s/step | "
+                 "%.0f samples/s%s%s%s", last.step + 1, record["loss"], last.task, float(last.task_loss),
+                 float(last.aux_loss), lr, seconds / len(records), samples / seconds, mfu, skipped, usage)
+        return record
+
+    def _tensorboard(self, record: dict) -> None:
+        tb, step = self.tensorboard, record["step"]
+        for key in ("loss", "aux_loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "seconds_per_step", "mfu",
+                    "bad_samples", "skipped_micro_steps"):
+            if record.get(key) is not None:
+                tb.add_scalar(f"train/{key}", record[key], step)
+        for task, value in record["task_loss"].items():
+            tb.add_scalar(f"task_loss/{task}", value, step)
+        if record["expert_share"] is not None:
+            names = [name for name, _ in _routed_layer_names(self.model)]
+            for name, row in zip(names, record["expert_share"]):
+                for expert, value in enumerate(row):
+                    tb.add_scalar(f"expert_share/{name}/expert{expert}", value, step)
+
+
+# Dense bf16 peak TFLOP/s per device, for the MFU estimate when run.peak_tflops is not given.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
+
+
+def device_peak_tflops(configured: float, device: torch.device) -> float:
+    if configured > 0 or device.type != "cuda":
+        return configured
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), 0.0)
+
+
+def _routed_layer_names(model) -> list[tuple[str, object]]:
+    from models.moe import RoutedLayer
+
+    return [(plain_name(name), m) for name, m in model.named_modules() if isinstance(m, RoutedLayer)]
