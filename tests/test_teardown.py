@@ -60,3 +60,19 @@ def test_teardown_faults_are_caught():
     with pytest.raises(pytest.fail.Exception, match="unclean teardown"):
         assert_clean_teardown("RESHARD-OK 97 tensors\nterminate called without an active exception\n")
     assert_clean_teardown("RESHARD-OK 97 tensors\n")
+
+
+@pytest.mark.slow
+def test_a_user_error_after_the_engine_exists_still_tears_down(tiny_data, tmp_path):
+    """classes.json is read after the DeepSpeed engine is built: the half-built trainer must release the engine, so
+    the one-line error (exit 2) is not followed by live gloo threads."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    (root / "classes.json").unlink()
+    cfg = small_config(tmp_path, root, **{"run.max_steps": 1})
+    proc = run([*torchrun(2), "-m", "train", "--config", str(cfg)], check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "condmoe-train: error:" in output and "classes.json" in output, output[-3000:]
+    assert_clean_teardown(output)

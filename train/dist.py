@@ -109,7 +109,7 @@ def exit_with_launcher() -> bool:
         log.warning("could not arm the parent-death signal (errno %d): this rank outlives a killed launcher",
                     ctypes.get_errno())
         return False
-    if os.getppid() != parent:  # the launcher died before the call: the signal will never come
+    if parent == 1 or os.getppid() != parent:  # the launcher died before the call: the signal will never come
         os.kill(os.getpid(), signal.SIGTERM)
     return True
 

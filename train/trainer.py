@@ -49,6 +49,18 @@ class StepRecord:
 
 class Trainer:
     def __init__(self, cfg: Config, info: DistInfo):
+        self.engine = None
+        self.streams: list[TaskStream] = []
+        self.run_log: RunLog | None = None
+        try:
+            self._build(cfg, info)
+        except BaseException:
+            # e.g. a user error (missing classes.json) after the engine exists: no `with` block runs close() for a
+            # trainer that was never returned, and its engine would hold the process groups into finalization.
+            self.close()
+            raise
+
+    def _build(self, cfg: Config, info: DistInfo) -> None:
         self.cfg = cfg
         self.info = info
         self.output_dir = Path(cfg.run.output_dir)
@@ -181,7 +193,8 @@ class Trainer:
     def _close_streams(self) -> None:
         for stream in self.streams:
             stream.close()
-        self.run_log.close()
+        if self.run_log is not None:
+            self.run_log.close()
 
     def close(self) -> None:
         """Releases what this trainer owns, in order: the task streams' loader workers, tensorboard's writer, then the
