@@ -234,7 +234,10 @@ def dry_run(ep_size: int = 1, environ: Mapping[str, str] | None = None) -> int:
     What ``condmoe-train --dry-run`` and ``python -m train.dist`` run instead of training.
     """
     info = detect(environ)
-    print(describe(info, environ), flush=True)
+    # One write per line: ranks of one mpirun share its stdout, and print() writes the text and the newline
+    # separately, so two ranks' lines could run together (seen in CI).
+    sys.stdout.write(describe(info, environ) + "\n")
+    sys.stdout.flush()
     problems = layout_problems(info, ep_size, environ)
     for problem in problems:
         print(f"condmoe-layout: error: rank {info.rank}: {problem}", file=sys.stderr, flush=True)
