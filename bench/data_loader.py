@@ -59,16 +59,16 @@ from pathlib import Path
 # `python bench/x.py` from anywhere: the repository root on the path, models._compat before torchvision.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import models._compat  # noqa: F401  (before torchvision)
+import condmoe.models._compat  # noqa: F401  (before torchvision)
 import numpy as np
 import psutil
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
-from data_prep.synthetic import write_synthetic_dataset
-from train.config import DataConfig, TaskConfig
-from train.data import MEAN, STD, TaskStream, shard_urls
+from condmoe.data_prep.synthetic import write_synthetic_dataset
+from condmoe.train.config import DataConfig, TaskConfig
+from condmoe.train.data import MEAN, STD, TaskStream, shard_urls
 
 
 BASELINE, CONTROL, OURS = "ImageFolder + DataLoader", "ImageFolder, draft decode", "condmoe TaskStream"

@@ -23,11 +23,11 @@ from pathlib import Path
 # `python bench/x.py` from anywhere: the repository root on the path, models._compat before timm.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import models._compat  # noqa: F401  (before timm)
+import condmoe.models._compat  # noqa: F401  (before timm)
 import torch
 from timm.layers import Mlp
-from models import MoEMLP, pop_moe_stats
-from models.router import ATTRIBUTES, RoutingContext
+from condmoe.models import MoEMLP, pop_moe_stats
+from condmoe.models.router import ATTRIBUTES, RoutingContext
 
 
 def timed(fn, iters: int, warmup: int, device: str) -> float:
@@ -61,7 +61,7 @@ def main() -> None:
     device, dtype = args.device, getattr(torch, args.dtype)
     torch.manual_seed(0)
 
-    from train.dist import init_distributed  # DeepSpeed's stock layer needs a (one-rank) process group
+    from condmoe.train.dist import init_distributed  # DeepSpeed's stock layer needs a (one-rank) process group
 
     init_distributed()
     from deepspeed.moe.layer import MoE
@@ -114,7 +114,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from train.dist import shutdown_distributed
+    from condmoe.train.dist import shutdown_distributed
 
     main()
     shutdown_distributed()  # the process group this benchmark made: destroyed before the interpreter's exit

@@ -55,13 +55,13 @@ from pathlib import Path
 # `python bench/x.py` from anywhere: the repository root on the path, models._compat before timm.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import models._compat  # noqa: F401  (before timm)
+import condmoe.models._compat  # noqa: F401  (before timm)
 import torch
 import torch.nn.functional as F
 from torch import nn
 import timm
 from timm.layers import Mlp
-from models import SIZES, MoEMLP, create_model, moe_layer_indices, pop_moe_stats
+from condmoe.models import SIZES, MoEMLP, create_model, moe_layer_indices, pop_moe_stats
 
 MODELS = {
     "moe": "condmoe MoE, token routing",
@@ -379,7 +379,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from train.dist import shutdown_distributed
+    from condmoe.train.dist import shutdown_distributed
 
     main()
     shutdown_distributed()  # the process group this benchmark made: destroyed before the interpreter's exit

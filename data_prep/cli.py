@@ -21,10 +21,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import NoReturn
 
-from data_prep.argtypes import non_negative_int, positive_int
-from data_prep.commands import add_commands
-from data_prep.shards import read_manifest
-from data_prep.synthetic import SyntheticConfig, complete_dataset_sizes, write_synthetic_dataset
+from condmoe.data_prep.argtypes import non_negative_int, positive_int
+from condmoe.data_prep.commands import add_commands
+from condmoe.data_prep.shards import read_manifest
+from condmoe.data_prep.synthetic import SyntheticConfig, complete_dataset_sizes, write_synthetic_dataset
 
 __all__ = ["build_parser", "main"]
 

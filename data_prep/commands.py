@@ -13,14 +13,14 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from data_prep.argtypes import byte_size, fraction, non_negative_int, positive_int
-from data_prep.errors import UserError
-from data_prep.merge import MergeError, SplitSummary, finalize_split, progress_splits, train_tokenizer
-from data_prep.runner import PartResult, PrepOptions, run_part
-from data_prep.shards import MANIFEST_NAME, read_manifest
-from data_prep.sources import SOURCES
-from data_prep.subset import SubsetError, make_subset
-from data_prep.verify import verify_dataset
+from condmoe.data_prep.argtypes import byte_size, fraction, non_negative_int, positive_int
+from condmoe.data_prep.errors import UserError
+from condmoe.data_prep.merge import MergeError, SplitSummary, finalize_split, progress_splits, train_tokenizer
+from condmoe.data_prep.runner import PartResult, PrepOptions, run_part
+from condmoe.data_prep.shards import MANIFEST_NAME, read_manifest
+from condmoe.data_prep.sources import SOURCES
+from condmoe.data_prep.subset import SubsetError, make_subset
+from condmoe.data_prep.verify import verify_dataset
 
 __all__ = ["add_commands", "parts_from_env"]
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-from data_prep.argtypes import non_negative_int
-from data_prep.errors import SkipSample, UserError
+from condmoe.data_prep.argtypes import non_negative_int
+from condmoe.data_prep.errors import SkipSample, UserError
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageOptions", "encode_jpeg", "open_image", "reencode_image", "resize_short_side"]
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_prep import schema
-from data_prep.progress import PROGRESS_DIR, list_part_files, part_file_name, read_part_file
-from data_prep.shards import read_manifest, write_index, write_json_atomic
-from data_prep.slice_writer import SLICE_FILE_RE
+from condmoe.data_prep import schema
+from condmoe.data_prep.progress import PROGRESS_DIR, list_part_files, part_file_name, read_part_file
+from condmoe.data_prep.shards import read_manifest, write_index, write_json_atomic
+from condmoe.data_prep.slice_writer import SLICE_FILE_RE
 
 __all__ = [
     "CLASSES_NAME",
@@ -208,7 +208,7 @@ def train_tokenizer(out: str | os.PathLike, vocab_size: int = 8000) -> Path:
         MergeError: If the manifest has no train split.
     """
     # tokenizers and transformers are imported only when a tokenizer is asked for.
-    from data_prep.bpe import bpe_vocab_size, train_bpe
+    from condmoe.data_prep.bpe import bpe_vocab_size, train_bpe
 
     out = Path(out)
     with index_lock(out):

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from data_prep.errors import ErrorItem
+from condmoe.data_prep.errors import ErrorItem
 
 __all__ = ["PLAN_VERSION", "SliceTask", "fingerprint", "num_slices", "part_slices", "slice_bounds"]
 

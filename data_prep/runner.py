@@ -29,13 +29,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from data_prep.errors import ErrorItem, SkipSample, UserError, error_record
-from data_prep.merge import SplitSummary, drop_entry, finalize_split, read_classes
-from data_prep.plan import SliceTask, fingerprint, num_slices, part_slices, slice_bounds
-from data_prep.progress import PROGRESS_DIR, PartLog, SliceRecord, list_part_files, read_part_header
-from data_prep.shards import read_manifest, verify_manifest
-from data_prep.slice_writer import SliceWriter, remove_slice_files
-from data_prep.sources.base import Source
+from condmoe.data_prep.errors import ErrorItem, SkipSample, UserError, error_record
+from condmoe.data_prep.merge import SplitSummary, drop_entry, finalize_split, read_classes
+from condmoe.data_prep.plan import SliceTask, fingerprint, num_slices, part_slices, slice_bounds
+from condmoe.data_prep.progress import PROGRESS_DIR, PartLog, SliceRecord, list_part_files, read_part_header
+from condmoe.data_prep.shards import read_manifest, verify_manifest
+from condmoe.data_prep.slice_writer import SliceWriter, remove_slice_files
+from condmoe.data_prep.sources.base import Source
 
 __all__ = ["PartResult", "PrepOptions", "run_part", "write_slice"]
 

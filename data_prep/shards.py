@@ -25,7 +25,7 @@ from typing import IO, Any
 import webdataset as wds
 from tqdm import tqdm
 
-from data_prep import schema
+from condmoe.data_prep import schema
 
 __all__ = [
     "MANIFEST_NAME",

@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import webdataset as wds
 
-from data_prep.shards import TAR_GROUP, TAR_MODE, TAR_MTIME, TAR_USER, ShardInfo, sha256_file
+from condmoe.data_prep.shards import TAR_GROUP, TAR_MODE, TAR_MTIME, TAR_USER, ShardInfo, sha256_file
 
 __all__ = ["SLICE_FILE_RE", "SliceWriter", "remove_slice_files", "shard_name", "tar_member_bytes"]
 

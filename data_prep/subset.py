@@ -43,11 +43,11 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
-from data_prep.errors import UserError, error_record
-from data_prep.merge import CLASSES_NAME, ERRORS_NAME, read_classes
-from data_prep.plan import fingerprint
-from data_prep.shards import MANIFEST_NAME, read_manifest, write_index, write_json_atomic, write_shards
-from data_prep.verify import check_member
+from condmoe.data_prep.errors import UserError, error_record
+from condmoe.data_prep.merge import CLASSES_NAME, ERRORS_NAME, read_classes
+from condmoe.data_prep.plan import fingerprint
+from condmoe.data_prep.shards import MANIFEST_NAME, read_manifest, write_index, write_json_atomic, write_shards
+from condmoe.data_prep.verify import check_member
 
 __all__ = ["SubsetError", "SubsetSummary", "make_subset", "quota", "rank"]
 

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from data_prep import schema
-from data_prep.shapes import (
+from condmoe.data_prep import schema
+from condmoe.data_prep.shapes import (
     COLORS,
     add_specks,
     composite,
@@ -41,7 +41,7 @@ from data_prep.shapes import (
     shape_colour,
     shape_mask,
 )
-from data_prep.shards import (
+from condmoe.data_prep.shards import (
     MANIFEST_NAME,
     SIZES_NAME,
     ShardInfo,
@@ -529,7 +529,7 @@ def write_synthetic_dataset(
     tokenizer_entry = None
     if tokenizer:
         # Imported here: tokenizers is only needed when a tokenizer is requested.
-        from data_prep.bpe import bpe_vocab_size, train_bpe
+        from condmoe.data_prep.bpe import bpe_vocab_size, train_bpe
 
         texts = [*captions, *IMAGE_CLASSES, *VIDEO_CLASSES]
         tok_dir = train_bpe(texts, out / "tokenizer", vocab_size=vocab_size)

@@ -22,8 +22,8 @@ from typing import Any
 import av
 from PIL import Image
 
-from data_prep.merge import read_classes
-from data_prep.shards import MANIFEST_NAME, SIZES_NAME, read_manifest, sha256_file
+from condmoe.data_prep.merge import read_classes
+from condmoe.data_prep.shards import MANIFEST_NAME, SIZES_NAME, read_manifest, sha256_file
 
 __all__ = ["check_member", "check_shard", "verify_dataset"]
 

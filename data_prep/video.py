@@ -18,10 +18,10 @@ from typing import Any
 import av
 from PIL import Image
 
-from data_prep.argtypes import non_negative_int, positive_int
-from data_prep.errors import SkipSample, UserError
-from data_prep.imaging import encode_jpeg, resize_short_side
-from data_prep.schema import MAX_FRAMES, VIDEO, frame_member, uniform_frame_indices
+from condmoe.data_prep.argtypes import non_negative_int, positive_int
+from condmoe.data_prep.errors import SkipSample, UserError
+from condmoe.data_prep.imaging import encode_jpeg, resize_short_side
+from condmoe.data_prep.schema import MAX_FRAMES, VIDEO, frame_member, uniform_frame_indices
 
 __all__ = ["VIDEO_EXTENSIONS", "VideoOptions", "decode_clip", "encode_clip", "sample_indices", "video_sample"]
 

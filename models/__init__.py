@@ -3,10 +3,10 @@
 ``models/ds_moe.py`` is the single adapter to DeepSpeed's expert parallelism and is imported only by train/.
 """
 
-from models import _compat  # noqa: F401  (must precede every timm import; see the module docstring)
-from models.generalist import TASK_TYPES, TaskOutput, UniPerceiver
-from models.moe import MoEMLP, MoEStats, pop_moe_stats
-from models.registry import SIZES, create_model, moe_layer_indices
+from condmoe.models import _compat  # noqa: F401  (must precede every timm import; see the module docstring)
+from condmoe.models.generalist import TASK_TYPES, TaskOutput, UniPerceiver
+from condmoe.models.moe import MoEMLP, MoEStats, pop_moe_stats
+from condmoe.models.registry import SIZES, create_model, moe_layer_indices
 
 __all__ = ["TASK_TYPES", "SIZES", "MoEMLP", "MoEStats", "TaskOutput", "UniPerceiver", "create_model",
            "moe_layer_indices", "pop_moe_stats"]

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 
-from models.losses import classification_loss, similarity_logits
-from models.router import ATTRIBUTES, MODALITIES, RoutingContext
+from condmoe.models.losses import classification_loss, similarity_logits
+from condmoe.models.router import ATTRIBUTES, MODALITIES, RoutingContext
 
 IGNORE = -100
 

@@ -26,7 +26,7 @@ from deepspeed import comm as dist
 from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
 
-from models.moe import MoEMLP, RoutedLayer
+from condmoe.models.moe import MoEMLP, RoutedLayer
 
 
 class DeepSpeedExpertComm:

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.generalist import UniPerceiver
-from models.moa import MoAttention
-from models.moe import MoEMLP, RoutedLayer
+from condmoe.models.generalist import UniPerceiver
+from condmoe.models.moa import MoAttention
+from condmoe.models.moe import MoEMLP, RoutedLayer
 
 
 def routed_layers_by_name(model: nn.Module) -> dict[str, RoutedLayer]:

@@ -22,18 +22,18 @@ import torch.utils.checkpoint
 from timm.layers import Mlp, trunc_normal_
 from timm.models.vision_transformer import Block
 
-from models.captioning import caption_loss
-from models.embeddings import ImageEmbed, TextEmbed
-from models.losses import (
+from condmoe.models.captioning import caption_loss
+from condmoe.models.embeddings import ImageEmbed, TextEmbed
+from condmoe.models.losses import (
     classification_loss,
     contrastive_loss,
     gathered_contrastive_loss,
     similarity_logits,
     soft_target_cross_entropy,
 )
-from models.moa import MoAttention
-from models.moe import MoEMLP, recomputing
-from models.router import RoutingContext, routing_context
+from condmoe.models.moa import MoAttention
+from condmoe.models.moe import MoEMLP, recomputing
+from condmoe.models.router import RoutingContext, routing_context
 
 TASK_TYPES = ("image_classification", "image_text_retrieval", "video_classification", "video_text_retrieval", "mlm",
               "captioning")

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
-from models import routing
-from models.moe import LocalComm, RoutedLayer, _slots
-from models.router import Router, RoutingContext
+from condmoe.models import routing
+from condmoe.models.moe import LocalComm, RoutedLayer, _slots
+from condmoe.models.router import Router, RoutingContext
 
 
 class MoAttention(RoutedLayer):

@@ -26,8 +26,8 @@ import torch
 from timm.layers import Mlp
 from torch import nn
 
-from models import routing
-from models.router import Router, RoutingContext
+from condmoe.models import routing
+from condmoe.models.router import Router, RoutingContext
 
 
 class LocalComm:

@@ -17,7 +17,7 @@ Then ``model.visual_features(x)`` equals ``timm_model.forward_features(x)[:, 0]`
 
 import torch
 
-from models.generalist import UniPerceiver
+from condmoe.models.generalist import UniPerceiver
 
 
 def load_timm_vit(model: UniPerceiver, timm_state: dict[str, torch.Tensor]) -> None:

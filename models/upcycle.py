@@ -9,8 +9,8 @@ import re
 
 import torch
 
-from models.generalist import UniPerceiver
-from models.moe import MoEMLP
+from condmoe.models.generalist import UniPerceiver
+from condmoe.models.moe import MoEMLP
 
 DENSE_MLP = re.compile(r"^blocks\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$")
 

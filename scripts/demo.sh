@@ -12,5 +12,5 @@ source scripts/env.sh
 config=configs/demo.yaml
 condmoe-prep synthetic --out data/synthetic --seed 0
 port=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-torchrun --nproc_per_node 2 --master_addr 127.0.0.1 --master_port "$port" -m train --config "$config" "$@"
+torchrun --nproc_per_node 2 --master_addr 127.0.0.1 --master_port "$port" -m condmoe.train --config "$config" "$@"
 condmoe-eval --config "$config" "$@"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import models._compat  # noqa: F401  (before anything imports timm; see models/_compat.py)
+import condmoe.models._compat  # noqa: F401  (before anything imports timm; see models/_compat.py)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A small synthetic dataset (several shards per split, BPE tokenizer) shared by the whole session."""
-    from data_prep.synthetic import write_synthetic_dataset
+    from condmoe.data_prep.synthetic import write_synthetic_dataset
 
     out = tmp_path_factory.mktemp("data") / "synthetic"
     write_synthetic_dataset(out, seed=0, num_train_images=240, num_val_images=60, num_train_videos=8,

@@ -6,17 +6,17 @@
   concatenated batch.
 """
 
-import models._compat  # noqa: F401  (first: before anything imports timm or torchvision)
+import condmoe.models._compat  # noqa: F401  (first: before anything imports timm or torchvision)
 
 import os
 import sys
 
 import torch
 
-from models import create_model
-from models.generalist import LocalCollectives
-from train.collectives import DataParallelCollectives
-from train.dist import shutdown_distributed
+from condmoe.models import create_model
+from condmoe.models.generalist import LocalCollectives
+from condmoe.train.collectives import DataParallelCollectives
+from condmoe.train.dist import shutdown_distributed
 
 VOCAB, SPE = 60, 4
 RANK = os.environ.get("RANK", "?")

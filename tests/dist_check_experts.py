@@ -3,20 +3,20 @@
 Exits non-zero with a message on the first violated invariant.
 """
 
-import models._compat  # noqa: F401  (first: before anything imports timm or torchvision)
+import condmoe.models._compat  # noqa: F401  (first: before anything imports timm or torchvision)
 
 import sys
 
 import torch
 from deepspeed import comm as dist
 
-from models import MoEMLP
-from train.checkpoint import load_plain_state_dict, save
-from train.cli import _setup_logging
-from train.config import load_config
-from train.dist import distributed
-from train.engine import build_model
-from train.trainer import Trainer
+from condmoe.models import MoEMLP
+from condmoe.train.checkpoint import load_plain_state_dict, save
+from condmoe.train.cli import _setup_logging
+from condmoe.train.config import load_config
+from condmoe.train.dist import distributed
+from condmoe.train.engine import build_model
+from condmoe.train.trainer import Trainer
 
 
 def check(condition: bool, message: str) -> None:

@@ -5,7 +5,7 @@
     dist_check_faults.py raise N --config CONFIG [overrides]       every rank raises a RuntimeError in step N
 """
 
-import models._compat  # noqa: F401  (first: before timm)
+import condmoe.models._compat  # noqa: F401  (first: before timm)
 
 import os
 import signal
@@ -13,8 +13,8 @@ import sys
 
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-from train import trainer
-from train.cli import train_main
+from condmoe.train import trainer
+from condmoe.train.cli import train_main
 
 fault, at_step = sys.argv[1], int(sys.argv[2])
 

@@ -2,17 +2,17 @@
 micro-step together (their collectives stay paired) and training goes on, one optimizer step per trainer step also
 with gradient accumulation. Usage: dist_check_guard.py CONFIG POISONED_CALL [overrides]"""
 
-import models._compat  # noqa: F401  (first: before anything imports timm or torchvision)
+import condmoe.models._compat  # noqa: F401  (first: before anything imports timm or torchvision)
 
 import sys
 
 import torch
 from deepspeed import comm as dist
 
-from train.cli import _setup_logging
-from train.config import load_config
-from train.dist import distributed
-from train.trainer import Trainer
+from condmoe.train.cli import _setup_logging
+from condmoe.train.config import load_config
+from condmoe.train.dist import distributed
+from condmoe.train.trainer import Trainer
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ Modes:
   mi         (2 ranks) the mutual-information loss summed over ranks == the loss of the concatenated batch.
 """
 
-import models._compat  # noqa: F401  (first: before anything imports timm or torchvision)
+import condmoe.models._compat  # noqa: F401  (first: before anything imports timm or torchvision)
 
 import copy
 import os
@@ -20,10 +20,10 @@ from deepspeed.moe.layer import MoE
 from timm.layers import Mlp
 from torch import nn
 
-from models import MoEMLP, pop_moe_stats
-from models.ds_moe import apply_expert_parallel
-from models.router import RoutingContext
-from train.dist import shutdown_distributed
+from condmoe.models import MoEMLP, pop_moe_stats
+from condmoe.models.ds_moe import apply_expert_parallel
+from condmoe.models.router import RoutingContext
+from condmoe.train.dist import shutdown_distributed
 
 DIM, HIDDEN, EXPERTS = 16, 32, 4
 

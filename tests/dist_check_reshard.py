@@ -2,16 +2,16 @@
 save it again untouched, and compare the two checkpoints' layout-free copies bit for bit (weights, Adam moments,
 optimizer step count, schedule). Run under torchrun: dist_check_reshard.py CONFIG SOURCE_CKPT OUT_DIR [overrides]"""
 
-import models._compat  # noqa: F401  (first: before timm)
+import condmoe.models._compat  # noqa: F401  (first: before timm)
 
 import sys
 
 import torch
 
-from train import checkpoint, reshard, resume
-from train.config import load_config
-from train.dist import distributed
-from train.trainer import Trainer
+from condmoe.train import checkpoint, reshard, resume
+from condmoe.train.config import load_config
+from condmoe.train.dist import distributed
+from condmoe.train.trainer import Trainer
 
 
 def main() -> None:

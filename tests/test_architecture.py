@@ -7,8 +7,10 @@ from pathlib import Path
 
 from conftest import REPO
 
+NAMESPACE = "condmoe."  # the installed names (setup.cfg package_dir): condmoe.train is the folder train/
 
-def imported_modules(path: Path, root: Path = REPO) -> set[str]:
+
+def raw_imports(path: Path, root: Path = REPO) -> set[str]:
     """Every module a file imports, at any depth (function-level imports included); relative imports resolved."""
     names = set()
     package = ".".join(path.relative_to(root).with_suffix("").parts[:-1])
@@ -23,6 +25,11 @@ def imported_modules(path: Path, root: Path = REPO) -> set[str]:
             names.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names)
     return names
+
+
+def imported_modules(path: Path, root: Path = REPO) -> set[str]:
+    """``raw_imports`` with the namespace taken off, so names match the repository's folders (``train.data``)."""
+    return {name.removeprefix(NAMESPACE) for name in raw_imports(path, root)}
 
 
 def sources(folder: str) -> list[Path]:
@@ -61,13 +68,21 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path):
     """The checks above cannot pass by overlooking imports: lazy and relative ones are found."""
     (tmp_path / "train").mkdir()
     probe = tmp_path / "train" / "probe.py"
-    probe.write_text("from data_prep import schema\n\n\ndef f():\n    from data_prep.video import decode_clip\n"
-                     "    from ..data_prep import merge\n")
+    probe.write_text("from condmoe.data_prep import schema\n\n\ndef f():\n"
+                     "    from condmoe.data_prep.video import decode_clip\n    from ..data_prep import merge\n")
     assert data_prep_imports_beyond_the_schema([probe], tmp_path) == {
         "train/probe.py": ["data_prep.merge", "data_prep.video", "data_prep.video.decode_clip"]}
 
 
 FIRST_PARTY = ("train", "models", "data_prep")
+
+
+def test_first_party_code_imports_the_namespaced_names():
+    """No file imports a bare ``train``/``models``/``data_prep``: installed, those names are a user's own packages."""
+    paths = [p for folder in (*FIRST_PARTY, "tests", "bench") for p in sorted((REPO / folder).rglob("*.py"))]
+    bare = {str(p.relative_to(REPO)): sorted(n for n in raw_imports(p) if n.split(".")[0] in FIRST_PARTY)
+            for p in paths}
+    assert not {k: v for k, v in bare.items() if v}
 
 
 def module_name(path: Path, root: Path = REPO) -> str:

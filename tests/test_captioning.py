@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from models import create_model, moe_layer_indices, pop_moe_stats
-from models.captioning import caption_attention_mask, generate
-from train.metrics import corpus_bleu
+from condmoe.models import create_model, moe_layer_indices, pop_moe_stats
+from condmoe.models.captioning import caption_attention_mask, generate
+from condmoe.train.metrics import corpus_bleu
 
 VOCAB, SPE, EOS = 40, 4, 2
 
@@ -75,7 +75,7 @@ def test_greedy_matches_a_hand_rolled_argmax_loop_and_beam_search_scores_higher(
     images = torch.randn(2, 3, 32, 32)
     greedy = generate(m, images, vocab, SPE, EOS, max_length=5, beam_size=1, cache=False)
     beam = generate(m, images, vocab, SPE, EOS, max_length=5, beam_size=4, cache=True)
-    from models.captioning import _Decoder
+    from condmoe.models.captioning import _Decoder
 
     for b in range(2):
         decoder = _Decoder(m, images[b:b + 1], 0, cache=False)

@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO, run, torchrun
 from test_distributed import losses, small_config
 
-from train import checkpoint
+from condmoe.train import checkpoint
 
 
 def _fake_checkpoint(ckpt_dir: Path, step: int, committed: bool = True) -> Path:
@@ -78,7 +78,7 @@ def test_prune_never_deletes_the_checkpoint_just_committed(tmp_path):
 def test_evaluation_during_training_needs_the_val_splits_up_front(tiny_data, tmp_path):
     import shutil
 
-    from train.config import load_config
+    from condmoe.train.config import load_config
 
     root = tmp_path / "data"
     shutil.copytree(tiny_data, root)
@@ -95,7 +95,7 @@ def test_evaluation_during_training_needs_the_val_splits_up_front(tiny_data, tmp
 def reference(tiny_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reference")
     cfg = small_config(tmp, tiny_data)
-    run([*torchrun(2), "-m", "train", "--config", str(cfg), f"run.output_dir={tmp / 'run'}"])
+    run([*torchrun(2), "-m", "condmoe.train", "--config", str(cfg), f"run.output_dir={tmp / 'run'}"])
     return cfg, tmp / "run"
 
 
@@ -110,7 +110,7 @@ def test_a_save_torn_by_sigkill_never_becomes_latest(reference, tmp_path):
     assert (ckpt / "latest").read_text().strip() == "step_3"
     assert (ckpt / "step_6").is_dir() and not checkpoint.is_complete(ckpt / "step_6")  # the torn one is there...
     assert checkpoint.find(torn, "auto") == ckpt / "step_3"  # ...and never chosen
-    run([*torchrun(2), "-m", "train", "--config", str(cfg), f"run.output_dir={torn}"])
+    run([*torchrun(2), "-m", "condmoe.train", "--config", str(cfg), f"run.output_dir={torn}"])
     for rank in (0, 1):
         want, got = losses(full, rank), losses(torn, rank)  # later lines win: the rerun's
         assert [got[step] for step in range(6)] == [want[step] for step in range(6)], rank
@@ -133,7 +133,7 @@ def test_resharded_round_trip_is_exact(reference, tmp_path):
 @pytest.mark.slow
 def test_resume_on_another_layout_continues_training_with_the_optimizer_state(reference, tmp_path):
     cfg, full = reference
-    train = ["-m", "train", "--config", str(cfg)]
+    train = ["-m", "condmoe.train", "--config", str(cfg)]
     # Same ranks, ep_size 2 -> 1: the same data, so the same losses up to float summation order. Adam's moments
     # matter here: resuming with fresh moments moved these losses by 1e-4 to 6e-3 (relative); with them, ~2e-7.
     ep1 = tmp_path / "ep1"
@@ -166,7 +166,7 @@ def test_resume_on_another_layout_continues_training_with_the_optimizer_state(re
 def test_resharding_zero1_and_bf16_checkpoints(tiny_data, tmp_path, ds_config):
     """ZeRO-1 shards, and bf16 training (bf16 weights, fp32 master copy in the shards), reshard exactly too."""
     cfg = small_config(tmp_path, tiny_data, **{"run.max_steps": 3, "deepspeed_config": f"ds_configs/{ds_config}"})
-    run([*torchrun(2), "-m", "train", "--config", str(cfg), f"run.output_dir={tmp_path / 'run'}"])
+    run([*torchrun(2), "-m", "condmoe.train", "--config", str(cfg), f"run.output_dir={tmp_path / 'run'}"])
     source = tmp_path / "run" / "checkpoints" / "step_3"
     assert (source / f"{'bf16_' if 'bf16' in ds_config else ''}zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
     proc = run([*torchrun(1), str(REPO / "tests" / "dist_check_reshard.py"), str(cfg), str(source),
@@ -185,7 +185,7 @@ def test_a_bad_shard_found_by_rank_0_while_resharding_ends_every_rank(reference,
     shutil.copytree(full / "checkpoints" / "step_3", source)
     shard = source / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     shard.write_bytes(shard.read_bytes()[:1000])
-    proc = run([*torchrun(2), "-m", "train", "--config", str(cfg), f"run.output_dir={tmp_path / 'run'}",
+    proc = run([*torchrun(2), "-m", "condmoe.train", "--config", str(cfg), f"run.output_dir={tmp_path / 'run'}",
                 "moe.ep_size=1", f"run.resume={source}"], timeout=120, check=False)
     assert proc.returncode != 0
     assert proc.stderr.count("rank 0: ") >= 2, proc.stderr[-3000:]  # both ranks report rank 0's error
@@ -196,7 +196,7 @@ def test_a_bad_shard_found_by_rank_0_while_resharding_ends_every_rank(reference,
                                                   ("zero3_dense_bf16.json", ["moe.num_experts=0"])])
 def test_shipped_deepspeed_configs_train(tiny_data, tmp_path, ds_config, overrides):
     cfg = small_config(tmp_path, tiny_data, **{"run.max_steps": 2, "deepspeed_config": f"ds_configs/{ds_config}"})
-    run([*torchrun(2), "-m", "train", "--config", str(cfg), f"run.output_dir={tmp_path / 'run'}", *overrides])
+    run([*torchrun(2), "-m", "condmoe.train", "--config", str(cfg), f"run.output_dir={tmp_path / 'run'}", *overrides])
     for rank in (0, 1):
         assert sorted(losses(tmp_path / "run", rank)) == [0, 1]
     assert checkpoint.is_complete(tmp_path / "run" / "checkpoints" / "step_2")

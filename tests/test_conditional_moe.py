@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from models import MoEMLP, pop_moe_stats
-from models.moa import MoAttention
-from models.moe import merge_experts
-from models.router import ATTRIBUTES, ROUTING_LEVELS, Router, RoutingContext
+from condmoe.models import MoEMLP, pop_moe_stats
+from condmoe.models.moa import MoAttention
+from condmoe.models.moe import merge_experts
+from condmoe.models.router import ATTRIBUTES, ROUTING_LEVELS, Router, RoutingContext
 
 DIM = 16
 

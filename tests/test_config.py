@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train.config import (
+from condmoe.train.config import (
     REPO_ROOT,
     Config,
     DataConfig,

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from data_prep import cli
-from data_prep.bpe import SPECIAL_TOKENS, build_bpe, train_bpe
-from data_prep.shards import list_shards, read_manifest, sha256_file, write_shards
-from data_prep.synthetic import (
+from condmoe.data_prep import cli
+from condmoe.data_prep.bpe import SPECIAL_TOKENS, build_bpe, train_bpe
+from condmoe.data_prep.shards import list_shards, read_manifest, sha256_file, write_shards
+from condmoe.data_prep.synthetic import (
     COLORS,
     IMAGE_CLASSES,
     POSITIONS,

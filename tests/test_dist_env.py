@@ -1,6 +1,6 @@
 """Tier 1: rank layout detection from launcher, SLURM and MPI variables."""
 
-from train.dist import detect
+from condmoe.train.dist import detect
 
 
 def test_launcher_variables_win_over_slurm():

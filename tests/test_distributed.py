@@ -39,7 +39,7 @@ def test_ep2_zero2_checkpoint_resume_continues_exactly(tiny_data, tmp_path):
     data["tasks"][0]["augment"] = {"random_resized_crop": True, "mixup": 0.8, "cutmix": 1.0}
     cfg.write_text(yaml.safe_dump(data))
     full, split = tmp_path / "full", tmp_path / "split"
-    train = [*torchrun(2), "-m", "train", "--config", str(cfg)]
+    train = [*torchrun(2), "-m", "condmoe.train", "--config", str(cfg)]
     run([*train, f"run.output_dir={full}"])
     run([*train, f"run.output_dir={split}", "run.max_steps=3"])
     run([*train, f"run.output_dir={split}"])  # resumes from step_3 (auto)
@@ -87,7 +87,7 @@ def test_deepspeed_launcher_two_ranks(tiny_data, tmp_path):
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
     assert launcher, "the deepspeed launcher is installed with deepspeed"
     run([launcher, "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-         "--module", "train", "--config", str(cfg)])
+         "--module", "condmoe.train", "--config", str(cfg)])
     for rank in (0, 1):
         assert sorted(losses(tmp_path / "run", rank)) == [0, 1]
     assert (tmp_path / "run" / "checkpoints" / "step_2").is_dir()
@@ -96,7 +96,7 @@ def test_deepspeed_launcher_two_ranks(tiny_data, tmp_path):
 @pytest.mark.parametrize("config", ["demo_modsquad.yaml", "demo_attribute.yaml"])
 def test_conditional_configs_train_on_two_ranks(tiny_data, tmp_path, config):
     """Mod-Squad (task gates, MoA, MI over ranks, ep_size 2) and attribute routing train and checkpoint."""
-    run([*torchrun(2), "-m", "train", "--config", str(REPO / "configs" / config), f"data.root={tiny_data}",
+    run([*torchrun(2), "-m", "condmoe.train", "--config", str(REPO / "configs" / config), f"data.root={tiny_data}",
          f"run.output_dir={tmp_path / 'run'}", "run.max_steps=3", "run.log_every=1", "tasks.0.batch_size=8",
          "tasks.1.batch_size=8", "data.shuffle_buffer=50"])
     for rank in (0, 1):
@@ -121,7 +121,7 @@ def test_sigusr1_checkpoints_every_rank_and_exits_for_requeue(tiny_data, tmp_pat
 
     cfg = small_config(tmp_path, tiny_data, **{"run.max_steps": 10000, "run.save_every": 10000})
     out = tmp_path / "run"
-    proc = subprocess.Popen([*torchrun(2), "-m", "train", "--config", str(cfg)], cwd=REPO, env=subprocess_env(),
+    proc = subprocess.Popen([*torchrun(2), "-m", "condmoe.train", "--config", str(cfg)], cwd=REPO, env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 120
@@ -145,23 +145,24 @@ def test_sigusr1_checkpoints_every_rank_and_exits_for_requeue(tiny_data, tmp_pat
     # (docs/slurm.md); srun and the deepspeed launcher exit 75 themselves (tests/test_slurm.py).
     assert proc.returncode == 1 and "exitcode  : 75" in output, output[-3000:]
     assert "terminate called" not in output and "communication threads still run" not in output, output[-3000:]
-    run([*torchrun(2), "-m", "train", "--config", str(cfg), f"run.max_steps={stopped_at + 2}"])
+    run([*torchrun(2), "-m", "condmoe.train", "--config", str(cfg), f"run.max_steps={stopped_at + 2}"])
     assert sorted(losses(out, 0))[-1] == stopped_at + 1
 
 
 def test_transfer_to_a_new_task_on_frozen_experts(tiny_data, tmp_path):
     """Train Mod-Squad, then fit a third task's gates and the heads with every expert frozen (2 ranks, ep_size 2)."""
-    from train.checkpoint import load_plain_state_dict
+    from condmoe.train.checkpoint import load_plain_state_dict
 
     common = [f"data.root={tiny_data}", "tasks.0.batch_size=8", "tasks.1.batch_size=8", "data.shuffle_buffer=50",
               "run.log_every=1"]
     config = str(REPO / "configs" / "demo_modsquad.yaml")
     source, target = tmp_path / "source", tmp_path / "target"
-    run([*torchrun(2), "-m", "train", "--config", config, *common, f"run.output_dir={source}", "run.max_steps=2"])
+    run([*torchrun(2), "-m", "condmoe.train", "--config", config, *common, f"run.output_dir={source}",
+         "run.max_steps=2"])
     new_task = ("tasks=[{name: shapes_classification, type: image_classification, dataset: image, batch_size: 8},"
                 " {name: shapes_caption_retrieval, type: image_text_retrieval, dataset: image, batch_size: 8},"
                 " {name: new_task, type: image_classification, dataset: image, batch_size: 8, weight: 10}]")
-    run([*torchrun(2), "-m", "train", "--config", config, *common[:1], new_task, "data.shuffle_buffer=50",
+    run([*torchrun(2), "-m", "condmoe.train", "--config", config, *common[:1], new_task, "data.shuffle_buffer=50",
          f"run.output_dir={target}", "run.max_steps=3", f"run.init_from={source / 'checkpoints'}",
          "run.freeze=experts"])
     before = load_plain_state_dict(source / "checkpoints")
@@ -176,7 +177,7 @@ def test_transfer_to_a_new_task_on_frozen_experts(tiny_data, tmp_path):
 
 def test_synchronized_sampling_with_split_targets_and_gathered_negatives(tiny_data, tmp_path):
     cfg = small_config(tmp_path, tiny_data, **{"run.max_steps": 3})
-    run([*torchrun(2), "-m", "train", "--config", str(cfg), "run.task_sampling=synchronized",
+    run([*torchrun(2), "-m", "condmoe.train", "--config", str(cfg), "run.task_sampling=synchronized",
          "tasks.0.split_targets=true", "tasks.1.gather_negatives=true"])
     tasks = [[losses(tmp_path / "run", rank)[s][0] for s in range(3)] for rank in (0, 1)]
     assert tasks[0] == tasks[1]  # every rank ran the same task at every step
@@ -204,10 +205,10 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_losses(tiny_data, t
 
     reference = tmp_path / "reference"
     cfg = small_config(tmp_path, tiny_data, **{"run.max_steps": 8, "run.save_every": 2})
-    run([*torchrun(2), "-m", "train", "--config", str(cfg), f"run.output_dir={reference}"])
+    run([*torchrun(2), "-m", "condmoe.train", "--config", str(cfg), f"run.output_dir={reference}"])
 
     killed = tmp_path / "killed"
-    cmd = [*torchrun(2), "-m", "train", "--config", str(cfg), f"run.output_dir={killed}", "run.max_steps=1000"]
+    cmd = [*torchrun(2), "-m", "condmoe.train", "--config", str(cfg), f"run.output_dir={killed}", "run.max_steps=1000"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     ranks = []
@@ -231,7 +232,7 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_losses(tiny_data, t
     assert not alive, f"ranks {[p.pid for p in alive]} outlived their killed launcher"
     resumed_from = int((killed / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
     assert resumed_from >= 2
-    run([*torchrun(2), "-m", "train", "--config", str(cfg), f"run.output_dir={killed}"])
+    run([*torchrun(2), "-m", "condmoe.train", "--config", str(cfg), f"run.output_dir={killed}"])
     for rank in (0, 1):
         want, got = losses(reference, rank), losses(killed, rank)  # later lines win: the rerun's
         assert all(got[step] == want[step] for step in range(8)), rank
@@ -239,12 +240,12 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_losses(tiny_data, t
 
 def test_prompt_tuning_run_from_a_checkpoint(tiny_data, tmp_path):
     """Pre-train, then prompt-tune (new prompts; everything but prompts, norms and temperatures frozen) on 2 ranks."""
-    from train.checkpoint import load_plain_state_dict
+    from condmoe.train.checkpoint import load_plain_state_dict
 
     source, tuned = tmp_path / "source", tmp_path / "tuned"
     cfg = small_config(tmp_path, tiny_data, **{"run.max_steps": 2})
-    run([*torchrun(2), "-m", "train", "--config", str(cfg), f"run.output_dir={source}"])
-    run([*torchrun(2), "-m", "train", "--config", str(cfg), f"run.output_dir={tuned}", "run.max_steps=2",
+    run([*torchrun(2), "-m", "condmoe.train", "--config", str(cfg), f"run.output_dir={source}"])
+    run([*torchrun(2), "-m", "condmoe.train", "--config", str(cfg), f"run.output_dir={tuned}", "run.max_steps=2",
          "model.num_prompts=4", "run.freeze=prompt", f"run.init_from={source / 'checkpoints'}"])
     before, after = load_plain_state_dict(source / "checkpoints"), load_plain_state_dict(tuned / "checkpoints")
     assert after["prompts"].shape == (2, 4, 4, 64)
@@ -265,7 +266,7 @@ def test_an_exception_mid_run_ends_the_job_instead_of_hanging(tiny_data, tmp_pat
 def test_activation_checkpointing_keeps_the_losses_with_expert_parallelism(tiny_data, tmp_path):
     """Recomputed blocks redo their all-to-alls in the backward pass; the losses stay bitwise those without."""
     cfg = small_config(tmp_path, tiny_data, **{"run.max_steps": 3})
-    train = [*torchrun(2), "-m", "train", "--config", str(cfg)]
+    train = [*torchrun(2), "-m", "condmoe.train", "--config", str(cfg)]
     run([*train, f"run.output_dir={tmp_path / 'plain'}"])
     run([*train, f"run.output_dir={tmp_path / 'recomputed'}", "model.grad_checkpointing=true"])
     for rank in (0, 1):

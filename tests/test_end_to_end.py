@@ -51,7 +51,7 @@ def test_prep_train_eval_console_scripts(tmp_path):
 
     # a plain model out of the DeepSpeed checkpoint (experts of both EP ranks), loadable without DeepSpeed
     run([script("condmoe-export"), "--config", config, "--out", str(tmp_path / "export"), *overrides])
-    code = ("import sys, torch; from models.extract import load_extracted; "
+    code = ("import sys, torch; from condmoe.models.extract import load_extracted; "
             f"m = load_extracted({str(tmp_path / 'export')!r}); "
             "assert len(m.blocks[0].mlp.experts.deepspeed_experts) == 4; "
             "assert 'deepspeed' not in sys.modules; print('LOADED')")
@@ -89,7 +89,7 @@ def test_experts_tool_on_a_trained_mod_squad_checkpoint(tiny_data, tmp_path):
                  "tasks.0.batch_size=8", "tasks.1.batch_size=8", "data.shuffle_buffer=50"]
     config = str(REPO / "configs" / "demo_modsquad.yaml")
     run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={free_port()}", "-m", "train", "--config", config, *overrides])
+         f"--master_port={free_port()}", "-m", "condmoe.train", "--config", config, *overrides])
     proc = run([script("condmoe-experts"), "extract", "--config", config, "--task", "shapes_classification",
                 "--threshold", "0", *overrides])
     report = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -110,7 +110,7 @@ def test_logs_tensorboard_progress_and_evaluation_during_training(tiny_data, tmp
                  "tasks.1.batch_size=8", "data.shuffle_buffer=50"]
     config = str(REPO / "configs" / "demo.yaml")
     proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                f"--master_port={free_port()}", "-m", "train", "--config", config, *overrides])
+                f"--master_port={free_port()}", "-m", "condmoe.train", "--config", config, *overrides])
     assert "train: 100%" in proc.stderr and "4/4" in proc.stderr  # rank 0's bar
 
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from models import create_model, moe_layer_indices, pop_moe_stats
-from models.extract import (
+from condmoe.models import create_model, moe_layer_indices, pop_moe_stats
+from condmoe.models.extract import (
     collect_usage,
     experts_to_keep,
     extract_task_model,
@@ -17,7 +17,7 @@ from models.extract import (
     task_similarity,
     track_usage,
 )
-from train.experts import plot
+from condmoe.train.experts import plot
 
 VOCAB, SPE = 100, 4
 
@@ -127,7 +127,7 @@ def test_saved_extraction_loads_and_runs_without_deepspeed(tmp_path):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(restored.eval().encode_images(x), small.eval().encode_images(x))
-    code = ("import sys, torch; from models.extract import load_extracted; "
+    code = ("import sys, torch; from condmoe.models.extract import load_extracted; "
             f"m = load_extracted({str(tmp_path / 'small')!r}).eval(); m.encode_images(torch.randn(1, 3, 32, 32)); "
             "assert 'deepspeed' not in sys.modules, 'deepspeed imported'; print('OK')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

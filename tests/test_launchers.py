@@ -20,7 +20,7 @@ import pytest
 from conftest import REPO, free_port, run, subprocess_env
 from test_distributed import losses, small_config
 
-from train.dist import DEFAULT_MPI_PORT, DistInfo, describe, detect, dry_run, layout_problems, main
+from condmoe.train.dist import DEFAULT_MPI_PORT, DistInfo, describe, detect, dry_run, layout_problems, main
 
 LIB = REPO / "slurm" / "lib.sh"
 VENV_BIN = Path(sys.executable).parent
@@ -186,7 +186,7 @@ def mpirun() -> str:
 
 @pytest.mark.slow
 def test_mpirun_dry_run_prints_each_ranks_layout():
-    proc = run([mpirun(), "-np", "2", sys.executable, "-m", "train.dist"], timeout=60)
+    proc = run([mpirun(), "-np", "2", sys.executable, "-m", "condmoe.train.dist"], timeout=60)
     layouts = sorted(re.findall(r"condmoe-layout rank=(\d) world_size=(\d) local_rank=(\d) source=(\w+)", proc.stdout))
     assert layouts == [("0", "2", "0", "mpi"), ("1", "2", "1", "mpi")], proc.stdout
     assert len([line for line in proc.stdout.splitlines() if line.startswith("condmoe-layout")]) == 2, proc.stdout
@@ -202,7 +202,7 @@ def test_mpirun_trains_two_ranks(tiny_data, tmp_path, monkeypatch):
         with contextlib.suppress(OSError):  # already taken: all the better
             other_job.bind(("0.0.0.0", DEFAULT_MPI_PORT))
             other_job.listen()
-        run([mpirun(), "-np", "2", sys.executable, "-m", "train", "--config", str(cfg)])
+        run([mpirun(), "-np", "2", sys.executable, "-m", "condmoe.train", "--config", str(cfg)])
     for rank in (0, 1):
         assert sorted(losses(tmp_path / "run", rank)) == [0, 1]
     assert (tmp_path / "run" / "checkpoints" / "step_2").is_dir()
@@ -211,14 +211,15 @@ def test_mpirun_trains_two_ranks(tiny_data, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_deepspeed_launcher_per_node_hostfile_form(tmp_path):
     """What each SLURM node runs in the deepspeed form, by hand: one launcher per "node" (two host names of this
-    machine) with --no_ssh --node_rank and a shared hostfile; `python -m train.dist` reports the ranks they start."""
+    machine) with --no_ssh --node_rank and a shared hostfile; `python -m condmoe.train.dist` reports the ranks they
+    start."""
     launcher = shutil.which("deepspeed", path=str(VENV_BIN))
     assert launcher, "the deepspeed launcher is installed with deepspeed"
     hostfile = tmp_path / "hostfile"
     hostfile.write_text(lib("condmoe_hostfile 2 localhost 127.0.0.1").stdout)  # 2 "nodes" x 2 slots
     port = free_port()
     nodes = [subprocess.Popen([launcher, "--hostfile", str(hostfile), "--no_ssh", f"--node_rank={node}",
-                               "--master_addr=127.0.0.1", f"--master_port={port}", "--module", "train.dist"],
+                               "--master_addr=127.0.0.1", f"--master_port={port}", "--module", "condmoe.train.dist"],
                               cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for node in (0, 1)]
     outputs = [node.communicate(timeout=120)[0] for node in nodes]

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from train.metrics import cider_scores, corpus_cider
+from condmoe.train.metrics import cider_scores, corpus_cider
 
 
 def _tok(sentences: list[str]) -> list[list[str]]:

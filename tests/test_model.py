@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, CLIPTokenizer
 
-from models import SIZES, TASK_TYPES, MoEMLP, create_model, moe_layer_indices, pop_moe_stats
-from models.text_tokenizer import TextTokenizer
+from condmoe.models import SIZES, TASK_TYPES, MoEMLP, create_model, moe_layer_indices, pop_moe_stats
+from condmoe.models.text_tokenizer import TextTokenizer
 
 VOCAB, SPE = 100, 4
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from timm.layers import Mlp
 
-from models import MoEMLP, pop_moe_stats
+from condmoe.models import MoEMLP, pop_moe_stats
 
 
 def reference_moe(layer: MoEMLP, x_TD: torch.Tensor) -> torch.Tensor:

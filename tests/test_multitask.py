@@ -5,12 +5,12 @@ import random
 import pytest
 import torch
 
-from models.embeddings import ImageEmbed
-from models.text_tokenizer import TextTokenizer
-from train.config import DataConfig, TaskConfig
-from train.data import TaskStream, val_batches
-from train.evaluate import retrieval_recall, vocabulary_targets
-from train.masking import IGNORE, mask_whole_words, word_starts
+from condmoe.models.embeddings import ImageEmbed
+from condmoe.models.text_tokenizer import TextTokenizer
+from condmoe.train.config import DataConfig, TaskConfig
+from condmoe.train.data import TaskStream, val_batches
+from condmoe.train.evaluate import retrieval_recall, vocabulary_targets
+from condmoe.train.masking import IGNORE, mask_whole_words, word_starts
 
 
 def test_video_and_image_share_the_patch_embedding_with_temporal_positions():
@@ -110,8 +110,8 @@ def test_retrieval_recall_hand_made():
 
 @pytest.mark.parametrize("top_k", [2, 3])
 def test_upcycled_moe_equals_the_dense_model_at_step_zero(top_k):
-    from models import create_model, moe_layer_indices
-    from models.upcycle import is_dense_checkpoint_for, upcycle_state_dict
+    from condmoe.models import create_model, moe_layer_indices
+    from condmoe.models.upcycle import is_dense_checkpoint_for, upcycle_state_dict
 
     torch.manual_seed(0)
     dense = create_model("debug", vocab_size=100, spe_token_id=4, max_text_len=12).eval()
@@ -135,8 +135,8 @@ def test_upcycled_moe_equals_the_dense_model_at_step_zero(top_k):
 def test_timm_vit_loads_and_gives_timm_features():
     import timm
 
-    from models import UniPerceiver
-    from models.timm_compat import load_timm_vit
+    from condmoe.models import UniPerceiver
+    from condmoe.models.timm_compat import load_timm_vit
 
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=0).eval()

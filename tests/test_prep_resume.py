@@ -22,7 +22,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from data_prep import cli
+from condmoe.data_prep import cli
 
 REPO = Path(__file__).resolve().parent.parent
 _CLASSES = ("ant", "bee", "cow", "doe")
@@ -62,7 +62,7 @@ def _args(root: Path, out: Path, *extra: str) -> list[str]:
 
 def _subprocess(args: list[str]) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.Popen([sys.executable, "-m", "data_prep.cli", *args], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "condmoe.data_prep.cli", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -13,10 +13,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from data_prep import cli
-from data_prep.commands import parts_from_env
-from data_prep.errors import UserError
-from data_prep.video import VideoOptions, sample_indices
+from condmoe.data_prep import cli
+from condmoe.data_prep.commands import parts_from_env
+from condmoe.data_prep.errors import UserError
+from condmoe.data_prep.video import VideoOptions, sample_indices
 
 _TINY = ["--no-progress", "--image-size", "16", "--jpeg-quality", "80"]
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_prep import cli
-from data_prep.argtypes import fraction as parse_fraction
-from data_prep.shards import read_manifest, sha256_file
-from data_prep.subset import make_subset, quota, rank
-from data_prep.synthetic import IMAGE_CLASSES, write_synthetic_dataset
+from condmoe.data_prep import cli
+from condmoe.data_prep.argtypes import fraction as parse_fraction
+from condmoe.data_prep.shards import read_manifest, sha256_file
+from condmoe.data_prep.subset import make_subset, quota, rank
+from condmoe.data_prep.synthetic import IMAGE_CLASSES, write_synthetic_dataset
 
 # 245 train images: the synthetic labels are balanced in blocks of 10, so five classes have 25 samples and five 24;
 # at a quarter that is 7 and 6 per class (65 in all), while a quarter of the whole split would be ceil(61.25) = 62.
@@ -247,9 +247,9 @@ def test_corrupt_samples_are_skipped_counted_and_replaced(src: Path, tmp_path: P
 
 
 def test_task_stream_reads_the_subset(src: Path, tmp_path: Path) -> None:
-    from models.text_tokenizer import TextTokenizer
-    from train.config import DataConfig, TaskConfig
-    from train.data import TaskStream
+    from condmoe.models.text_tokenizer import TextTokenizer
+    from condmoe.train.config import DataConfig, TaskConfig
+    from condmoe.train.data import TaskStream
 
     out = tmp_path / "sub"
     make_subset(src, out, "image", Fraction(1, 5), progress=False)

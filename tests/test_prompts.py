@@ -4,9 +4,9 @@ train)."""
 import pytest
 import torch
 
-from models import create_model, moe_layer_indices, pop_moe_stats
-from models.extract import freeze_for_prompt_tuning
-from models.losses import similarity_logits
+from condmoe.models import create_model, moe_layer_indices, pop_moe_stats
+from condmoe.models.extract import freeze_for_prompt_tuning
+from condmoe.models.losses import similarity_logits
 
 VOCAB, SPE = 50, 4
 

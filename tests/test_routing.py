@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from models import routing
+from condmoe.models import routing
 
 
 def test_topk_experts_renormalises_the_chosen_gates():

@@ -270,7 +270,7 @@ def test_dry_run_prints_each_ranks_layout(slurm_cluster, tiny_data, tmp_path, la
         assert layout[rank] | {"host": "-"} == {"rank": str(rank), "world_size": "2", "local_rank": "0",
                                                 "source": "env", "master": f"n1:{port}", "host": "-",
                                                 "slurm_node": node}, text
-    assert "would run the step above with python -m train" in text
+    assert "would run the step above with python -m condmoe.train" in text
     assert not (tmp_path / "run").exists()  # nothing trained
     if launcher == "deepspeed":
         assert "n1 slots=1" in text and "n2 slots=1" in text  # the hostfile it printed

@@ -5,7 +5,7 @@ import tarfile
 
 import pytest
 
-from train.tarstream import TruncatedShard, tar_members, tar_samples
+from condmoe.train.tarstream import TruncatedShard, tar_members, tar_samples
 
 
 def make_tar(fmt: int, members: list[tuple[str, bytes]]) -> bytes:

@@ -21,7 +21,7 @@ DETECTOR = textwrap.dedent("""
     import torch
     from deepspeed import comm as dist
 
-    from train.dist import COMM_THREAD_NAMES, init_distributed, live_comm_threads, shutdown_distributed
+    from condmoe.train.dist import COMM_THREAD_NAMES, init_distributed, live_comm_threads, shutdown_distributed
 
     init_distributed()
     group = dist.new_group([0])
@@ -50,7 +50,7 @@ def test_a_finished_two_rank_run_exits_0_with_every_thread_joined(tiny_data, tmp
     """ep_size 2 (expert groups), ZeRO-2 (its gradient hooks hold the parameters), a loader worker per stream and
     tensorboard: everything the trainer owns is released before the groups are destroyed."""
     cfg = small_config(tmp_path, tiny_data, **{"run.max_steps": 3, "run.tensorboard": True})
-    proc = run([*torchrun(2), "-m", "train", "--config", str(cfg)])  # fails on a nonzero exit or a teardown fault
+    proc = run([*torchrun(2), "-m", "condmoe.train", "--config", str(cfg)])  # fails on nonzero exit or teardown fault
     assert proc.returncode == 0
     assert sorted(losses(tmp_path / "run", 1)) == [0, 1, 2]
 
@@ -72,7 +72,7 @@ def test_a_user_error_after_the_engine_exists_still_tears_down(tiny_data, tmp_pa
     shutil.copytree(tiny_data, root)
     (root / "classes.json").unlink()
     cfg = small_config(tmp_path, root, **{"run.max_steps": 1})
-    proc = run([*torchrun(2), "-m", "train", "--config", str(cfg)], check=False)
+    proc = run([*torchrun(2), "-m", "condmoe.train", "--config", str(cfg)], check=False)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "condmoe-train: error:" in output and "classes.json" in output, output[-3000:]
     assert_clean_teardown(output)

@@ -16,11 +16,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from data_prep.schema import shard_urls
-from data_prep.synthetic import IMAGE_CLASSES, write_synthetic_dataset
-from models.text_tokenizer import TextTokenizer
-from train.config import DataConfig, TaskConfig
-from train.data import TaskSampler, TaskStream, image_to_tensor, val_batches
+from condmoe.data_prep.schema import shard_urls
+from condmoe.data_prep.synthetic import IMAGE_CLASSES, write_synthetic_dataset
+from condmoe.models.text_tokenizer import TextTokenizer
+from condmoe.train.config import DataConfig, TaskConfig
+from condmoe.train.data import TaskSampler, TaskStream, image_to_tensor, val_batches
 
 # 120 train images in 4 shards of 30, 40 val images in shards of 30 + 10. With batch size 40 on one rank an epoch is
 # 3 batches, so a handful of batches spans several epochs.
@@ -331,7 +331,7 @@ def test_val_batches_yield_every_sample_once(root, tokenizer, batch_size, sizes)
 
 def test_val_batches_match_image_to_tensor(root, tokenizer):
     first = next(val_batches(root, "image", IMG, 4, tokenizer))
-    from train.data import decode_sample
+    from condmoe.train.data import decode_sample
 
     raw = list(wds.WebDataset(shard_urls(root, "image", "val")[:1], shardshuffle=False, nodesplitter=None))[:4]
     expected = torch.stack([image_to_tensor(decode_sample(s, min_side=IMG)["jpg"], IMG) for s in raw])
@@ -363,11 +363,11 @@ def _junk_shard(path: Path) -> None:
 
 
 def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "train.data" and r.levelno == logging.WARNING]
+    return [r.getMessage() for r in caplog.records if r.name == "condmoe.train.data" and r.levelno == logging.WARNING]
 
 
 def test_val_skips_a_junk_shard(data_copy, tokenizer, caplog):
-    caplog.set_level(logging.WARNING, logger="train.data")
+    caplog.set_level(logging.WARNING, logger="condmoe.train.data")
     _junk_shard(data_copy / "image" / "val" / "shard-999999.tar")
     batches = run_with_timeout(lambda: list(val_batches(data_copy, "image", IMG, 16, tokenizer)))
     assert [b["images"].shape[0] for b in batches] == [16, 16, 8]  # every good sample, once
@@ -375,7 +375,7 @@ def test_val_skips_a_junk_shard(data_copy, tokenizer, caplog):
 
 
 def test_val_survives_a_truncated_shard(data_copy, tokenizer, caplog):
-    caplog.set_level(logging.WARNING, logger="train.data")
+    caplog.set_level(logging.WARNING, logger="condmoe.train.data")
     good = [int(s["cls"]) for s in read_val_samples(data_copy)]
     first = data_copy / "image" / "val" / "shard-000000.tar"
     first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])
@@ -387,7 +387,7 @@ def test_val_survives_a_truncated_shard(data_copy, tokenizer, caplog):
 
 
 def test_val_skips_bad_samples_inside_a_shard(data_copy, tokenizer, caplog):
-    caplog.set_level(logging.WARNING, logger="train.data")
+    caplog.set_level(logging.WARNING, logger="condmoe.train.data")
     path = data_copy / "image" / "val" / "shard-000001.tar"
     samples = [{k: v for k, v in s.items() if k == "__key__" or not k.startswith("__")}
                for s in wds.WebDataset(str(path), shardshuffle=False, nodesplitter=None)]
@@ -403,7 +403,7 @@ def test_val_skips_bad_samples_inside_a_shard(data_copy, tokenizer, caplog):
 
 
 def test_train_stream_skips_a_junk_shard(data_copy, tokenizer, caplog):
-    caplog.set_level(logging.WARNING, logger="train.data")
+    caplog.set_level(logging.WARNING, logger="condmoe.train.data")
     # A dataset of one good shard and one junk shard: resampling picks the junk one about every other time.
     mixed = data_copy / "mixed" / "train"
     mixed.mkdir(parents=True)
@@ -454,8 +454,8 @@ def test_stream_without_usable_samples_raises_instead_of_hanging(tiny_data):
     """An image task pointed at the video dataset (no .jpg members) can never yield a batch: a named error."""
     import threading
 
-    from train.config import DataConfig, TaskConfig
-    from train.data import TaskStream
+    from condmoe.train.config import DataConfig, TaskConfig
+    from condmoe.train.data import TaskStream
 
     tokenizer = TextTokenizer(tiny_data / "tokenizer", 16)
     task = TaskConfig(name="wrong", type="image_classification", dataset="video", batch_size=2)
@@ -477,7 +477,7 @@ def test_stream_without_usable_samples_raises_instead_of_hanging(tiny_data):
 
 
 def test_split_by_rank_gives_disjoint_shards_or_all_when_too_few():
-    from train.data import split_by_rank
+    from condmoe.train.data import split_by_rank
 
     urls = [f"s{i}.tar" for i in range(5)]
     parts = [split_by_rank(urls, r, 2) for r in range(2)]

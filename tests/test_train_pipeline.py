@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from models.losses import soft_target_cross_entropy
-from models.text_tokenizer import TextTokenizer
-from train.config import AugmentConfig, DataConfig, TaskConfig, load_config
-from train.data import TaskStream, val_batches
-from train.transforms import Augment, augment_image, random_resized_crop_box
+from condmoe.models.losses import soft_target_cross_entropy
+from condmoe.models.text_tokenizer import TextTokenizer
+from condmoe.train.config import AugmentConfig, DataConfig, TaskConfig, load_config
+from condmoe.train.data import TaskStream, val_batches
+from condmoe.train.transforms import Augment, augment_image, random_resized_crop_box
 
 
 def stream(root: Path, rank: int = 0, world: int = 1, workers: int = 0, augment: AugmentConfig | None = None,
@@ -95,9 +95,9 @@ def test_stable_seed_is_the_same_in_every_process():
     import subprocess
     import sys
 
-    from train.transforms import stable_seed
+    from condmoe.train.transforms import stable_seed
 
-    code = "from train.transforms import stable_seed; print(stable_seed(3, 'key-000001', 'caption'))"
+    code = "from condmoe.train.transforms import stable_seed; print(stable_seed(3, 'key-000001', 'caption'))"
     for hash_seed in ("1", "2"):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                              env={"PYTHONHASHSEED": hash_seed, "PATH": "/usr/bin:/bin"},
@@ -114,7 +114,7 @@ def test_collective_task_options_need_synchronized_sampling():
     assert cfg.tasks[0].split_targets and cfg.tasks[1].gather_negatives
     with pytest.raises(ValueError, match="gather_negatives applies to retrieval"):
         load_config(demo, ["tasks.0.gather_negatives=true", "run.task_sampling=synchronized"])
-    from train.data import TaskSampler
+    from condmoe.train.data import TaskSampler
 
     a, b = TaskSampler(cfg.tasks, 0, rank=0, synchronized=True), TaskSampler(cfg.tasks, 0, rank=1, synchronized=True)
     assert [a(s) for s in range(50)] == [b(s) for s in range(50)]

@@ -7,7 +7,7 @@ from PIL import Image
 
 
 def test_uniform_frame_indices_are_segment_centres():
-    from data_prep.schema import uniform_frame_indices
+    from condmoe.data_prep.schema import uniform_frame_indices
 
     assert uniform_frame_indices(16, 4) == [2, 6, 10, 14]
     assert uniform_frame_indices(6, 4) == [0, 2, 3, 5]
@@ -20,8 +20,8 @@ def test_uniform_frame_indices_are_segment_centres():
 
 
 def test_an_mp4_clip_is_read_like_frame_members():
-    from data_prep.video import VideoOptions, encode_clip
-    from train.video import video_frames
+    from condmoe.data_prep.video import VideoOptions, encode_clip
+    from condmoe.train.video import video_frames
 
     colours = [(40 * t, 255 - 40 * t, 128) for t in range(6)]
     frames = [Image.new("RGB", (32, 24), c) for c in colours]
@@ -36,7 +36,7 @@ def test_an_mp4_clip_is_read_like_frame_members():
 
 
 def test_a_bad_mp4_member_is_a_value_error_naming_it():
-    from train.video import video_frames
+    from condmoe.train.video import video_frames
 
     with pytest.raises(ValueError, match="mp4"):
         video_frames({"__key__": "clip", "mp4": b"\x00\x00\x00\x18ftypmp42 but nothing else"})

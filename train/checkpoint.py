@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from deepspeed import comm as dist
 
-from models.ds_moe import plain_name
-from train.dist import on_rank0
+from condmoe.models.ds_moe import plain_name
+from condmoe.train.dist import on_rank0
 
 TAG = re.compile(r"^step_(\d+)$")
 EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")

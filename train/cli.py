@@ -37,7 +37,7 @@ def train_main(argv: list[str] | None = None) -> int:
     parser = _parser("condmoe-train", "Pre-train a condmoe model with DeepSpeed.")
     parser.add_argument("--dry-run", action="store_true", help="print this process's rank layout and exit")
     args = parser.parse_args(argv)
-    from train.config import load_config
+    from condmoe.train.config import load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -45,12 +45,12 @@ def train_main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         return _fail("condmoe-train", exc)
     if args.dry_run:
-        from train.dist import dry_run
+        from condmoe.train.dist import dry_run
 
         return dry_run(cfg.moe.ep_size if cfg.moe.num_experts else 1)
 
-    from train.dist import distributed
-    from train.trainer import Trainer
+    from condmoe.train.dist import distributed
+    from condmoe.train.trainer import Trainer
 
     # The trainer is closed before the process groups are destroyed, and both happen before the interpreter's exit
     # (train/dist.py shutdown_distributed says why the order matters).
@@ -79,11 +79,11 @@ def eval_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
 
-    from models.text_tokenizer import TextTokenizer
-    from train.checkpoint import checkpoint_dir, load_plain_state_dict
-    from train.config import load_config
-    from train.engine import build_model
-    from train.evaluate import evaluate, format_table
+    from condmoe.models.text_tokenizer import TextTokenizer
+    from condmoe.train.checkpoint import checkpoint_dir, load_plain_state_dict
+    from condmoe.train.config import load_config
+    from condmoe.train.engine import build_model
+    from condmoe.train.evaluate import evaluate, format_table
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -113,11 +113,11 @@ def export_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
 
-    from models.extract import save_extracted
-    from models.text_tokenizer import TextTokenizer
-    from train.checkpoint import checkpoint_dir, load_plain_state_dict
-    from train.config import load_config
-    from train.engine import build_model
+    from condmoe.models.extract import save_extracted
+    from condmoe.models.text_tokenizer import TextTokenizer
+    from condmoe.train.checkpoint import checkpoint_dir, load_plain_state_dict
+    from condmoe.train.config import load_config
+    from condmoe.train.engine import build_model
 
     try:
         cfg = load_config(args.config, args.overrides)

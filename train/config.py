@@ -14,9 +14,9 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-from data_prep import schema
-from models import SIZES, TASK_TYPES
-from models.router import ROUTING_LEVELS
+from condmoe.data_prep import schema
+from condmoe.models import SIZES, TASK_TYPES
+from condmoe.models.router import ROUTING_LEVELS
 
 
 @dataclass
@@ -96,7 +96,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     size: str = "debug"
-    """A size from models.registry.SIZES (debug, small, base, large)."""
+    """A size from condmoe.models.registry.SIZES (debug, small, base, large)."""
     img_size: int = 0
     """Input resolution; 0 keeps the size's default."""
     patch_size: int = 0

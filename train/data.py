@@ -29,14 +29,14 @@ except ImportError:  # optional: PIL decodes everything, a little slower
 from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
 
-from data_prep import schema
-from data_prep.schema import shard_urls
-from models.text_tokenizer import TextTokenizer
-from train.config import DataConfig, TaskConfig
-from train.masking import IGNORE, mask_whole_words, word_starts
-from train.tarstream import tar_samples
-from train.transforms import Augment, augment_image, stable_seed
-from train.video import video_frames
+from condmoe.data_prep import schema
+from condmoe.data_prep.schema import shard_urls
+from condmoe.models.text_tokenizer import TextTokenizer
+from condmoe.train.config import DataConfig, TaskConfig
+from condmoe.train.masking import IGNORE, mask_whole_words, word_starts
+from condmoe.train.tarstream import tar_samples
+from condmoe.train.transforms import Augment, augment_image, stable_seed
+from condmoe.train.video import video_frames
 
 log = logging.getLogger(__name__)
 

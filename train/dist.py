@@ -6,8 +6,9 @@ task, not the process: under the ``deepspeed`` launcher inside SLURM (and under 
 are started by srun) SLURM_PROCID is the node index, and a ``mpirun`` in a batch script leaves SLURM_PROCID=0 in every
 rank. SLURM variables are therefore read only when nothing else set the layout (one ``srun`` task per process).
 
-``python -m train.dist`` prints the layout this process would use, without initialising anything: run it under any
-launcher in place of ``train`` to check a job's ranks (the sbatch scripts do this with ``CONDMOE_DRY_RUN=1``).
+``python -m condmoe.train.dist`` prints the layout this process would use, without initialising anything: run it under
+any launcher in place of ``condmoe.train`` to check a job's ranks (the sbatch scripts do this with
+``CONDMOE_DRY_RUN=1``).
 """
 
 import argparse
@@ -65,7 +66,7 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     """
     import datetime
 
-    import deepspeed  # here, not at the top: `python -m train.dist` and detect() must not pay for its import
+    import deepspeed  # here, not at the top: `python -m condmoe.train.dist` and detect() must not pay for its import
     import torch.distributed.nn.functional  # noqa: F401  (before the init: see shutdown_distributed)
 
     info = detect()
@@ -231,7 +232,7 @@ def layout_problems(info: DistInfo, ep_size: int = 1, environ: Mapping[str, str]
 def dry_run(ep_size: int = 1, environ: Mapping[str, str] | None = None) -> int:
     """Prints the layout this process would train with (stdout) and any problem (stderr); 0 if usable, else 2.
 
-    What ``condmoe-train --dry-run`` and ``python -m train.dist`` run instead of training.
+    What ``condmoe-train --dry-run`` and ``python -m condmoe.train.dist`` run instead of training.
     """
     info = detect(environ)
     # One write per line: ranks of one mpirun share its stdout, and print() writes the text and the newline
@@ -245,10 +246,11 @@ def dry_run(ep_size: int = 1, environ: Mapping[str, str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m train.dist [--config FILE [key.sub=value ...]]``: takes ``python -m train``'s arguments, so that a
-    launch command becomes a dry run by changing the module; with a config it also checks moe.ep_size."""
-    parser = argparse.ArgumentParser(prog="python -m train.dist", description="Print the rank layout this process "
-                                     "would train with (no initialisation, no training).")
+    """``python -m condmoe.train.dist [--config FILE [key.sub=value ...]]``: takes ``python -m condmoe.train``'s
+    arguments, so that a launch command becomes a dry run by changing the module; with a config it also checks
+    moe.ep_size."""
+    parser = argparse.ArgumentParser(prog="python -m condmoe.train.dist", description="Print the rank layout this "
+                                     "process would train with (no initialisation, no training).")
     parser.add_argument("--config", help="also check that the config's moe.ep_size divides the world size")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
     # The deepspeed launcher appends --local_rank; the layout is read from the environment, as in training.
@@ -258,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"overrides {args.overrides} without --config")
     ep_size = 1
     if args.config:
-        from train.config import load_config
+        from condmoe.train.config import load_config
 
         try:
             cfg = load_config(args.config, args.overrides)

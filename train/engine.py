@@ -12,9 +12,9 @@ import deepspeed
 import torch
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-from models import SIZES, UniPerceiver, create_model, moe_layer_indices
-from models.ds_moe import apply_expert_parallel, plain_name
-from train.config import Config, resolve_path
+from condmoe.models import SIZES, UniPerceiver, create_model, moe_layer_indices
+from condmoe.models.ds_moe import apply_expert_parallel, plain_name
+from condmoe.train.config import Config, resolve_path
 
 log = logging.getLogger("condmoe.engine")
 
@@ -74,8 +74,8 @@ def initialise_from(model: UniPerceiver, path: str) -> list[str]:
     copy of the dense MLP, fresh routers). Task-indexed parameters (task gates, task embeddings of routers) of a
     checkpoint with fewer tasks fill the first rows; the new tasks' rows keep their initialisation. Returns the
     names that were only partly filled."""
-    from models.upcycle import is_dense_checkpoint_for, upcycle_state_dict
-    from train.checkpoint import load_plain_state_dict
+    from condmoe.models.upcycle import is_dense_checkpoint_for, upcycle_state_dict
+    from condmoe.train.checkpoint import load_plain_state_dict
 
     state = load_plain_state_dict(path)
     own = model.state_dict()

@@ -9,13 +9,13 @@ beam-search captions.
 import torch
 import torch.nn.functional as F
 
-from data_prep import schema
-from models import UniPerceiver
-from models.captioning import generate
-from models.text_tokenizer import TextTokenizer
-from train.config import Config
-from train.data import val_batches
-from train.metrics import corpus_bleu, corpus_cider
+from condmoe.data_prep import schema
+from condmoe.models import UniPerceiver
+from condmoe.models.captioning import generate
+from condmoe.models.text_tokenizer import TextTokenizer
+from condmoe.train.config import Config
+from condmoe.train.data import val_batches
+from condmoe.train.metrics import corpus_bleu, corpus_cider
 
 
 def vocabulary_targets(tokenizer: TextTokenizer) -> tuple[torch.Tensor, torch.Tensor]:

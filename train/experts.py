@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from data_prep import schema
-from models.extract import (
+from condmoe.data_prep import schema
+from condmoe.models.extract import (
     collect_usage,
     estimate_flops_per_token,
     experts_to_keep,
@@ -25,12 +25,12 @@ from models.extract import (
     task_similarity,
     track_usage,
 )
-from models.text_tokenizer import TextTokenizer
-from train.checkpoint import checkpoint_dir, load_plain_state_dict
-from train.config import Config, load_config
-from train.data import val_batches
-from train.engine import build_model
-from train.evaluate import evaluate_task, vocabulary_targets
+from condmoe.models.text_tokenizer import TextTokenizer
+from condmoe.train.checkpoint import checkpoint_dir, load_plain_state_dict
+from condmoe.train.config import Config, load_config
+from condmoe.train.data import val_batches
+from condmoe.train.engine import build_model
+from condmoe.train.evaluate import evaluate_task, vocabulary_targets
 
 log = logging.getLogger("condmoe.experts")
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from deepspeed import comm as dist
 
-from models.ds_moe import global_expert_name, global_parameter_names, plain_name
-from train.checkpoint import load_plain_state_dict, read_layout
-from train.dist import on_rank0
+from condmoe.models.ds_moe import global_expert_name, global_parameter_names, plain_name
+from condmoe.train.checkpoint import load_plain_state_dict, read_layout
+from condmoe.train.dist import on_rank0
 
 log = logging.getLogger("condmoe.reshard")
 

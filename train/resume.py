@@ -5,9 +5,9 @@ from pathlib import Path
 
 from deepspeed import comm as dist
 
-from train import reshard
-from train.checkpoint import checkpoint_dir, find, is_complete, read_layout
-from train.dist import on_rank0
+from condmoe.train import reshard
+from condmoe.train.checkpoint import checkpoint_dir, find, is_complete, read_layout
+from condmoe.train.dist import on_rank0
 
 
 def resume(engine, output_dir: str | Path, resume_from: str, layout: dict) -> tuple[int, dict | None]:

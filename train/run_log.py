@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from deepspeed import comm as dist
 
-from models.ds_moe import plain_name
-from train.config import Config
-from train.dist import DistInfo
+from condmoe.models.ds_moe import plain_name
+from condmoe.train.config import Config
+from condmoe.train.dist import DistInfo
 
 log = logging.getLogger("condmoe.train")
 
@@ -209,6 +209,6 @@ def device_peak_tflops(configured: float, device: torch.device) -> float:
 
 
 def _routed_layer_names(model) -> list[tuple[str, object]]:
-    from models.moe import RoutedLayer
+    from condmoe.models.moe import RoutedLayer
 
     return [(plain_name(name), m) for name, m in model.named_modules() if isinstance(m, RoutedLayer)]

@@ -16,21 +16,21 @@ from deepspeed import comm as dist
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from data_prep import schema
-from models import pop_moe_stats
-from models.ds_moe import expert_layout
-from models.extract import freeze_for_prompt_tuning, freeze_for_transfer
-from models.text_tokenizer import TextTokenizer
-from train import checkpoint, resume
-from train.collectives import DataParallelCollectives
-from train.config import Config
-from train.data import TaskSampler, TaskStream
-from train.dist import DistInfo
-from train.engine import build_model, create_engine, destroy_engine, initialise_from
-from train.evaluate import vocabulary_targets
-from train.run_log import RunLog
-from train.signals import EXIT_PREEMPTED, StopRequest
-from train.transforms import stable_seed
+from condmoe.data_prep import schema
+from condmoe.models import pop_moe_stats
+from condmoe.models.ds_moe import expert_layout
+from condmoe.models.extract import freeze_for_prompt_tuning, freeze_for_transfer
+from condmoe.models.text_tokenizer import TextTokenizer
+from condmoe.train import checkpoint, resume
+from condmoe.train.collectives import DataParallelCollectives
+from condmoe.train.config import Config
+from condmoe.train.data import TaskSampler, TaskStream
+from condmoe.train.dist import DistInfo
+from condmoe.train.engine import build_model, create_engine, destroy_engine, initialise_from
+from condmoe.train.evaluate import vocabulary_targets
+from condmoe.train.run_log import RunLog
+from condmoe.train.signals import EXIT_PREEMPTED, StopRequest
+from condmoe.train.transforms import stable_seed
 
 log = logging.getLogger("condmoe.train")
 
@@ -291,7 +291,7 @@ class Trainer:
         """Zero-shot metrics of every task on its val split, from the checkpoint just written: each rank loads the
         plain model (all experts) and evaluates tasks ``rank, rank + world, ...``; rank 0 collects and writes them to
         ``eval.jsonl`` and tensorboard."""
-        from train.evaluate import evaluate_task, format_table
+        from condmoe.train.evaluate import evaluate_task, format_table
 
         cfg, info = self.cfg, self.info
         t0 = time.time()

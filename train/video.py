@@ -8,7 +8,7 @@ import io
 
 from PIL import Image
 
-from data_prep import schema
+from condmoe.data_prep import schema
 
 
 def video_frames(sample: dict) -> list[Image.Image]:

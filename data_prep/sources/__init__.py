@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from data_prep.sources.base import Source, SourcePlan
-from data_prep.sources.coco import CocoSource
-from data_prep.sources.imagefolder import ImageFolderSource
-from data_prep.sources.text import TextSource
-from data_prep.sources.video_csv import VideoCsvSource
-from data_prep.sources.wds_reindex import WdsReindexSource
+from condmoe.data_prep.sources.base import Source, SourcePlan
+from condmoe.data_prep.sources.coco import CocoSource
+from condmoe.data_prep.sources.imagefolder import ImageFolderSource
+from condmoe.data_prep.sources.text import TextSource
+from condmoe.data_prep.sources.video_csv import VideoCsvSource
+from condmoe.data_prep.sources.wds_reindex import WdsReindexSource
 
 __all__ = ["SOURCES", "Source", "SourcePlan"]
 

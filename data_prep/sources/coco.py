@@ -17,10 +17,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from data_prep.errors import ErrorItem, UserError
-from data_prep.imaging import ImageOptions, reencode_image
-from data_prep.sources.base import Source, SourcePlan
-from data_prep.sources.common import json_bytes, require_dir, require_file
+from condmoe.data_prep.errors import ErrorItem, UserError
+from condmoe.data_prep.imaging import ImageOptions, reencode_image
+from condmoe.data_prep.sources.base import Source, SourcePlan
+from condmoe.data_prep.sources.common import json_bytes, require_dir, require_file
 
 __all__ = ["CocoSource", "caption_line"]
 

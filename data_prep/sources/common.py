@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from data_prep.errors import UserError
+from condmoe.data_prep.errors import UserError
 
 __all__ = ["add_classes_argument", "json_bytes", "read_classes_file", "require_dir", "require_file", "resolve_classes"]
 

@@ -13,10 +13,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from data_prep.errors import ErrorItem, UserError
-from data_prep.imaging import IMAGE_EXTENSIONS, ImageOptions, reencode_image
-from data_prep.sources.base import Source, SourcePlan
-from data_prep.sources.common import (
+from condmoe.data_prep.errors import ErrorItem, UserError
+from condmoe.data_prep.imaging import IMAGE_EXTENSIONS, ImageOptions, reencode_image
+from condmoe.data_prep.sources.base import Source, SourcePlan
+from condmoe.data_prep.sources.common import (
     add_classes_argument,
     json_bytes,
     read_classes_file,

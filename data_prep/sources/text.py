@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from data_prep.errors import ErrorItem, SkipSample, UserError
-from data_prep.sources.base import Source, SourcePlan
+from condmoe.data_prep.errors import ErrorItem, SkipSample, UserError
+from condmoe.data_prep.sources.base import Source, SourcePlan
 
 __all__ = ["TextSource", "iter_documents"]
 

@@ -18,9 +18,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from data_prep.errors import ErrorItem, UserError
-from data_prep.sources.base import Source, SourcePlan
-from data_prep.sources.common import (
+from condmoe.data_prep.errors import ErrorItem, UserError
+from condmoe.data_prep.sources.base import Source, SourcePlan
+from condmoe.data_prep.sources.common import (
     add_classes_argument,
     json_bytes,
     read_classes_file,
@@ -28,7 +28,7 @@ from data_prep.sources.common import (
     require_file,
     resolve_classes,
 )
-from data_prep.video import VideoOptions, video_sample
+from condmoe.data_prep.video import VideoOptions, video_sample
 
 __all__ = ["VideoCsvSource", "label_sort_key"]
 

@@ -26,11 +26,11 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-from data_prep.errors import ErrorItem, SkipSample, UserError
-from data_prep.imaging import ImageOptions, reencode_image
-from data_prep.sources.base import Source, SourcePlan
-from data_prep.sources.common import json_bytes, require_dir
-from data_prep.video import VideoOptions, video_sample
+from condmoe.data_prep.errors import ErrorItem, SkipSample, UserError
+from condmoe.data_prep.imaging import ImageOptions, reencode_image
+from condmoe.data_prep.sources.base import Source, SourcePlan
+from condmoe.data_prep.sources.common import json_bytes, require_dir
+from condmoe.data_prep.video import VideoOptions, video_sample
 
 __all__ = ["WdsReindexSource", "scan_tar"]
 
