@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import condmoe.models._compat  # noqa: F401  (before timm)
 import torch
 from timm.layers import Mlp
-from condmoe.models import MoEMLP, pop_moe_stats
+from condmoe.models import MoEArgs, MoEMLP, pop_moe_stats
 from condmoe.models.router import ATTRIBUTES, RoutingContext
 
 
@@ -86,9 +86,10 @@ def main() -> None:
                     capacity_factor=1.25, eval_capacity_factor=1.25, min_capacity=4).to(device, dtype)
         stock.set_deepspeed_parallelism()
         rows.append(("DeepSpeed stock MoE", k, timed(run_layer(stock, x), args.iters, args.warmup, device)))
-        ours = MoEMLP(args.dim, args.hidden, num_experts=args.experts, top_k=k, capacity_factor=1.25).to(device, dtype)
+        token = MoEArgs(num_experts=args.experts, top_k=k, capacity_factor=1.25)
+        ours = MoEMLP(args.dim, args.hidden, args=token).to(device, dtype)
         rows.append(("condmoe MoEMLP, token routing", k, timed(run_layer(ours, x), args.iters, args.warmup, device)))
-        attr = MoEMLP(args.dim, args.hidden, num_experts=args.experts, top_k=k, routing_level="attribute")
+        attr = MoEMLP(args.dim, args.hidden, args=MoEArgs(num_experts=args.experts, top_k=k, routing="attribute"))
         attr = attr.to(device, dtype)
         attributes = torch.tensor(ATTRIBUTES["visual_input"], device=device, dtype=dtype).repeat(1, args.tokens, 1)
         attributes[:, args.tokens // 2:] = torch.tensor(ATTRIBUTES["text_target"], device=device, dtype=dtype)

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 import timm
 from timm.layers import Mlp
-from condmoe.models import SIZES, MoEMLP, create_model, moe_layer_indices, pop_moe_stats
+from condmoe.models import SIZES, MoEArgs, MoEMLP, create_model, moe_layer_indices, pop_moe_stats
 
 MODELS = {
     "moe": "condmoe MoE, token routing",
@@ -117,13 +117,13 @@ def build(name: str, args, geo: dict) -> nn.Module:
     depth, moe_blocks = geo["depth"], moe_layer_indices(geo["depth"])
     drop_path = {} if args.drop_path < 0 else {"drop_path_rate": args.drop_path}
     if name in ("moe", "dense", "moe-attribute"):
-        moe_kwargs = dict(num_experts=args.experts, top_k=args.top_k, num_tasks=1, capacity_factor=args.capacity_factor,
-                          routing_level="attribute" if name == "moe-attribute" else "token", static_dispatch=True)
+        moe = MoEArgs(num_experts=args.experts, top_k=args.top_k, capacity_factor=args.capacity_factor,
+                      routing="attribute" if name == "moe-attribute" else "token", static_dispatch=True)
         return create_model(args.size, vocab_size=args.vocab_size, spe_token_id=args.vocab_size - 1,
                             max_text_len=max(32, args.target_len), img_size=args.img_size, dim=geo["dim"],
                             depth=depth, num_heads=geo["num_heads"], mlp_ratio=geo["mlp_ratio"],
                             patch_size=geo["patch_size"], moe_layers=() if name == "dense" else moe_blocks,
-                            moe_kwargs=None if name == "dense" else moe_kwargs, **drop_path)
+                            moe=moe, **drop_path)
     model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=args.classes,
                               img_size=args.img_size, embed_dim=geo["dim"], depth=depth, num_heads=geo["num_heads"],
                               mlp_ratio=geo["mlp_ratio"], patch_size=geo["patch_size"], **drop_path)

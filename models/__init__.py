@@ -4,9 +4,10 @@
 """
 
 from condmoe.models import _compat  # noqa: F401  (must precede every timm import; see the module docstring)
-from condmoe.models.generalist import TASK_TYPES, TaskOutput, UniPerceiver
-from condmoe.models.moe import MoEMLP, MoEStats, pop_moe_stats
-from condmoe.models.registry import SIZES, create_model, moe_layer_indices
+from condmoe.models.generalist import TASK_TYPES, TaskOutput, UniPerceiver, UniPerceiverArgs
+from condmoe.models.moa import MoAArgs
+from condmoe.models.moe import MoEArgs, MoEMLP, MoEStats, pop_moe_stats
+from condmoe.models.registry import SIZES, create_model, model_args, moe_layer_indices
 
-__all__ = ["TASK_TYPES", "SIZES", "MoEMLP", "MoEStats", "TaskOutput", "UniPerceiver", "create_model",
-           "moe_layer_indices", "pop_moe_stats"]
+__all__ = ["TASK_TYPES", "SIZES", "MoAArgs", "MoEArgs", "MoEMLP", "MoEStats", "TaskOutput", "UniPerceiver",
+           "UniPerceiverArgs", "create_model", "model_args", "moe_layer_indices", "pop_moe_stats"]

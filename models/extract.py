@@ -11,14 +11,14 @@
 * ``freeze_for_transfer``: freeze everything but routers and output heads to fit a new task on frozen experts.
 """
 
-import copy
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from condmoe.models.generalist import UniPerceiver
+from condmoe.models.generalist import UniPerceiver, UniPerceiverArgs
 from condmoe.models.moa import MoAttention
 from condmoe.models.moe import MoEMLP, RoutedLayer
 
@@ -112,13 +112,11 @@ def extract_task_model(model: UniPerceiver, task_id: int, keep: dict[str, list[i
         task_id: the task to keep; the extracted model runs it as task 0.
         keep: layer name (``blocks.<i>.mlp`` / ``blocks.<i>.attn``) -> global expert ids to keep.
     """
-    args = copy.deepcopy(model.init_args)
-    args["moe_kwargs"]["num_tasks"] = 1
-    args["moa_kwargs"]["num_tasks"] = 1
+    moe_kept, moa_kept = dict(model.args.moe_kept), dict(model.args.moa_kept)
     for name, experts in keep.items():
         block = int(name.split(".")[1])
-        (args["moe_kept"] if name.endswith(".mlp") else args["moa_kept"])[block] = sorted(experts)
-    small = UniPerceiver(**args)
+        (moe_kept if name.endswith(".mlp") else moa_kept)[block] = sorted(experts)
+    small = UniPerceiver(dataclasses.replace(model.args, num_tasks=1, moe_kept=moe_kept, moa_kept=moa_kept))
 
     full_state = model.state_dict()
     state = {k: v for k, v in full_state.items() if not _in_routed_layer(k, keep)}
@@ -160,7 +158,7 @@ def save_extracted(model: UniPerceiver, out_dir: str | Path, meta: dict | None =
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
-    (out / "model_config.json").write_text(json.dumps({"init_args": model.init_args, **(meta or {})}, indent=2))
+    (out / "model_config.json").write_text(json.dumps({"model_args": model.args.to_dict(), **(meta or {})}, indent=2))
     return out
 
 
@@ -169,7 +167,9 @@ def load_extracted(path: str | Path) -> UniPerceiver:
 
     path = Path(path)
     config = json.loads((path / "model_config.json").read_text())
-    model = UniPerceiver(**config["init_args"])
+    if "model_args" not in config:
+        raise ValueError(f"{path / 'model_config.json'}: no model_args (written by an older condmoe: extract it again)")
+    model = UniPerceiver(UniPerceiverArgs.from_dict(config["model_args"]))
     model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
     return model
 

@@ -12,8 +12,9 @@ Shape legend: B batch, N tokens, L text length, M targets, D width.
 """
 
 import contextlib
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -31,8 +32,8 @@ from condmoe.models.losses import (
     similarity_logits,
     soft_target_cross_entropy,
 )
-from condmoe.models.moa import MoAttention
-from condmoe.models.moe import MoEMLP, recomputing
+from condmoe.models.moa import MoAArgs, MoAttention
+from condmoe.models.moe import MoEArgs, MoEMLP, recomputing
 from condmoe.models.router import RoutingContext, routing_context
 
 TASK_TYPES = ("image_classification", "image_text_retrieval", "video_classification", "video_text_retrieval", "mlm",
@@ -72,8 +73,10 @@ class ConditionalBlock(Block):
         return x + self.drop_path2(self.ls2(h))
 
 
-class UniPerceiver(nn.Module):
-    """The generalist encoder and its task heads.
+@dataclass
+class UniPerceiverArgs:
+    """Everything that defines a ``UniPerceiver`` (``models/registry.py`` holds the named sizes). Extracted models are
+    saved with it (``to_dict``/``from_dict``), so it is also the schema of ``model_config.json``.
 
     Args:
         vocab_size: text vocabulary (BPE plus special tokens).
@@ -84,75 +87,84 @@ class UniPerceiver(nn.Module):
         dim, depth, num_heads, mlp_ratio: encoder size.
         drop_path_rate: stochastic depth, constant over blocks as in Uni-Perceiver.
         layer_scale_init: LayerScale initial value (None disables).
-        moe_layers: indices of blocks whose MLP is an ``MoEMLP``.
-        moe_kwargs: keyword arguments of those ``MoEMLP`` (num_experts, top_k, routing_level, capacity_factor, ...).
-        moa_layers: indices of blocks whose attention is a mixture of attention heads (``MoAttention``).
-        moa_kwargs: keyword arguments of those ``MoAttention`` (num_experts, num_heads, head_dim, routing_level, ...).
+        num_tasks: tasks known to task-level routers, task gates and the MI loss.
+        moe_layers: indices of blocks whose MLP is an ``MoEMLP``, built from ``moe``.
+        moa_layers: indices of blocks whose attention is a mixture of attention heads (``MoAttention``), from ``moa``.
         moe_kept, moa_kept: per block, the experts to build (an extracted model, see ``models/extract.py``).
         embed_norm: the LayerNorm shared by all modalities' embeddings (Uni-Perceiver); False gives timm's ViT layout
             (``models/timm_compat.py`` loads timm ViT weights into such a model).
         num_prompts: learned prompt tokens per block and side (inputs, targets) for prompt tuning (0: none).
+        head_classes: classes of the zero-initialised prompt-tuning head (0: none).
     """
 
-    def __init__(
-        self,
-        vocab_size: int,
-        spe_token_id: int,
-        img_size: int = 224,
-        patch_size: int = 16,
-        max_text_len: int = 64,
-        max_frames: int = 8,
-        dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        drop_path_rate: float = 0.1,
-        layer_scale_init: float | None = 1e-3,
-        moe_layers: tuple[int, ...] = (),
-        moe_kwargs: dict | None = None,
-        moa_layers: tuple[int, ...] = (),
-        moa_kwargs: dict | None = None,
-        moe_kept: dict[int, list[int]] | None = None,
-        moa_kept: dict[int, list[int]] | None = None,
-        embed_norm: bool = True,
-        num_prompts: int = 0,
-        head_classes: int = 0,
-    ):
+    vocab_size: int
+    spe_token_id: int
+    img_size: int = 224
+    patch_size: int = 16
+    max_text_len: int = 64
+    max_frames: int = 8
+    dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.1
+    layer_scale_init: float | None = 1e-3
+    num_tasks: int = 1
+    moe_layers: tuple[int, ...] = ()
+    moe: MoEArgs = field(default_factory=MoEArgs)
+    moa_layers: tuple[int, ...] = ()
+    moa: MoAArgs = field(default_factory=MoAArgs)
+    moe_kept: dict[int, list[int]] = field(default_factory=dict)
+    moa_kept: dict[int, list[int]] = field(default_factory=dict)
+    embed_norm: bool = True
+    num_prompts: int = 0
+    head_classes: int = 0
+
+    def __post_init__(self):
+        self.moe_layers, self.moa_layers = tuple(self.moe_layers), tuple(self.moa_layers)
+        self.moe_kept = {int(k): sorted(v) for k, v in self.moe_kept.items()}  # JSON keys are strings
+        self.moa_kept = {int(k): sorted(v) for k, v in self.moa_kept.items()}
+        for name, layers in (("moe_layers", self.moe_layers), ("moa_layers", self.moa_layers)):
+            if any(not 0 <= i < self.depth for i in layers):
+                raise ValueError(f"{name} {list(layers)} must index blocks in [0, {self.depth})")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "UniPerceiverArgs":
+        values = dict(values)
+        values["moe"], values["moa"] = MoEArgs(**values.get("moe", {})), MoAArgs(**values.get("moa", {}))
+        return cls(**values)
+
+
+class UniPerceiver(nn.Module):
+    """The generalist encoder and its task heads, built from a ``UniPerceiverArgs`` (``create_model`` builds one
+    from a named size)."""
+
+    def __init__(self, args: UniPerceiverArgs):
         super().__init__()
-        # What it takes to rebuild this model (extracted models are saved with it).
-        self.init_args = dict(vocab_size=vocab_size, spe_token_id=spe_token_id, img_size=img_size,
-                              patch_size=patch_size, max_text_len=max_text_len, max_frames=max_frames, dim=dim,
-                              depth=depth,
-                              num_heads=num_heads, mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate,
-                              layer_scale_init=layer_scale_init, moe_layers=list(moe_layers),
-                              moe_kwargs=dict(moe_kwargs or {}), moa_layers=list(moa_layers),
-                              moa_kwargs=dict(moa_kwargs or {}),
-                              moe_kept={int(k): list(v) for k, v in (moe_kept or {}).items()},
-                              moa_kept={int(k): list(v) for k, v in (moa_kept or {}).items()},
-                              embed_norm=embed_norm, num_prompts=num_prompts,
-                              head_classes=head_classes)
-        moe_kept, moa_kept = self.init_args["moe_kept"], self.init_args["moa_kept"]
-        for name, layers in (("moe_layers", moe_layers), ("moa_layers", moa_layers)):
-            if any(not 0 <= i < depth for i in layers):
-                raise ValueError(f"{name} {list(layers)} must index blocks in [0, {depth})")
+        self.args = args  # what it takes to rebuild this model (extracted models are saved with it)
+        dim, depth, num_heads = args.dim, args.depth, args.num_heads
+        moe_kept, moa_kept, num_prompts = args.moe_kept, args.moa_kept, args.num_prompts
         self.dim = dim
         self.depth = depth
-        self.spe_token_id = spe_token_id
-        self.moe_layers = tuple(moe_layers)
-        self.moa_layers = tuple(moa_layers)
-        self.image_embed = ImageEmbed(img_size, patch_size, dim, max_frames=max_frames)
-        self.text_embed = TextEmbed(vocab_size, max_text_len, dim)
+        self.spe_token_id = args.spe_token_id
+        self.moe_layers = args.moe_layers
+        self.moa_layers = args.moa_layers
+        self.image_embed = ImageEmbed(args.img_size, args.patch_size, dim, max_frames=args.max_frames)
+        self.text_embed = TextEmbed(args.vocab_size, args.max_text_len, dim)
         # eps 1e-6 as in timm's ViT (and its blocks here), so that timm weights give timm's features.
-        self.embed_norm = nn.LayerNorm(dim, eps=1e-6) if embed_norm else nn.Identity()  # shared by all modalities
-        moe_mlp = partial(MoEMLP, **(moe_kwargs or {}))
+        self.embed_norm = nn.LayerNorm(dim, eps=1e-6) if args.embed_norm else nn.Identity()  # shared by all modalities
+        moe_mlp = partial(MoEMLP, args=args.moe, num_tasks=args.num_tasks)
         self.blocks = nn.ModuleList([
-            ConditionalBlock(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, init_values=layer_scale_init,
-                             drop_path=drop_path_rate,
+            ConditionalBlock(dim, num_heads, mlp_ratio=args.mlp_ratio, qkv_bias=True,
+                             init_values=args.layer_scale_init, drop_path=args.drop_path_rate,
                              mlp_layer=partial(moe_mlp, kept_experts=moe_kept.get(i)) if i in self.moe_layers else Mlp)
             for i in range(depth)
         ])
         for i in self.moa_layers:  # timm's Block only takes attention classes: swap the layer in afterwards
-            self.blocks[i].attn = MoAttention(dim, **{"num_heads": num_heads, **(moa_kwargs or {})},
+            self.blocks[i].attn = MoAttention(dim, num_heads, args.moa, num_tasks=args.num_tasks,
                                               kept_experts=moa_kept.get(i))
         self.ln_post = nn.LayerNorm(dim, eps=1e-6)
         self.proj = nn.Linear(dim, dim)
@@ -163,7 +175,7 @@ class UniPerceiver(nn.Module):
         self.prompts = nn.Parameter(torch.zeros(2, depth, num_prompts, dim)) if num_prompts else None
         # Uni-Perceiver's prompt-tuning head (fc_prompt): a zero-initialised linear map of the input feature whose
         # output is added to the classification logits (the similarity to the class names).
-        self.class_head = nn.Linear(dim, head_classes) if head_classes else None
+        self.class_head = nn.Linear(dim, args.head_classes) if args.head_classes else None
         self.grad_checkpointing = False
         self.init_weights()
 

@@ -12,6 +12,8 @@ dispatch. The head experts are small and replicated on every rank (no expert par
 Shape legend: B batch, N sequence, T = B*N, K heads per token, E head experts, h head width, D width.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
@@ -19,42 +21,70 @@ from torch import nn
 
 from condmoe.models import routing
 from condmoe.models.moe import LocalComm, RoutedLayer, _slots
-from condmoe.models.router import Router, RoutingContext
+from condmoe.models.router import ROUTING_LEVELS, Router, RoutingContext
+
+
+@dataclass
+class MoAArgs:
+    """What an ``MoAttention`` layer is (Mod-Squad's defaults). train/config.py's ``moa`` section is this plus
+    placement; errors name a field as ``moa.<field>``."""
+
+    num_experts: int = 0
+    """Head experts per mixture-of-attention-heads layer (0 disables MoA)."""
+    num_heads: int = 0
+    """Heads each token picks (0: the model's num_heads)."""
+    head_dim: int = 0
+    """Width per head (0: dim / num_heads)."""
+    routing: str = "task_gate"
+    """Router level (Mod-Squad: task_gate)."""
+    balance_loss_weight: float = 0.0
+    """Balance loss weight per layer."""
+    mi_loss_weight: float = 0.005
+    """Mutual-information loss weight per layer (Mod-Squad's 0.005)."""
+
+    def __post_init__(self):
+        if self.routing not in ROUTING_LEVELS:
+            raise ValueError(f"moa.routing={self.routing!r} is not one of {', '.join(ROUTING_LEVELS)}")
+        if self.num_experts < 0 or self.num_heads < 0 or self.head_dim < 0:
+            raise ValueError("moa.num_experts, moa.num_heads and moa.head_dim must be >= 0")
+        if self.num_experts and self.num_heads > self.num_experts:
+            raise ValueError(f"moa.num_heads={self.num_heads} exceeds moa.num_experts={self.num_experts}")
+        if self.balance_loss_weight < 0 or self.mi_loss_weight < 0:
+            raise ValueError("moa.balance_loss_weight and moa.mi_loss_weight must be >= 0")
 
 
 class MoAttention(RoutedLayer):
     """Args:
         dim: width D.
-        num_heads: heads per token K (Mod-Squad: 12 of 24).
-        num_experts: head experts E.
-        head_dim: width per head h (default D / K).
+        num_heads: heads per token K when ``args.num_heads`` is 0 (the block's heads; Mod-Squad: 12 of 24).
+        args: head experts, heads, head width, router level and loss weights (``MoAArgs``).
+        num_tasks: tasks known to task-level routers, task gates and the MI loss.
         qkv_bias: biases on the query experts and the shared K/V projection.
-        routing_level, num_tasks, gate_noise_std: the router (Mod-Squad: ``task_gate``).
+        gate_noise_std: std of Gaussian noise on router logits in training.
         normalize_gates: renormalise the top-k gates (Mod-Squad: False).
-        balance_loss_weight, z_loss_weight, mi_loss_weight: auxiliary losses (Mod-Squad: MI only).
+        z_loss_weight: router z-loss weight.
         attn_drop, proj_drop: dropout on attention weights and on the output.
-
         kept_experts: build only these head experts (an extracted layer; choices of removed heads are dropped).
 
     Other keywords that timm's ``Block`` passes to its attention layer (qk_norm, norm_layer, ...) are accepted and
     ignored.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, num_experts: int = 16, head_dim: int | None = None,
-                 qkv_bias: bool = True, routing_level: str = "token", num_tasks: int = 1, gate_noise_std: float = 0.0,
-                 normalize_gates: bool = False, balance_loss_weight: float = 0.0, z_loss_weight: float = 0.0,
-                 mi_loss_weight: float = 0.0, attn_drop: float = 0.0, proj_drop: float = 0.0,
+    def __init__(self, dim: int, num_heads: int, args: MoAArgs, num_tasks: int = 1,
+                 qkv_bias: bool = True, gate_noise_std: float = 0.0, normalize_gates: bool = False,
+                 z_loss_weight: float = 0.0, attn_drop: float = 0.0, proj_drop: float = 0.0,
                  kept_experts: list[int] | None = None, **_timm_kwargs):
         super().__init__()
+        num_experts, num_heads = args.num_experts, args.num_heads or num_heads
         if not 1 <= num_heads <= num_experts:
             raise ValueError(f"MoA picks num_heads={num_heads} of num_experts={num_experts} head experts")
         self.dim = dim
         self.num_experts = num_experts
         self.top_k = num_heads
-        self.head_dim = head_dim or dim // num_heads
+        self.head_dim = args.head_dim or dim // num_heads
         self.normalize_gates = normalize_gates
         self.attn_drop = attn_drop
-        self.router = Router(dim, num_experts, routing_level, num_tasks, noise_std=gate_noise_std)
+        self.router = Router(dim, num_experts, args.routing, num_tasks, noise_std=gate_noise_std)
         kept = list(range(num_experts)) if kept_experts is None else sorted(kept_experts)
         self.num_local_experts = len(kept)
         self.expert_slot = None if kept_experts is None else _slots(kept, num_experts)
@@ -65,7 +95,7 @@ class MoAttention(RoutedLayer):
         self.o_bias = nn.Parameter(torch.zeros(dim))
         self.proj_drop = nn.Dropout(proj_drop)
         self.comm = LocalComm()
-        self._setup_stats(num_tasks, balance_loss_weight, z_loss_weight, mi_loss_weight)
+        self._setup_stats(num_tasks, args.balance_loss_weight, z_loss_weight, args.mi_loss_weight)
         self.init_weights()
 
     def init_weights(self) -> None:

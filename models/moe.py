@@ -27,7 +27,55 @@ from timm.layers import Mlp
 from torch import nn
 
 from condmoe.models import routing
-from condmoe.models.router import Router, RoutingContext
+from condmoe.models.router import ROUTING_LEVELS, Router, RoutingContext
+
+
+@dataclass
+class MoEArgs:
+    """What an ``MoEMLP`` layer is. train/config.py's ``moe`` section is this plus placement and ``ep_size``, so a
+    field is declared (and validated) once, here; errors name it as ``moe.<field>``."""
+
+    num_experts: int = 8
+    """Experts per MoE layer (0 disables MoE: a dense model)."""
+    top_k: int = 2
+    """Experts per token."""
+    routing: str = "token"
+    """What the router sees: token, context, modality, task, attribute, or task_gate (Mod-Squad). See docs/moe.md."""
+    capacity_factor: float = 1.25
+    """Training capacity per expert, as a multiple of the balanced load k*T/E."""
+    eval_capacity_factor: float = 2.0
+    """The same at evaluation."""
+    min_capacity: int = 4
+    """Lower bound on slots per expert."""
+    drop_tokens: bool = True
+    """False: dropless (capacity follows the busiest expert)."""
+    gate_noise_std: float = 0.0
+    """Gaussian noise on router logits during training."""
+    balance_loss_weight: float = 0.01
+    """Switch load-balance loss weight per layer."""
+    z_loss_weight: float = 0.0
+    """Router z-loss weight per layer."""
+    mi_loss_weight: float = 0.0
+    """Mod-Squad mutual-information loss weight per layer (statistics summed over all ranks); 0 disables."""
+    static_dispatch: bool = True
+    """Run static levels (modality, task, attribute) group by group without per-token dispatch (ep_size 1 only)."""
+    expert_backend: str = "auto"
+    """auto (grouped GEMM on GPU, loop on CPU), loop, or grouped."""
+
+    def __post_init__(self):
+        if self.routing not in ROUTING_LEVELS:
+            raise ValueError(f"moe.routing={self.routing!r} is not one of {', '.join(ROUTING_LEVELS)}")
+        if self.expert_backend not in ("auto", "loop", "grouped"):
+            raise ValueError(f"moe.expert_backend={self.expert_backend!r} is not one of auto, loop, grouped")
+        if self.mi_loss_weight < 0 or self.balance_loss_weight < 0 or self.z_loss_weight < 0:
+            raise ValueError("moe.balance_loss_weight, moe.z_loss_weight and moe.mi_loss_weight must be >= 0")
+        if self.num_experts < 0:
+            raise ValueError(f"moe.num_experts must be >= 0, got {self.num_experts}")
+        if self.num_experts and not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"moe.top_k={self.top_k} must be in [1, moe.num_experts={self.num_experts}]")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            if not getattr(self, name) > 0:  # also refuses NaN
+                raise ValueError(f"moe.{name} must be > 0, got {getattr(self, name)}")
 
 
 class LocalComm:
@@ -193,18 +241,8 @@ class MoEMLP(RoutedLayer):
         hidden_features: hidden width of each expert MLP.
         out_features: output width (defaults to D; must equal it).
         act_layer, norm_layer, bias, drop: forwarded to every expert (timm ``Mlp`` semantics).
-        num_experts: experts E in this layer.
-        top_k: experts per token.
-        routing_level: what the router sees (``models.router.ROUTING_LEVELS``).
+        args: the layer's routing, capacity and loss settings (``MoEArgs``).
         num_tasks: tasks known to task-level routers, task gates and the MI loss.
-        capacity_factor / eval_capacity_factor: ``ceil(k * factor * T / E)`` slots per expert in training / eval.
-        min_capacity: lower bound on slots per expert.
-        drop_tokens: False = dropless.
-        normalize_gates: renormalise the top-k gate values (k > 1).
-        gate_noise_std: std of Gaussian noise on router logits in training.
-        balance_loss_weight, z_loss_weight, mi_loss_weight: weights of the auxiliary losses this layer reports.
-        static_dispatch: run static levels (modality, task, attribute) group by group without per-token dispatch.
-        expert_backend: ``auto`` (grouped GEMM on GPU, loop on CPU), ``loop`` or ``grouped``.
         kept_experts: build only these global experts (a pruned, extracted layer; the router keeps all E outputs,
             and assignments to removed experts are dropped). None keeps all.
     """
@@ -218,21 +256,8 @@ class MoEMLP(RoutedLayer):
         norm_layer: type[nn.Module] | None = None,
         bias: bool = True,
         drop: float = 0.0,
-        num_experts: int = 8,
-        top_k: int = 2,
-        routing_level: str = "token",
+        args: MoEArgs | None = None,
         num_tasks: int = 1,
-        capacity_factor: float = 1.25,
-        eval_capacity_factor: float = 2.0,
-        min_capacity: int = 4,
-        drop_tokens: bool = True,
-        normalize_gates: bool = True,
-        gate_noise_std: float = 0.0,
-        balance_loss_weight: float = 0.01,
-        z_loss_weight: float = 0.0,
-        mi_loss_weight: float = 0.0,
-        static_dispatch: bool = True,
-        expert_backend: str = "auto",
         kept_experts: list[int] | None = None,
         device=None,
         dtype=None,
@@ -240,27 +265,28 @@ class MoEMLP(RoutedLayer):
         super().__init__()
         if out_features not in (None, in_features):
             raise ValueError(f"MoEMLP keeps the width: out_features={out_features} != in_features={in_features}")
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        args = MoEArgs() if args is None else args
+        if not args.num_experts:
+            raise ValueError("MoEMLP needs moe.num_experts >= 1")
         self.dim = in_features
-        self.num_experts = num_experts
-        self.top_k = top_k
-        self.capacity_factor = capacity_factor
-        self.eval_capacity_factor = eval_capacity_factor
-        self.min_capacity = min_capacity
-        self.drop_tokens = drop_tokens
-        self.normalize_gates = normalize_gates
-        self.static_dispatch = static_dispatch
+        self.num_experts = num_experts = args.num_experts
+        self.top_k = args.top_k
+        self.capacity_factor = args.capacity_factor
+        self.eval_capacity_factor = args.eval_capacity_factor
+        self.min_capacity = args.min_capacity
+        self.drop_tokens = args.drop_tokens
+        self.normalize_gates = True  # renormalised top-k gates (k > 1), as DeepSpeed's top2gating
+        self.static_dispatch = args.static_dispatch
         dd = {"device": device, "dtype": dtype}
-        self.router = Router(in_features, num_experts, routing_level, num_tasks, noise_std=gate_noise_std)
+        self.router = Router(in_features, num_experts, args.routing, num_tasks, noise_std=args.gate_noise_std)
         kept = list(range(num_experts)) if kept_experts is None else sorted(kept_experts)
         self.experts = Experts([
             Mlp(in_features, hidden_features, act_layer=act_layer, norm_layer=norm_layer, bias=bias, drop=drop, **dd)
             for _ in kept
-        ], backend=expert_backend)
+        ], backend=args.expert_backend)
         self.expert_slot = None if kept_experts is None else _slots(kept, num_experts)
         self.comm = LocalComm()
-        self._setup_stats(num_tasks, balance_loss_weight, z_loss_weight, mi_loss_weight)
+        self._setup_stats(num_tasks, args.balance_loss_weight, args.z_loss_weight, args.mi_loss_weight)
 
     @property
     def num_local_experts(self) -> int:

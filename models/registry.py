@@ -1,6 +1,6 @@
 """Model sizes by name, like torchtitan's dict of model args. ``debug`` is what tests and the CPU demo use."""
 
-from condmoe.models.generalist import UniPerceiver
+from condmoe.models.generalist import UniPerceiver, UniPerceiverArgs
 
 SIZES: dict[str, dict] = {
     # debug: LayerScale 0.1 rather than 1e-3 so that a few hundred CPU steps escape the collapsed start.
@@ -20,9 +20,13 @@ def moe_layer_indices(depth: int, every: int = 2, offset: int = 0) -> tuple[int,
     return tuple(range(offset, depth, every))
 
 
-def create_model(size: str, vocab_size: int, spe_token_id: int, **overrides) -> UniPerceiver:
-    """Builds a ``UniPerceiver`` of a registered size; keyword overrides win over the size's defaults."""
+def model_args(size: str, vocab_size: int, spe_token_id: int, **overrides) -> UniPerceiverArgs:
+    """The ``UniPerceiverArgs`` of a registered size; keyword overrides (its fields) win over the size's defaults."""
     if size not in SIZES:
         raise ValueError(f"unknown model size {size!r}; known: {', '.join(SIZES)}")
-    args = {**SIZES[size], **overrides}
-    return UniPerceiver(vocab_size=vocab_size, spe_token_id=spe_token_id, **args)
+    return UniPerceiverArgs(vocab_size=vocab_size, spe_token_id=spe_token_id, **{**SIZES[size], **overrides})
+
+
+def create_model(size: str, vocab_size: int, spe_token_id: int, **overrides) -> UniPerceiver:
+    """Builds a ``UniPerceiver`` of a registered size (``model_args``)."""
+    return UniPerceiver(model_args(size, vocab_size, spe_token_id, **overrides))

@@ -20,7 +20,7 @@ from deepspeed.moe.layer import MoE
 from timm.layers import Mlp
 from torch import nn
 
-from condmoe.models import MoEMLP, pop_moe_stats
+from condmoe.models import MoEArgs, MoEMLP, pop_moe_stats
 from condmoe.models.ds_moe import apply_expert_parallel
 from condmoe.models.router import RoutingContext
 from condmoe.train.dist import shutdown_distributed
@@ -44,7 +44,7 @@ def reference_mode() -> None:
         ds = MoE(hidden_size=DIM, expert=Mlp(DIM, HIDDEN), num_experts=EXPERTS, ep_size=1, k=k, drop_tokens=False,
                  use_rts=False, top2_2nd_expert_sampling=False)
         ds.set_deepspeed_parallelism()
-        ours = MoEMLP(DIM, HIDDEN, num_experts=EXPERTS, top_k=k, drop_tokens=False)
+        ours = MoEMLP(DIM, HIDDEN, args=MoEArgs(num_experts=EXPERTS, top_k=k, drop_tokens=False))
         with torch.no_grad():
             ours.router.weight.copy_(ds.deepspeed_moe.gate.wg.weight)
             for mine, theirs in zip(ours.experts.deepspeed_experts, ds.deepspeed_moe.experts.deepspeed_experts):
@@ -68,8 +68,8 @@ def reference_mode() -> None:
 def ep_mode(rank: int) -> None:
     for drop_tokens in (False, True):
         torch.manual_seed(0)
-        reference = MoEMLP(DIM, HIDDEN, num_experts=EXPERTS, top_k=2, drop_tokens=drop_tokens, capacity_factor=1.0,
-                           min_capacity=1)
+        reference = MoEMLP(DIM, HIDDEN, args=MoEArgs(num_experts=EXPERTS, top_k=2, drop_tokens=drop_tokens,
+                                                     capacity_factor=1.0, min_capacity=1))
         holder = nn.Sequential(copy.deepcopy(reference))
         apply_expert_parallel(holder, ep_size=2)
         layer = holder[0]
@@ -94,8 +94,8 @@ def ep_mode(rank: int) -> None:
 
 def mi_mode(rank: int) -> None:
     torch.manual_seed(0)
-    reference = MoEMLP(DIM, HIDDEN, num_experts=EXPERTS, top_k=2, routing_level="task_gate", num_tasks=2,
-                       mi_loss_weight=1.0, balance_loss_weight=0.0, drop_tokens=False)
+    reference = MoEMLP(DIM, HIDDEN, args=MoEArgs(num_experts=EXPERTS, top_k=2, routing="task_gate", mi_loss_weight=1.0,
+                                                 balance_loss_weight=0.0, drop_tokens=False), num_tasks=2)
     with torch.no_grad():  # zero-initialised task gates would give the trivial MI = 0
         reference.router.weight.normal_()
     holder = nn.Sequential(copy.deepcopy(reference))

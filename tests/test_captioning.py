@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from condmoe.models import create_model, moe_layer_indices, pop_moe_stats
+from condmoe.models import MoAArgs, MoEArgs, create_model, moe_layer_indices, pop_moe_stats
 from condmoe.models.captioning import caption_attention_mask, generate
 from condmoe.train.metrics import corpus_bleu
 
@@ -35,8 +35,9 @@ def test_two_stream_mask_on_a_hand_made_example():
 def model(moa: bool = False):
     torch.manual_seed(0)
     m = create_model("debug", vocab_size=VOCAB, spe_token_id=SPE, max_text_len=12, moe_layers=moe_layer_indices(4),
-                     moe_kwargs=dict(num_experts=4, top_k=2, drop_tokens=False),
-                     moa_layers=(1,) if moa else (), moa_kwargs=dict(num_experts=4, num_heads=2))
+                     moe=MoEArgs(num_experts=4, top_k=2, drop_tokens=False),
+                     moa_layers=(1,) if moa else (), moa=MoAArgs(num_experts=4, num_heads=2, routing="token",
+                                                                        mi_loss_weight=0.0))
     return m.eval()
 
 

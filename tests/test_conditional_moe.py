@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from condmoe.models import MoEMLP, pop_moe_stats
-from condmoe.models.moa import MoAttention
+from condmoe.models import MoEArgs, MoEMLP, pop_moe_stats
+from condmoe.models.moa import MoAArgs, MoAttention
 from condmoe.models.moe import merge_experts
 from condmoe.models.router import ATTRIBUTES, ROUTING_LEVELS, Router, RoutingContext
 
@@ -67,7 +67,7 @@ def test_unknown_level_and_missing_side_information():
 @pytest.mark.parametrize("level", ["task", "modality", "attribute"])
 def test_static_path_equals_per_token_dispatch_exactly(level):
     torch.manual_seed(0)
-    layer = MoEMLP(DIM, 32, num_experts=4, top_k=2, routing_level=level, num_tasks=2, drop_tokens=False).eval()
+    layer = MoEMLP(DIM, 32, args=MoEArgs(num_experts=4, top_k=2, routing=level, drop_tokens=False), num_tasks=2).eval()
     x, ctx = torch.randn(2, 6, DIM), context(task_id=1)
     static = layer(x, ctx)
     layer.static_dispatch = False
@@ -80,7 +80,7 @@ def test_static_path_equals_per_token_dispatch_exactly(level):
 
 def test_static_path_has_no_capacity_and_reports_stats():
     torch.manual_seed(0)
-    layer = MoEMLP(DIM, 32, num_experts=4, top_k=1, routing_level="task", capacity_factor=0.1, min_capacity=1)
+    layer = MoEMLP(DIM, 32, args=MoEArgs(num_experts=4, top_k=1, routing="task", capacity_factor=0.1, min_capacity=1))
     layer(torch.randn(2, 6, DIM), context())
     stats = pop_moe_stats(layer)
     assert stats.dropped_fraction.item() == 0.0
@@ -90,7 +90,7 @@ def test_static_path_has_no_capacity_and_reports_stats():
 def test_every_level_trains_end_to_end():
     for level in ROUTING_LEVELS:
         torch.manual_seed(0)
-        layer = MoEMLP(DIM, 32, num_experts=4, top_k=2, routing_level=level, num_tasks=2, mi_loss_weight=0.1)
+        layer = MoEMLP(DIM, 32, args=MoEArgs(num_experts=4, top_k=2, routing=level, mi_loss_weight=0.1), num_tasks=2)
         out = layer(torch.randn(2, 6, DIM), context(task_id=1))
         (out.square().mean() + pop_moe_stats(layer).aux_loss).backward()
         assert all(p.grad is not None for p in layer.router.parameters()), level
@@ -98,7 +98,7 @@ def test_every_level_trains_end_to_end():
 
 def test_grouped_gemm_backend_equals_loop():
     torch.manual_seed(0)
-    layer = MoEMLP(DIM, 32, num_experts=4, top_k=2, drop_tokens=False, expert_backend="loop")
+    layer = MoEMLP(DIM, 32, args=MoEArgs(num_experts=4, top_k=2, drop_tokens=False, expert_backend="loop"))
     x = torch.randn(3, 8, DIM, requires_grad=True)
     loop = layer(x)
     loop.sum().backward()
@@ -116,8 +116,8 @@ def test_grouped_gemm_backend_equals_loop():
 
 def test_mi_loss_of_a_layer_prefers_task_specific_experts():
     torch.manual_seed(0)
-    layer = MoEMLP(DIM, 32, num_experts=2, top_k=1, routing_level="task_gate", num_tasks=2, mi_loss_weight=1.0,
-                   balance_loss_weight=0.0)
+    layer = MoEMLP(DIM, 32, args=MoEArgs(num_experts=2, top_k=1, routing="task_gate", mi_loss_weight=1.0,
+                                         balance_loss_weight=0.0), num_tasks=2)
     x = torch.randn(1, 8, DIM)
     for task in (0, 1):
         layer(x, RoutingContext(task_id=task))
@@ -141,7 +141,7 @@ def test_merge_experts_exact_for_linear_and_documented_approximation_for_mlp():
     x = torch.randn(5, DIM)
     merged = merge_experts(linears, gates)
     assert torch.allclose(merged(x), sum(g * m(x) for g, m in zip(gates, linears)), atol=1e-6)
-    layer = MoEMLP(DIM, 32, num_experts=2)
+    layer = MoEMLP(DIM, 32, args=MoEArgs(num_experts=2))
     experts = list(layer.experts.deepspeed_experts)
     same = merge_experts([experts[0], experts[0]], [0.6, 0.4])
     assert torch.allclose(same(x), experts[0](x), atol=1e-6)  # equal experts: exact
@@ -173,7 +173,7 @@ def reference_moa(layer: MoAttention, x_BND: torch.Tensor) -> torch.Tensor:
 
 def test_mixture_of_attention_heads_matches_per_head_reference():
     torch.manual_seed(0)
-    layer = MoAttention(DIM, num_heads=3, num_experts=6, head_dim=4).eval()
+    layer = MoAttention(DIM, 3, MoAArgs(num_experts=6, head_dim=4, routing="token", mi_loss_weight=0.0)).eval()
     x = torch.randn(2, 5, DIM)
     assert torch.allclose(layer(x), reference_moa(layer, x), atol=1e-5)
     out = layer(x, ctx=RoutingContext())
@@ -183,7 +183,7 @@ def test_mixture_of_attention_heads_matches_per_head_reference():
 
 def test_moa_respects_padding_mask():
     torch.manual_seed(0)
-    layer = MoAttention(DIM, num_heads=2, num_experts=4).eval()
+    layer = MoAttention(DIM, 2, MoAArgs(num_experts=4, routing="token", mi_loss_weight=0.0)).eval()
     x = torch.randn(1, 5, DIM)
     mask = torch.zeros(1, 1, 1, 5)
     mask[..., 3:] = torch.finfo(torch.float32).min

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from condmoe.models import create_model, moe_layer_indices, pop_moe_stats
+from condmoe.models import MoAArgs, MoEArgs, create_model, moe_layer_indices, pop_moe_stats
 from condmoe.models.extract import (
     collect_usage,
     experts_to_keep,
@@ -24,11 +24,11 @@ VOCAB, SPE = 100, 4
 
 def mod_squad_model(level: str = "task_gate", moa: bool = True):
     torch.manual_seed(0)
-    model = create_model("debug", vocab_size=VOCAB, spe_token_id=SPE, max_text_len=12,
+    model = create_model("debug", vocab_size=VOCAB, spe_token_id=SPE, max_text_len=12, num_tasks=2,
                          moe_layers=moe_layer_indices(4, 2, 1),
-                         moe_kwargs=dict(num_experts=8, top_k=2, routing_level=level, num_tasks=2),
+                         moe=MoEArgs(num_experts=8, top_k=2, routing=level),
                          moa_layers=moe_layer_indices(4, 2, 0) if moa else (),
-                         moa_kwargs=dict(num_experts=8, num_heads=2, routing_level=level, num_tasks=2)).eval()
+                         moa=MoAArgs(num_experts=8, num_heads=2, routing=level, mi_loss_weight=0.0)).eval()
     # Task-specific expert sets, as a trained Mod-Squad model has: the routed sublayer's input gets a shared direction
     # u (its LayerNorm bias) and each router row a large +-u component, so task 0 prefers experts 0-3, task 1 4-7.
     u = torch.nn.functional.normalize(torch.randn(model.dim), dim=0)

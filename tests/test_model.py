@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, CLIPTokenizer
 
-from condmoe.models import SIZES, TASK_TYPES, MoEMLP, create_model, moe_layer_indices, pop_moe_stats
+from condmoe.models import SIZES, TASK_TYPES, MoAArgs, MoEArgs, MoEMLP, create_model, moe_layer_indices, pop_moe_stats
 from condmoe.models.text_tokenizer import TextTokenizer
 
 VOCAB, SPE = 100, 4
@@ -15,7 +15,7 @@ VOCAB, SPE = 100, 4
 def debug_model(**kw):
     torch.manual_seed(0)
     return create_model("debug", vocab_size=VOCAB, spe_token_id=SPE, max_text_len=12,
-                        moe_layers=moe_layer_indices(SIZES["debug"]["depth"]), moe_kwargs=dict(num_experts=4, top_k=2),
+                        moe_layers=moe_layer_indices(SIZES["debug"]["depth"]), moe=MoEArgs(num_experts=4, top_k=2),
                         **kw)
 
 
@@ -174,7 +174,7 @@ def test_missing_tokenizer_dir_is_a_clear_error(tmp_path):
 
 def test_moe_layers_are_plain_pytorch():
     """models/ holds architecture only: an MoE layer runs in one process without DeepSpeed."""
-    layer = MoEMLP(8, 16, num_experts=2)
+    layer = MoEMLP(8, 16, args=MoEArgs(num_experts=2))
     assert layer.comm.ep_size == 1
     assert layer(torch.randn(2, 3, 8)).shape == (2, 3, 8)
 
@@ -183,11 +183,11 @@ def test_moe_layers_are_plain_pytorch():
 def test_mod_squad_placement_and_every_level_gives_every_parameter_a_gradient(level):
     """MoA in even blocks, MoE MLP in odd ones (Mod-Squad); whatever the level, every parameter gets a gradient."""
     torch.manual_seed(0)
-    model = create_model("debug", vocab_size=VOCAB, spe_token_id=SPE, max_text_len=12,
+    model = create_model("debug", vocab_size=VOCAB, spe_token_id=SPE, max_text_len=12, num_tasks=2,
                          moe_layers=moe_layer_indices(4, 2, 1),
-                         moe_kwargs=dict(num_experts=4, top_k=2, routing_level=level, num_tasks=2, mi_loss_weight=0.01),
+                         moe=MoEArgs(num_experts=4, top_k=2, routing=level, mi_loss_weight=0.01),
                          moa_layers=moe_layer_indices(4, 2, 0),
-                         moa_kwargs=dict(num_experts=6, num_heads=2, routing_level="task_gate", num_tasks=2))
+                         moa=MoAArgs(num_experts=6, num_heads=2, routing="task_gate", mi_loss_weight=0.0))
     assert [type(b.attn).__name__ for b in model.blocks] == ["MoAttention", "Attention"] * 2
     assert [type(b.mlp).__name__ for b in model.blocks] == ["Mlp", "MoEMLP"] * 2
     for task_id, task_type in enumerate(TASK_TYPES):
@@ -207,11 +207,11 @@ def test_activation_checkpointing_keeps_loss_gradients_and_moe_statistics_bitwis
     for checkpointing in (False, True):
         torch.manual_seed(0)
         model = create_model("debug", vocab_size=VOCAB, spe_token_id=SPE, max_text_len=12, drop_path_rate=0.2,
-                             moe_layers=moe_layer_indices(4, 2, 1),
-                             moe_kwargs=dict(num_experts=4, top_k=2, num_tasks=2, mi_loss_weight=0.01,
-                                             gate_noise_std=1.0, z_loss_weight=0.001),
+                             num_tasks=2, moe_layers=moe_layer_indices(4, 2, 1),
+                             moe=MoEArgs(num_experts=4, top_k=2, mi_loss_weight=0.01, gate_noise_std=1.0,
+                                         z_loss_weight=0.001),
                              moa_layers=moe_layer_indices(4, 2, 0),
-                             moa_kwargs=dict(num_experts=6, num_heads=2, routing_level="task_gate", num_tasks=2))
+                             moa=MoAArgs(num_experts=6, num_heads=2, routing="task_gate", mi_loss_weight=0.0))
         model.set_grad_checkpointing(checkpointing)
         model.train()
         torch.manual_seed(1)

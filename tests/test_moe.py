@@ -4,7 +4,7 @@ import pytest
 import torch
 from timm.layers import Mlp
 
-from condmoe.models import MoEMLP, pop_moe_stats
+from condmoe.models import MoEArgs, MoEMLP, pop_moe_stats
 
 
 def reference_moe(layer: MoEMLP, x_TD: torch.Tensor) -> torch.Tensor:
@@ -23,14 +23,14 @@ def reference_moe(layer: MoEMLP, x_TD: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 def test_dropless_moe_matches_per_token_reference(top_k):
     torch.manual_seed(0)
-    layer = MoEMLP(16, 32, num_experts=4, top_k=top_k, drop_tokens=False).eval()
+    layer = MoEMLP(16, 32, args=MoEArgs(num_experts=4, top_k=top_k, drop_tokens=False)).eval()
     x = torch.randn(2, 5, 16)
     assert torch.allclose(layer(x), reference_moe(layer, x.reshape(-1, 16)).reshape(2, 5, 16), atol=1e-5)
 
 
 def test_single_expert_equals_timm_mlp():
     torch.manual_seed(0)
-    layer = MoEMLP(8, 16, num_experts=1, top_k=1, drop_tokens=False)
+    layer = MoEMLP(8, 16, args=MoEArgs(num_experts=1, top_k=1, drop_tokens=False))
     mlp = Mlp(8, 16)
     mlp.load_state_dict(layer.experts.deepspeed_experts[0].state_dict())
     x = torch.randn(3, 4, 8)
@@ -39,7 +39,7 @@ def test_single_expert_equals_timm_mlp():
 
 def test_capacity_drops_tokens_to_zero_output():
     torch.manual_seed(0)
-    layer = MoEMLP(8, 16, num_experts=2, top_k=1, capacity_factor=0.5, min_capacity=1).train()
+    layer = MoEMLP(8, 16, args=MoEArgs(num_experts=2, top_k=1, capacity_factor=0.5, min_capacity=1)).train()
     with torch.no_grad():
         layer.router.weight.zero_()
         layer.router.weight[0] = 1.0  # all tokens with positive sum prefer expert 0
@@ -54,7 +54,7 @@ def test_capacity_drops_tokens_to_zero_output():
 
 def test_stats_accumulate_over_calls_and_reset_on_pop():
     torch.manual_seed(0)
-    layer = MoEMLP(8, 16, num_experts=4, top_k=2, balance_loss_weight=0.5, z_loss_weight=0.1)
+    layer = MoEMLP(8, 16, args=MoEArgs(num_experts=4, top_k=2, balance_loss_weight=0.5, z_loss_weight=0.1))
     assert pop_moe_stats(layer) is None
     layer(torch.randn(2, 3, 8))
     layer(torch.randn(4, 3, 8))
@@ -69,7 +69,7 @@ def test_stats_accumulate_over_calls_and_reset_on_pop():
 
 def test_gradients_reach_router_and_every_expert():
     torch.manual_seed(0)
-    layer = MoEMLP(8, 16, num_experts=4, top_k=2, drop_tokens=False)
+    layer = MoEMLP(8, 16, args=MoEArgs(num_experts=4, top_k=2, drop_tokens=False))
     out = layer(torch.randn(4, 8, 8))
     (out.square().mean() + pop_moe_stats(layer).aux_loss).backward()
     assert layer.router.weight.grad.abs().sum() > 0
@@ -79,7 +79,7 @@ def test_gradients_reach_router_and_every_expert():
 
 def test_gate_noise_only_in_training():
     torch.manual_seed(0)
-    layer = MoEMLP(8, 16, num_experts=4, top_k=1, gate_noise_std=1.0, drop_tokens=False)
+    layer = MoEMLP(8, 16, args=MoEArgs(num_experts=4, top_k=1, gate_noise_std=1.0, drop_tokens=False))
     x = torch.randn(2, 16, 8)
     layer.eval()
     assert torch.equal(layer(x), layer(x))
@@ -89,6 +89,6 @@ def test_gate_noise_only_in_training():
 
 def test_constructor_validates():
     with pytest.raises(ValueError, match="top_k"):
-        MoEMLP(8, 16, num_experts=2, top_k=3)
+        MoEMLP(8, 16, args=MoEArgs(num_experts=2, top_k=3))
     with pytest.raises(ValueError, match="out_features"):
         MoEMLP(8, 16, out_features=4)

@@ -110,14 +110,14 @@ def test_retrieval_recall_hand_made():
 
 @pytest.mark.parametrize("top_k", [2, 3])
 def test_upcycled_moe_equals_the_dense_model_at_step_zero(top_k):
-    from condmoe.models import create_model, moe_layer_indices
+    from condmoe.models import MoEArgs, create_model, moe_layer_indices
     from condmoe.models.upcycle import is_dense_checkpoint_for, upcycle_state_dict
 
     torch.manual_seed(0)
     dense = create_model("debug", vocab_size=100, spe_token_id=4, max_text_len=12).eval()
     torch.manual_seed(1)
     moe = create_model("debug", vocab_size=100, spe_token_id=4, max_text_len=12, moe_layers=moe_layer_indices(4),
-                       moe_kwargs=dict(num_experts=4, top_k=top_k, drop_tokens=False, gate_noise_std=1.0)).eval()
+                       moe=MoEArgs(num_experts=4, top_k=top_k, drop_tokens=False, gate_noise_std=1.0)).eval()
     assert is_dense_checkpoint_for(dense.state_dict(), moe)
     state = upcycle_state_dict(dense.state_dict(), moe)
     missing, unexpected = moe.load_state_dict(state, strict=False)
@@ -135,17 +135,16 @@ def test_upcycled_moe_equals_the_dense_model_at_step_zero(top_k):
 def test_timm_vit_loads_and_gives_timm_features():
     import timm
 
-    from condmoe.models import UniPerceiver
+    from condmoe.models import UniPerceiver, UniPerceiverArgs
     from condmoe.models.timm_compat import load_timm_vit
 
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=0).eval()
-    model = UniPerceiver(vocab_size=50, spe_token_id=4, img_size=32, patch_size=8, dim=192, depth=12, num_heads=3,
-                         drop_path_rate=0.0, layer_scale_init=None, embed_norm=False).eval()
+    tiny = dict(vocab_size=50, spe_token_id=4, img_size=32, patch_size=8, dim=192, depth=12, num_heads=3)
+    model = UniPerceiver(UniPerceiverArgs(**tiny, drop_path_rate=0.0, layer_scale_init=None, embed_norm=False)).eval()
     load_timm_vit(model, vit.state_dict())
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(model.visual_features(images), vit.forward_features(images)[:, 0], atol=1e-5)
     with pytest.raises(ValueError, match="embed_norm"):
-        load_timm_vit(UniPerceiver(vocab_size=50, spe_token_id=4, img_size=32, patch_size=8, dim=192, depth=12,
-                                   num_heads=3), vit.state_dict())
+        load_timm_vit(UniPerceiver(UniPerceiverArgs(**tiny)), vit.state_dict())

@@ -4,7 +4,7 @@ train)."""
 import pytest
 import torch
 
-from condmoe.models import create_model, moe_layer_indices, pop_moe_stats
+from condmoe.models import MoEArgs, create_model, moe_layer_indices, pop_moe_stats
 from condmoe.models.extract import freeze_for_prompt_tuning
 from condmoe.models.losses import similarity_logits
 
@@ -22,7 +22,7 @@ def batch():
 def model(num_prompts: int):
     torch.manual_seed(0)
     return create_model("debug", vocab_size=VOCAB, spe_token_id=SPE, max_text_len=12, num_prompts=num_prompts,
-                        moe_layers=moe_layer_indices(4), moe_kwargs=dict(num_experts=4, top_k=2, drop_tokens=False))
+                        moe_layers=moe_layer_indices(4), moe=MoEArgs(num_experts=4, top_k=2, drop_tokens=False))
 
 
 def test_zero_prompts_change_nothing_and_prompts_change_features():

@@ -15,8 +15,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from condmoe.data_prep import schema
-from condmoe.models import SIZES, TASK_TYPES
-from condmoe.models.router import ROUTING_LEVELS
+from condmoe.models import SIZES, TASK_TYPES, MoAArgs, MoEArgs
 
 
 @dataclass
@@ -120,13 +119,9 @@ class ModelConfig:
 
 
 @dataclass
-class MoEConfig:
-    num_experts: int = 8
-    """Experts per MoE layer (0 disables MoE: a dense model)."""
-    top_k: int = 2
-    """Experts per token."""
-    routing: str = "token"
-    """What the router sees: token, context, modality, task, attribute, or task_gate (Mod-Squad). See docs/moe.md."""
+class MoEConfig(MoEArgs):
+    """The MoE layers' own fields (``models.moe.MoEArgs``: experts, routing, capacity, losses), and where they go."""
+
     every: int = 2
     """MoE in blocks offset, offset+every, ... (2: every other block, Uni-Perceiver-MoE's 'odd')."""
     offset: int = 0
@@ -135,72 +130,35 @@ class MoEConfig:
     """Explicit MoE blocks; overrides every/offset when not empty."""
     ep_size: int = 1
     """Expert-parallel group size; must divide the world size and num_experts."""
-    capacity_factor: float = 1.25
-    """Training capacity per expert, as a multiple of the balanced load k*T/E."""
-    eval_capacity_factor: float = 2.0
-    """The same at evaluation."""
-    min_capacity: int = 4
-    """Lower bound on slots per expert."""
-    drop_tokens: bool = True
-    """False: dropless (capacity follows the busiest expert)."""
-    gate_noise_std: float = 0.0
-    """Gaussian noise on router logits during training."""
-    balance_loss_weight: float = 0.01
-    """Switch load-balance loss weight per layer."""
-    z_loss_weight: float = 0.0
-    """Router z-loss weight per layer."""
-    mi_loss_weight: float = 0.0
-    """Mod-Squad mutual-information loss weight per layer (statistics summed over all ranks); 0 disables."""
-    static_dispatch: bool = True
-    """Run static levels (modality, task, attribute) group by group without per-token dispatch (ep_size 1 only)."""
-    expert_backend: str = "auto"
-    """auto (grouped GEMM on GPU, loop on CPU), loop, or grouped."""
 
     def __post_init__(self):
-        if self.routing not in ROUTING_LEVELS:
-            raise ValueError(f"moe.routing={self.routing!r} is not one of {', '.join(ROUTING_LEVELS)}")
-        if self.expert_backend not in ("auto", "loop", "grouped"):
-            raise ValueError(f"moe.expert_backend={self.expert_backend!r} is not one of auto, loop, grouped")
-        if self.mi_loss_weight < 0 or self.balance_loss_weight < 0 or self.z_loss_weight < 0:
-            raise ValueError("moe.balance_loss_weight, moe.z_loss_weight and moe.mi_loss_weight must be >= 0")
-        if self.num_experts < 0:
-            raise ValueError(f"moe.num_experts must be >= 0, got {self.num_experts}")
-        if self.num_experts and not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"moe.top_k={self.top_k} must be in [1, moe.num_experts={self.num_experts}]")
-        _positive(self, "ep_size", "every", "capacity_factor", "eval_capacity_factor")
+        super().__post_init__()
+        _positive(self, "ep_size", "every")
         if self.num_experts and self.num_experts % self.ep_size:
             raise ValueError(f"moe.num_experts={self.num_experts} is not divisible by moe.ep_size={self.ep_size}")
 
+    def layer_args(self) -> MoEArgs:
+        """What the model is built from: the layer fields only (placement and ep_size are the trainer's)."""
+        return MoEArgs(**{f.name: getattr(self, f.name) for f in fields(MoEArgs)})
+
 
 @dataclass
-class MoAConfig:
-    num_experts: int = 0
-    """Head experts per mixture-of-attention-heads layer (0 disables MoA)."""
-    num_heads: int = 0
-    """Heads each token picks (0: the model's num_heads)."""
-    head_dim: int = 0
-    """Width per head (0: dim / num_heads)."""
-    routing: str = "task_gate"
-    """Router level (Mod-Squad: task_gate)."""
+class MoAConfig(MoAArgs):
+    """The MoA layers' own fields (``models.moa.MoAArgs``), and where they go."""
+
     every: int = 2
     """MoA in blocks offset, offset+every, ... (Mod-Squad: even blocks, with MoE MLPs on odd ones)."""
     offset: int = 0
     """First MoA block."""
     layers: list[int] = field(default_factory=list)
     """Explicit MoA blocks; overrides every/offset when not empty."""
-    balance_loss_weight: float = 0.0
-    """Balance loss weight per layer."""
-    mi_loss_weight: float = 0.005
-    """Mutual-information loss weight per layer (Mod-Squad's 0.005)."""
 
     def __post_init__(self):
-        if self.routing not in ROUTING_LEVELS:
-            raise ValueError(f"moa.routing={self.routing!r} is not one of {', '.join(ROUTING_LEVELS)}")
-        if self.num_experts < 0 or self.num_heads < 0 or self.head_dim < 0:
-            raise ValueError("moa.num_experts, moa.num_heads and moa.head_dim must be >= 0")
-        if self.num_experts and self.num_heads > self.num_experts:
-            raise ValueError(f"moa.num_heads={self.num_heads} exceeds moa.num_experts={self.num_experts}")
+        super().__post_init__()
         _positive(self, "every")
+
+    def layer_args(self) -> MoAArgs:
+        return MoAArgs(**{f.name: getattr(self, f.name) for f in fields(MoAArgs)})
 
 
 @dataclass

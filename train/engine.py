@@ -33,26 +33,14 @@ def build_model(cfg: Config, vocab_size: int, spe_token_id: int) -> UniPerceiver
     if cfg.model.head_classes:
         overrides["head_classes"] = cfg.model.head_classes
     depth = SIZES[cfg.model.size]["depth"]
-    moe, moa, num_tasks = cfg.moe, cfg.moa, len(cfg.tasks)
-    moe_kwargs = dict(num_experts=moe.num_experts, top_k=moe.top_k, routing_level=moe.routing, num_tasks=num_tasks,
-                      capacity_factor=moe.capacity_factor, eval_capacity_factor=moe.eval_capacity_factor,
-                      min_capacity=moe.min_capacity, drop_tokens=moe.drop_tokens, gate_noise_std=moe.gate_noise_std,
-                      balance_loss_weight=moe.balance_loss_weight, z_loss_weight=moe.z_loss_weight,
-                      mi_loss_weight=moe.mi_loss_weight, static_dispatch=moe.static_dispatch,
-                      expert_backend=moe.expert_backend)
-    moa_kwargs = dict(num_experts=moa.num_experts, routing_level=moa.routing, num_tasks=num_tasks,
-                      balance_loss_weight=moa.balance_loss_weight, mi_loss_weight=moa.mi_loss_weight)
-    if moa.num_heads:
-        moa_kwargs["num_heads"] = moa.num_heads
-    if moa.head_dim:
-        moa_kwargs["head_dim"] = moa.head_dim
+    moe, moa = cfg.moe, cfg.moa
     torch.manual_seed(cfg.run.seed)
     model = create_model(cfg.model.size, vocab_size=vocab_size, spe_token_id=spe_token_id,
-                        max_text_len=cfg.data.max_text_len,
-                        moe_layers=_placement(moe.num_experts, moe.layers, depth, moe.every, moe.offset, "moe"),
-                        moe_kwargs=moe_kwargs,
-                        moa_layers=_placement(moa.num_experts, moa.layers, depth, moa.every, moa.offset, "moa"),
-                        moa_kwargs=moa_kwargs, **overrides)
+                         max_text_len=cfg.data.max_text_len, num_tasks=len(cfg.tasks),
+                         moe_layers=_placement(moe.num_experts, moe.layers, depth, moe.every, moe.offset, "moe"),
+                         moe=moe.layer_args(),
+                         moa_layers=_placement(moa.num_experts, moa.layers, depth, moa.every, moa.offset, "moa"),
+                         moa=moa.layer_args(), **overrides)
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
     return model
 
