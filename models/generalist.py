@@ -35,9 +35,7 @@ from condmoe.models.losses import (
 from condmoe.models.moa import MoAArgs, MoAttention
 from condmoe.models.moe import MoEArgs, MoEMLP, recomputing
 from condmoe.models.router import RoutingContext, routing_context
-
-TASK_TYPES = ("image_classification", "image_text_retrieval", "video_classification", "video_text_retrieval", "mlm",
-              "captioning")
+from condmoe.models.tasks import TASK_TYPES, task_spec
 
 
 @dataclass
@@ -290,20 +288,12 @@ class UniPerceiver(nn.Module):
         ``gather_negatives``: retrieval against every rank's pairs. Both are collectives: every rank must run the same
         task at the same step (``run.task_sampling=synchronized``).
         """
-        if task_type in ("image_classification", "video_classification"):
-            return self.classification(task_type, batch, label_smoothing, task_id, split_targets)
-        if task_type in ("image_text_retrieval", "video_text_retrieval"):
-            out = self.retrieval(task_type, batch, label_smoothing, task_id, gather_negatives)
-        elif task_type == "mlm":
-            out = self.masked_language_modelling(batch, label_smoothing, task_id, split_targets)
-        elif task_type == "captioning":
-            vocab_VD = self.encode_target_set(batch["target_ids"], batch["target_mask"], task_id, "vocab_target",
-                                              split_targets)
-            out = TaskOutput(*caption_loss(self, batch["images"], batch["text_ids"], batch["text_mask"], vocab_VD,
-                                           task_id, label_smoothing))
-        else:
-            raise ValueError(f"unknown task type {task_type!r}; known: {', '.join(TASK_TYPES)}")
-        if self.class_head is not None:  # exact-zero gradient: every parameter gets one whatever the task (ZeRO)
+        spec = task_spec(task_type)
+        loss_fn = getattr(self, spec.loss)  # the task table names each type's loss method
+        out = loss_fn(task_type, batch, label_smoothing=label_smoothing, task_id=task_id, split_targets=split_targets,
+                      gather_negatives=gather_negatives)
+        if self.class_head is not None and spec.targets != "classes":
+            # exact-zero gradient: every parameter gets one whatever the task (ZeRO); classification uses the head
             out = TaskOutput(out.loss + 0.0 * sum(p.sum() for p in self.class_head.parameters()), out.logits)
         return out
 
@@ -323,8 +313,9 @@ class UniPerceiver(nn.Module):
         mine = self.encode_texts(ids_ML[rows], mask_ML[rows], task_id, attribute)
         return self.collectives.all_gather(mine)[:total]
 
-    def classification(self, task_type: str, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0,
-                       task_id: int = 0, split_targets: bool = False) -> TaskOutput:
+    # Loss methods (TaskSpec.loss): one signature; each uses the options that apply to it (the config refuses the rest).
+    def classification(self, task_type: str, batch: dict[str, torch.Tensor], *, label_smoothing: float = 0.0,
+                       task_id: int = 0, split_targets: bool = False, gather_negatives: bool = False) -> TaskOutput:
         inputs_BD = self.encode_images(_pixels(batch), task_id)
         targets_MD = self.encode_target_set(batch["target_ids"], batch["target_mask"], task_id, "text_target",
                                             split_targets)
@@ -345,8 +336,8 @@ class UniPerceiver(nn.Module):
                              f"{logits.shape[1]} (model.head_classes)")
         return logits + self.class_head(inputs_BD).to(logits.dtype)
 
-    def retrieval(self, task_type: str, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0,
-                  task_id: int = 0, gather_negatives: bool = False) -> TaskOutput:
+    def retrieval(self, task_type: str, batch: dict[str, torch.Tensor], *, label_smoothing: float = 0.0,
+                  task_id: int = 0, split_targets: bool = False, gather_negatives: bool = False) -> TaskOutput:
         visual_BD = self.encode_images(_pixels(batch), task_id)
         texts_BD = self.encode_texts(batch["text_ids"], batch["text_mask"], task_id)
         scale = self.logit_scale[TASK_TYPES.index(task_type)]
@@ -358,8 +349,9 @@ class UniPerceiver(nn.Module):
         logits = similarity_logits(visual_BD, texts_BD, scale)
         return TaskOutput(contrastive_loss(logits, label_smoothing), logits)
 
-    def masked_language_modelling(self, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0,
-                                  task_id: int = 0, split_targets: bool = False) -> TaskOutput:
+    def masked_language_modelling(self, task_type: str, batch: dict[str, torch.Tensor], *,
+                                  label_smoothing: float = 0.0, task_id: int = 0, split_targets: bool = False,
+                                  gather_negatives: bool = False) -> TaskOutput:
         """Masked tokens' hidden states against the encoded vocabulary: logits ``[masked tokens, V]``."""
         ids_BL, mask_BL, labels_BL = batch["text_ids"], batch["text_mask"], batch["mlm_labels"]
         x_BLD = self.text_embed(ids_BL)
@@ -369,12 +361,20 @@ class UniPerceiver(nn.Module):
         inputs_PD = self.head(hidden_BLD[predicted])  # P masked positions (boolean index: one host sync)
         vocab_VD = self.encode_target_set(batch["target_ids"], batch["target_mask"], task_id, "vocab_target",
                                           split_targets)
-        logits = similarity_logits(inputs_PD, vocab_VD, self.logit_scale[TASK_TYPES.index("mlm")])
+        logits = similarity_logits(inputs_PD, vocab_VD, self.logit_scale[TASK_TYPES.index(task_type)])
         loss = classification_loss(logits, labels_BL[predicted], label_smoothing)
         # Text-only: the visual embedding gets an exact-zero gradient, so that every parameter has a gradient whatever
         # task a rank drew (ZeRO reduces the same gradient buckets on every rank).
         loss = loss + 0.0 * sum(p.sum() for p in self.image_embed.parameters())
         return TaskOutput(loss, logits)
+
+    def captioning(self, task_type: str, batch: dict[str, torch.Tensor], *, label_smoothing: float = 0.0,
+                   task_id: int = 0, split_targets: bool = False, gather_negatives: bool = False) -> TaskOutput:
+        """Teacher-forced next-token prediction against the encoded vocabulary (``models/captioning.py``)."""
+        vocab_VD = self.encode_target_set(batch["target_ids"], batch["target_mask"], task_id, "vocab_target",
+                                          split_targets)
+        return TaskOutput(*caption_loss(self, batch["images"], batch["text_ids"], batch["text_mask"], vocab_VD,
+                                        task_id, label_smoothing))
 
     def caption_scale(self) -> torch.Tensor:
         return self.logit_scale[TASK_TYPES.index("captioning")]

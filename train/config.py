@@ -15,7 +15,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from condmoe.data_prep import schema
-from condmoe.models import SIZES, TASK_TYPES, MoAArgs, MoEArgs
+from condmoe.models import SIZES, TASKS, MoAArgs, MoEArgs, TaskSpec
 
 
 @dataclass
@@ -216,7 +216,8 @@ class TaskConfig:
     name: str = ""
     """Unique task name (logs, metrics)."""
     type: str = "image_classification"
-    """One of models.TASK_TYPES."""
+    """A task type of the task table, models/tasks.py: image_classification, image_text_retrieval,
+    video_classification, video_text_retrieval, mlm, captioning."""
     dataset: str = "image"
     """Dataset folder under data.root (shards in <dataset>/<split>/)."""
     weight: float = 1.0
@@ -235,20 +236,25 @@ class TaskConfig:
     """Retrieval against the pairs of every rank (negatives gathered with gradients, CLIP-style)."""
 
     def __post_init__(self):
-        if self.gather_negatives and not self.type.endswith("text_retrieval"):
-            raise ValueError(f"tasks[{self.name}].gather_negatives applies to retrieval tasks only")
-        if self.split_targets and self.type.endswith("text_retrieval"):
-            raise ValueError(f"tasks[{self.name}].split_targets applies to tasks with a target set, not retrieval")
-        if (self.augment.mixup or self.augment.cutmix) and self.type != "image_classification":
-            raise ValueError(f"tasks[{self.name}].augment: mixup/cutmix apply to image_classification only")
         if not self.name:
             raise ValueError("tasks[].name is required")
-        if self.type not in TASK_TYPES:
-            raise ValueError(f"tasks[{self.name}].type={self.type!r} is not one of {', '.join(TASK_TYPES)}")
+        if self.type not in TASKS:
+            raise ValueError(f"tasks[{self.name}].type={self.type!r} is not one of {', '.join(TASKS)}")
+        if self.gather_negatives and self.spec.targets != "captions":
+            raise ValueError(f"tasks[{self.name}].gather_negatives applies to retrieval tasks only")
+        if self.split_targets and not self.spec.target_set:
+            raise ValueError(f"tasks[{self.name}].split_targets applies to tasks with a target set, not retrieval")
+        if (self.augment.mixup or self.augment.cutmix) and not self.spec.mixup:
+            raise ValueError(f"tasks[{self.name}].augment: mixup/cutmix apply to image_classification only")
         if not (self.weight > 0 and self.batch_size > 0):  # "not >" also refuses NaN
             raise ValueError(f"tasks[{self.name}].weight and .batch_size must be > 0")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"tasks[{self.name}].label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+    @property
+    def spec(self) -> TaskSpec:
+        """The task type's entry in the task table (inputs, targets, loss, metric)."""
+        return TASKS[self.type]
 
 
 @dataclass

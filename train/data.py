@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from condmoe.data_prep import schema
 from condmoe.data_prep.schema import shard_urls
+from condmoe.models.tasks import task_spec
 from condmoe.models.text_tokenizer import TextTokenizer
 from condmoe.train.config import DataConfig, TaskConfig
 from condmoe.train.masking import IGNORE, mask_whole_words, word_starts
@@ -132,15 +133,16 @@ class Collate:
         return image_pixels(image, self.img_size)
 
     def __call__(self, samples: Sequence[tuple]) -> dict[str, torch.Tensor]:
-        if self.task_type == "mlm":
+        spec = task_spec(self.task_type)
+        if spec.inputs == "text":
             return self.mlm(samples)
         keys, visuals, labels, captions = zip(*samples)
-        if self.task_type.startswith("video"):
+        if spec.inputs == "video":
             batch = {"videos": normalise(np.stack([self.video(k, frames) for k, frames in zip(keys, visuals)]))}
         else:
             batch = {"images": normalise(np.stack([self.image(k, img) for k, img in zip(keys, visuals)]))}
         batch["labels"] = torch.tensor([int(label) for label in labels], dtype=torch.long)
-        if self.task_type.endswith("text_retrieval") or self.task_type == "captioning":
+        if spec.reads_caption:
             # Several captions per image (one per line, e.g. COCO): the sample's seed picks one.
             texts = [_pick_caption(str(c), self.seed, k, self.random_caption) for k, c in zip(keys, captions)]
             batch["text_ids"], batch["text_mask"] = self.tokenizer(texts)
@@ -231,9 +233,10 @@ def _worker_id() -> int:
 
 def sample_fields(task_type: str, handler) -> list:
     """Pipeline stages picking what a task type reads from a decoded sample."""
-    if task_type == "mlm":
+    inputs = task_spec(task_type).inputs
+    if inputs == "text":
         return [wds.to_tuple("__key__", schema.TEXT, handler=handler)]
-    if task_type.startswith("video"):
+    if inputs == "video":
         def pick(sample):
             return sample["__key__"], video_frames(sample), sample[schema.LABEL], sample.get(schema.TEXT, "")
         return [wds.map(pick, handler=handler)]

@@ -38,35 +38,47 @@ def evaluate_task(model: UniPerceiver, cfg: Config, task_index: int, tokenizer: 
     batches = ({k: v.to(device) for k, v in batch.items()} for batch in
                val_batches(cfg.data.root, task.dataset, img_size, batch_size, tokenizer, task_type=task.type,
                            num_frames=cfg.data.num_frames))
-    if task.type.endswith("classification"):
-        names = schema.read_classes(cfg.data.root)[task.dataset]
-        targets = model.encode_texts(*(t.to(device) for t in tokenizer(names)), task_id)
-        correct1 = correct5 = total = 0
-        for batch in batches:
-            pixels = batch.get("videos", batch.get("images"))
-            scores = model.classification_logits(model.encode_images(pixels, task_id), targets, task.type)
-            top = scores.topk(min(5, scores.shape[1]), dim=-1).indices
-            correct1 += int(top[:, 0].eq(batch["labels"]).sum())
-            correct5 += int(top.eq(batch["labels"][:, None]).any(dim=-1).sum())
-            total += len(batch["labels"])
-        _require(total, task)
-        return {"num_samples": total, "top1": correct1 / total, "top5": correct5 / total}
-    if task.type.endswith("text_retrieval"):
-        visual, texts = [], []
-        for batch in batches:
-            visual.append(F.normalize(model.encode_images(batch.get("videos", batch.get("images")), task_id), dim=-1))
-            texts.append(F.normalize(model.encode_texts(batch["text_ids"], batch["text_mask"], task_id), dim=-1))
-        _require(len(visual), task)
-        visual_ND, texts_ND = torch.cat(visual), torch.cat(texts)
-        return {"num_samples": len(visual_ND), **retrieval_recall(visual_ND @ texts_ND.t())}
-    if task.type == "captioning":
-        return evaluate_captioning(model, task, batches, tokenizer, task_id)
-    # mlm
-    vocab_ids, vocab_mask = (t.to(device) for t in vocabulary_targets(tokenizer))
+    return METRICS[task.spec.metric](model, cfg, task, batches, tokenizer, task_id)
+
+
+def evaluate_topk(model: UniPerceiver, cfg: Config, task, batches, tokenizer: TextTokenizer,
+                  task_id: int) -> dict[str, float]:
+    """Top-1/top-5 accuracy against the encoded class names."""
+    device = next(model.parameters()).device
+    names = schema.read_classes(cfg.data.root)[task.dataset]
+    targets = model.encode_texts(*(t.to(device) for t in tokenizer(names)), task_id)
+    correct1 = correct5 = total = 0
+    for batch in batches:
+        pixels = batch.get("videos", batch.get("images"))
+        scores = model.classification_logits(model.encode_images(pixels, task_id), targets, task.type)
+        top = scores.topk(min(5, scores.shape[1]), dim=-1).indices
+        correct1 += int(top[:, 0].eq(batch["labels"]).sum())
+        correct5 += int(top.eq(batch["labels"][:, None]).any(dim=-1).sum())
+        total += len(batch["labels"])
+    _require(total, task)
+    return {"num_samples": total, "top1": correct1 / total, "top5": correct5 / total}
+
+
+def evaluate_recall(model: UniPerceiver, cfg: Config, task, batches, tokenizer: TextTokenizer,
+                    task_id: int) -> dict[str, float]:
+    """R@1/5/10 both ways over the whole split."""
+    visual, texts = [], []
+    for batch in batches:
+        visual.append(F.normalize(model.encode_images(batch.get("videos", batch.get("images")), task_id), dim=-1))
+        texts.append(F.normalize(model.encode_texts(batch["text_ids"], batch["text_mask"], task_id), dim=-1))
+    _require(len(visual), task)
+    visual_ND, texts_ND = torch.cat(visual), torch.cat(texts)
+    return {"num_samples": len(visual_ND), **retrieval_recall(visual_ND @ texts_ND.t())}
+
+
+def evaluate_token_accuracy(model: UniPerceiver, cfg: Config, task, batches, tokenizer: TextTokenizer,
+                            task_id: int) -> dict[str, float]:
+    """Accuracy of the masked tokens against the encoded vocabulary."""
+    vocab_ids, vocab_mask = (t.to(next(model.parameters()).device) for t in vocabulary_targets(tokenizer))
     correct = total = 0
     for batch in batches:
         batch.pop("num_skipped", None)
-        out = model("mlm", {**batch, "target_ids": vocab_ids, "target_mask": vocab_mask}, task_id=task_id)
+        out = model(task.type, {**batch, "target_ids": vocab_ids, "target_mask": vocab_mask}, task_id=task_id)
         labels = batch["mlm_labels"][batch["mlm_labels"] >= 0]
         correct += int(out.logits.argmax(dim=-1).eq(labels).sum())
         total += len(labels)
@@ -74,7 +86,7 @@ def evaluate_task(model: UniPerceiver, cfg: Config, task_index: int, tokenizer: 
     return {"num_masked_tokens": total, "accuracy": correct / total}
 
 
-def evaluate_captioning(model: UniPerceiver, task, batches, tokenizer: TextTokenizer, task_id: int,
+def evaluate_captioning(model: UniPerceiver, cfg: Config, task, batches, tokenizer: TextTokenizer, task_id: int,
                         beam_size: int = 2, max_length: int = 20) -> dict[str, float]:
     """Beam-search captions (KV cache) scored with corpus BLEU-4 and CIDEr-D against the sample's captions (words
     lower-cased and split on white space)."""
@@ -91,6 +103,11 @@ def evaluate_captioning(model: UniPerceiver, task, batches, tokenizer: TextToken
     example = " ".join(hypotheses[0])
     return {"num_samples": len(hypotheses), "bleu4": corpus_bleu(hypotheses, references),
             "cider": corpus_cider(hypotheses, references), "example": example}
+
+
+# TaskSpec.metric -> its scorer: (model, cfg, task, val batches, tokenizer, task id) -> metrics
+METRICS = {"topk": evaluate_topk, "recall": evaluate_recall, "token_accuracy": evaluate_token_accuracy,
+           "caption": evaluate_captioning}
 
 
 def evaluate(model: UniPerceiver, cfg: Config, tokenizer: TextTokenizer, batch_size: int = 128) -> dict[str, dict]:

@@ -49,10 +49,10 @@ def measure_usage(model, cfg: Config, tokenizer: TextTokenizer, batch_size: int 
     img_size = model.image_embed.patch_embed.img_size[0]
     for task_id, task in enumerate(cfg.tasks):
         targets = {}
-        if task.type.endswith("classification"):
+        if task.spec.targets == "classes":
             targets = dict(zip(("target_ids", "target_mask"),
                                tokenizer(schema.read_classes(cfg.data.root)[task.dataset])))
-        elif task.type in ("mlm", "captioning"):
+        elif task.spec.targets == "vocabulary":
             targets = dict(zip(("target_ids", "target_mask"), vocabulary_targets(tokenizer)))
         for batch in val_batches(cfg.data.root, task.dataset, img_size, batch_size, tokenizer, task_type=task.type,
                                  num_frames=cfg.data.num_frames):

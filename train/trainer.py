@@ -88,11 +88,11 @@ class Trainer:
         # Class-name targets of each classification dataset: tokenised once, encoded every step (with gradients).
         classes = schema.read_classes(cfg.data.root)
         self.class_targets = {t.dataset: self.tokenizer(classes[t.dataset]) for t in cfg.tasks
-                              if t.type.endswith("classification")}
+                              if t.spec.targets == "classes"}
         self.vocab_targets = vocabulary_targets(self.tokenizer)  # MLM: every token as a one-token sentence
         self.mixups = {}
         for i, t in enumerate(cfg.tasks):
-            if t.type == "image_classification" and (t.augment.mixup or t.augment.cutmix):
+            if t.spec.mixup and (t.augment.mixup or t.augment.cutmix):
                 from timm.data import Mixup
 
                 self.mixups[i] = Mixup(mixup_alpha=t.augment.mixup, cutmix_alpha=t.augment.cutmix,
@@ -122,9 +122,9 @@ class Trainer:
             torch.manual_seed(step_seed)
             np.random.seed(step_seed)
             smoothing = task.label_smoothing
-            if task.type in ("mlm", "captioning"):
+            if task.spec.targets == "vocabulary":
                 batch["target_ids"], batch["target_mask"] = self.vocab_targets
-            if task.type.endswith("classification"):
+            if task.spec.targets == "classes":
                 batch["target_ids"], batch["target_mask"] = self.class_targets[task.dataset]
                 if index in self.mixups:
                     batch["images"], batch["soft_labels"] = self.mixups[index](batch["images"], batch["labels"])
