@@ -158,7 +158,7 @@ def test_resume_on_another_layout_continues_training_with_the_optimizer_state(re
     # The schedule went on: warmup at step 7 of 50 (lr 1e-3 x 8/50), not restarted.
     metrics = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["step"] == 7 and metrics[-1]["lr"] == pytest.approx(1e-3 * 8 / 50)
-    assert checkpoint.read_layout(two / "checkpoints" / "step_7")["world_size"] == 2
+    assert checkpoint.read(two / "checkpoints" / "step_7").layout.world_size == 2
 
 
 @pytest.mark.slow

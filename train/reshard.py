@@ -7,7 +7,7 @@ refuses ZeRO shards written by another world size. Here:
 * ``consolidate`` reads every rank's ZeRO shard of a checkpoint and puts each parameter back together: fp32 master
   weight, Adam's ``exp_avg`` and ``exp_avg_sq``, under the plain model's names with global expert ids. Each shard
   names the slice of every parameter it holds (``param_slice_mappings``); non-expert groups are split over all ranks,
-  expert groups over the expert-data-parallel group, which ``condmoe.json`` records per rank.
+  expert groups over the expert-data-parallel group, which the checkpoint's ``Layout`` records per rank.
 * ``load`` writes each of this rank's parameters and its ZeRO partition of the master weights and moments from that
   copy, then restores the schedule and the step counters.
 
@@ -23,7 +23,8 @@ import torch
 from deepspeed import comm as dist
 
 from condmoe.models.ds_moe import global_expert_name, global_parameter_names, plain_name
-from condmoe.train.checkpoint import load_plain_state_dict, read_layout
+from condmoe.train import checkpoint
+from condmoe.train.checkpoint import Record, load_plain_state_dict
 from condmoe.train.dist import on_rank0
 
 log = logging.getLogger("condmoe.reshard")
@@ -44,22 +45,23 @@ def consolidate(path: str | Path) -> dict:
     """The checkpoint at ``path`` without its layout: ``params`` maps each plain parameter name to its fp32 weight and
     Adam moments; also the step, the optimizer's step count, the LR schedule and the source layout."""
     path = Path(path)
-    record = read_layout(path)
-    if record["zero_stage"] not in (1, 2):
+    record = checkpoint.read(path)
+    layout = record.layout
+    if layout.zero_stage not in (1, 2):
         raise ValueError(f"{path}: resuming on another world size or ep_size needs a ZeRO-1/2 checkpoint, this one is "
-                         f"ZeRO-{record['zero_stage']}")
+                         f"ZeRO-{layout.zero_stage}")
     plain = load_plain_state_dict(path)
     shapes = {name: value.shape for name, value in plain.items()}
-    num_local = record["num_experts"] // record["ep_size"] if record["num_experts"] else 1
+    num_local = layout.num_experts // layout.ep_size if layout.num_experts else 1
     pieces = defaultdict(lambda: defaultdict(list))  # name -> key -> [(partition rank, fragment)]
     optimizer_step = None
-    for rank, ranks in enumerate(record["ranks"]):
+    for rank, place in enumerate(layout.ranks):
         shard = torch.load(_zero_file(path, rank), map_location="cpu", weights_only=False)["optimizer_state_dict"]
         base = shard["base_optimizer_state"]
         for i, mapping in enumerate(shard["param_slice_mappings"]):
             group = base["param_groups"][i]
             expert_group = bool(group.get("moe", False))
-            partition = ranks["expert_dp_rank"] if expert_group else rank
+            partition = place.expert_dp_rank if expert_group else rank
             flat = {"fp32": shard["single_partition_of_fp32_groups"][i]}
             state = base["state"].get(group["params"][0], {})
             for key in MOMENTS:
@@ -67,7 +69,7 @@ def consolidate(path: str | Path) -> dict:
             if "step" in state:
                 optimizer_step = state["step"]
             for name, fragment in mapping.items():
-                name = global_expert_name(name, ranks["ep_rank"], num_local) if expert_group else plain_name(name)
+                name = global_expert_name(name, place.ep_rank, num_local) if expert_group else plain_name(name)
                 for key, tensor in flat.items():
                     pieces[name][key].append((partition, tensor.narrow(0, fragment.start, fragment.numel)))
     params = {}
@@ -78,8 +80,8 @@ def consolidate(path: str | Path) -> dict:
         for key, parts in by_key.items():
             partitions = [p for p, _ in parts]
             if len(set(partitions)) != len(partitions):
-                raise ValueError(f"{path}: {name} has two fragments from one partition; condmoe.json does not match "
-                                 "the shards")
+                raise ValueError(f"{path}: {name} has two fragments from one partition; {checkpoint.MARKER} does "
+                                 "not match the shards")
             full = torch.cat([t for _, t in sorted(parts, key=lambda part: part[0])])
             if full.numel() != shapes[name].numel():
                 raise ValueError(f"{path}: the shards hold {full.numel()} values of {name}, its shape "
@@ -88,9 +90,10 @@ def consolidate(path: str | Path) -> dict:
         params[name] = entry
     states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     frozen = {name: {"fp32": value.float()} for name, value in plain.items() if name not in params}
-    return {"format": 1, "source": record, "step": record["step"], "params": {**params, **frozen},
+    # "source" as condmoe.json has it: plain data, so that the copy loads without this module's classes
+    return {"format": 1, "source": record.to_json(), "step": record.step, "params": {**params, **frozen},
             "optimizer_step": optimizer_step, "lr_scheduler": states.get("lr_scheduler"),
-            "global_steps": states.get("global_steps", record["step"]),
+            "global_steps": states.get("global_steps", record.step),
             "global_samples": states.get("global_samples", 0)}
 
 
@@ -148,14 +151,14 @@ def load(engine, universal: dict) -> int:
     return int(universal["step"])
 
 
-def resume(engine, path: Path, record: dict, work_dir: Path) -> int:
+def resume(engine, path: Path, record: Record, work_dir: Path) -> int:
     """Resumes ``engine`` from a checkpoint written with another world size or ep_size; the layout-free copy goes
     to ``work_dir`` (this run's checkpoints folder) and is deleted after every rank loaded it."""
     out = Path(work_dir) / f"{UNIVERSAL.removesuffix('.pt')}_{path.name}.pt"
 
     def convert() -> None:
-        log.info("%s was written by %d ranks with ep_size %d; resharding for %d ranks", path, record["world_size"],
-                 record["ep_size"], dist.get_world_size())
+        log.info("%s was written by %d ranks with ep_size %d; resharding for %d ranks", path,
+                 record.layout.world_size, record.layout.ep_size, dist.get_world_size())
         write_universal(path, out)
 
     on_rank0(convert)

@@ -69,22 +69,21 @@ class RunLog:
                 self.usage_counts = torch.zeros(len(self.cfg.tasks), *expert_counts_LE.shape)
             self.usage_counts[task_index] += expert_counts_LE.detach().float().cpu()
 
-    def checkpoint_state(self) -> dict:
+    def state_dict(self) -> dict:
         """What checkpoints carry of this log: the expert-usage EMA (the same on every rank: its counts are summed
-        over ranks)."""
+        over ranks); empty before the first log interval of a MoE run, and for a dense one."""
         if self.usage_ema is None:
             return {}
-        return {"expert_usage_ema": {"share": self.usage_ema.tolist(), "started": self.usage_ema_started.tolist()}}
+        return {"share": self.usage_ema.tolist(), "started": self.usage_ema_started.tolist()}
 
-    def restore(self, record: dict | None) -> None:
+    def load_state_dict(self, state: dict) -> None:
         """The expert-usage EMA of the checkpoint a run resumes from (a checkpoint of another task list: afresh)."""
-        saved = (record or {}).get("expert_usage_ema")
-        if saved is None:
+        if not state:
             return
-        share = torch.tensor(saved["share"])
+        share = torch.tensor(state["share"])
         if share.shape[0] != len(self.cfg.tasks):
             return  # another task list: start the averages afresh
-        self.usage_ema, self.usage_ema_started = share, torch.tensor(saved["started"])
+        self.usage_ema, self.usage_ema_started = share, torch.tensor(state["started"])
 
     def write_eval(self, step: int, results: dict[str, dict]) -> None:
         """Rank 0: one line of ``eval.jsonl`` and the float metrics as tensorboard scalars."""

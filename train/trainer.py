@@ -22,6 +22,7 @@ from condmoe.models.ds_moe import expert_layout
 from condmoe.models.extract import freeze_for_prompt_tuning, freeze_for_transfer
 from condmoe.models.text_tokenizer import TextTokenizer
 from condmoe.train import checkpoint, resume
+from condmoe.train.checkpoint import RankLayout, Record, Stateful
 from condmoe.train.collectives import DataParallelCollectives
 from condmoe.train.config import Config
 from condmoe.train.data import TaskSampler, TaskStream
@@ -33,6 +34,8 @@ from condmoe.train.signals import EXIT_PREEMPTED, StopRequest
 from condmoe.train.transforms import stable_seed
 
 log = logging.getLogger("condmoe.train")
+
+STREAM_POSITIONS = "stream_positions"  # each rank's part of a checkpoint: batches drawn from each task stream
 
 
 @dataclass
@@ -79,7 +82,7 @@ class Trainer:
         active_params = model.num_params(active_only=True)
         self.engine = create_engine(cfg, model)
         self.input_dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
-        self.layout = expert_layout(self.model)  # this rank's place in expert parallelism, recorded by checkpoints
+        self.layout = RankLayout(**expert_layout(self.model))  # this rank's place in expert parallelism
         self.sampler = TaskSampler(cfg.tasks, cfg.run.seed, info.rank, cfg.run.task_sampling == "synchronized")
         if info.world_size > 1:
             self.model.collectives = DataParallelCollectives()
@@ -221,7 +224,8 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.output_dir / "config.yaml")
         start, record = resume.resume(self.engine, self.output_dir, cfg.run.resume, self.layout)
-        self.run_log.restore(record)
+        if record is not None:
+            record.load_states(self._checkpoint_parts())
         for stream, position in zip(self.streams, self._stream_positions(start, record)):
             stream.position = position  # the stream seeks lazily on its first batch
         if self.info.is_main:
@@ -254,9 +258,9 @@ class Trainer:
             # not on the way out after a stop signal: the checkpoint must be written before the job's time runs out
             evaluate_now = cfg.run.eval_every and not stopping and ((step + 1) % cfg.run.eval_every == 0 or last)
             if (step + 1) % cfg.run.save_every == 0 or last or evaluate_now:
-                layout = {**self.layout, "stream_positions": [stream.position for stream in self.streams],
-                          **self.run_log.checkpoint_state()}
-                path = checkpoint.save(self.engine, self.output_dir, step + 1, cfg.run.keep_last, layout)
+                path = checkpoint.save(self.engine, self.output_dir, step + 1, cfg.run.keep_last, self.layout,
+                                       states=self._checkpoint_parts(),
+                                       rank_states={STREAM_POSITIONS: [stream.position for stream in self.streams]})
                 if self.info.is_main:
                     log.info("saved %s", path)
                 if evaluate_now:
@@ -266,14 +270,25 @@ class Trainer:
                 return EXIT_PREEMPTED
         return 0
 
-    def _stream_positions(self, start: int, record: dict | None) -> list[int]:
+    def _checkpoint_parts(self) -> dict[str, Stateful]:
+        """What checkpoints carry besides the engine and the stream positions, by name (the same on every rank)."""
+        return {"expert_usage_ema": self.run_log, "trainer": self}
+
+    def state_dict(self) -> dict:
+        """The trainer's own counters (the step is the engine's)."""
+        return {"skipped_micro_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped_steps = state["skipped_micro_steps"]
+
+    def _stream_positions(self, start: int, record: Record | None) -> list[int]:
         """Where each task stream continues: the batches this rank's past steps drew from it. They follow from the
         task draws, but the checkpoint's own record wins where it has one for this layout and these tasks: a run
         resumed with another task mix must not replay or skip data."""
         positions = self.sampler.counts_until(start, self.cfg.run.gradient_accumulation_steps)
         saved = None
-        if record is not None and record["world_size"] == self.info.world_size:
-            saved = record["ranks"][self.info.rank].get("stream_positions")
+        if record is not None and record.layout.world_size == self.info.world_size:
+            saved = record.rank_state(self.info.rank, STREAM_POSITIONS)
         if saved is None or len(saved) != len(positions):
             return positions
         if saved != positions:
