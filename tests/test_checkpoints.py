@@ -1,5 +1,6 @@
-"""Checkpoints that survive anything: the commit protocol and pruning, a save torn by SIGKILL, and resuming on a
-different world size / ep_size with the optimizer state (real 2-process DeepSpeed runs on CPU, gloo)."""
+"""Checkpoints that survive anything: the commit protocol and pruning, the condmoe.json record (and the format before
+it), a save torn by SIGKILL, and resuming on a different world size / ep_size with the optimizer state (real
+2-process DeepSpeed runs on CPU, gloo)."""
 
 import json
 import math
@@ -73,6 +74,100 @@ def test_prune_never_deletes_the_checkpoint_just_committed(tmp_path):
     _fake_checkpoint(ckpt, 6)
     checkpoint._prune(ckpt, latest_step=6, keep_last=1)
     assert sorted(p.name for p in ckpt.iterdir()) == ["step_6", "step_9"]
+
+
+# condmoe.json as the code before format 2 wrote it (68853e6, 2 ranks, ep_size 2, ZeRO-2, a MoE model with 2 tasks):
+# no "format", each rank's stream positions in its entry, the expert-usage EMA at the top.
+FORMAT_1 = """{
+ "step": 3,
+ "world_size": 2,
+ "zero_stage": 2,
+ "ep_size": 2,
+ "num_experts": 4,
+ "ranks": [
+  {"ep_rank": 0, "expert_dp_rank": 0, "stream_positions": [1, 2]},
+  {"ep_rank": 1, "expert_dp_rank": 0, "stream_positions": [0, 3]}
+ ],
+ "expert_usage_ema": {
+  "share": [[[0.25, 0.25, 0.25, 0.25], [0.5, 0.25, 0.125, 0.125]], [[0.1, 0.4, 0.3, 0.2], [0.4, 0.3, 0.2, 0.1]]],
+  "started": [true, true]
+ }
+}
+"""
+
+
+class FakePart:
+    """A stateful part as the trainer hands them to checkpoints."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state
+
+
+def test_a_format_1_record_reads_as_the_typed_record(tmp_path):
+    (tmp_path / checkpoint.MARKER).write_text(FORMAT_1)
+    record = checkpoint.read(tmp_path)
+    layout = record.layout
+    assert (record.step, layout.world_size, layout.zero_stage, layout.ep_size, layout.num_experts) == (3, 2, 2, 2, 4)
+    assert layout.ranks == (checkpoint.RankLayout(2, 4, 0, 0), checkpoint.RankLayout(2, 4, 1, 0))
+    assert [record.rank_state(rank, "stream_positions") for rank in (0, 1)] == [[1, 2], [0, 3]]
+    usage, counters = FakePart({}), FakePart({"skipped_micro_steps": 7})
+    record.load_states({"expert_usage_ema": usage, "trainer": counters})
+    assert usage.state["started"] == [True, True] and usage.state["share"][1][0] == [0.1, 0.4, 0.3, 0.2]
+    assert counters.state == {"skipped_micro_steps": 7}  # format 1 did not checkpoint it: the part keeps its own
+    # Written again, it is format 2 with the same layout and states.
+    again = checkpoint.Record.from_json(json.loads(json.dumps(record.to_json())))
+    assert again == record and record.to_json()["format"] == checkpoint.FORMAT
+
+
+def test_a_format_1_record_without_states_reads(tmp_path):
+    """What a dense model's checkpoint, or one saved before the first log interval, held."""
+    (tmp_path / checkpoint.MARKER).write_text(json.dumps({
+        "step": 2, "world_size": 1, "zero_stage": 0, "ep_size": 1, "num_experts": 0,
+        "ranks": [{"ep_rank": 0, "expert_dp_rank": 0}]}))
+    record = checkpoint.read(tmp_path)
+    assert record.states == {} and record.rank_states == () and record.rank_state(0, "stream_positions") is None
+    assert record.layout.ranks == (checkpoint.RankLayout(1, 0, 0, 0),)
+
+
+def test_a_record_round_trips_with_its_named_states(tmp_path):
+    layout = checkpoint.Layout(2, 1, (checkpoint.RankLayout(1, 4, 0, 0), checkpoint.RankLayout(1, 4, 0, 1)))
+    record = checkpoint.Record(5, layout, {"trainer": {"skipped_micro_steps": 1}},
+                               ({"stream_positions": [3, 2]}, {"stream_positions": [1, 4]}))
+    (tmp_path / checkpoint.MARKER).write_text(json.dumps(record.to_json()))
+    assert checkpoint.read(tmp_path) == record
+    assert json.loads((tmp_path / checkpoint.MARKER).read_text())["ranks"][1] == {
+        "ep_rank": 0, "expert_dp_rank": 1, "stream_positions": [1, 4]}
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("", "Expecting value"),
+    (FORMAT_1[:200], "Expecting"),  # cut short, e.g. a full disk
+    ("[1, 2]", "a JSON object was expected"),
+    (FORMAT_1.replace('"zero_stage": 2,', ""), "missing key 'zero_stage'"),
+    (FORMAT_1.replace('"step": 3', '"step": "3"'), "'step' must be an integer"),
+    (FORMAT_1.replace('"world_size": 2', '"world_size": 3'), "must list world_size=3 ranks"),
+    (FORMAT_1.replace('"step": 3', '"format": 99, "step": 3'), "format 99"),
+])
+def test_an_unreadable_record_is_a_one_line_error_naming_the_file(tmp_path, text, reason):
+    marker = tmp_path / checkpoint.MARKER
+    marker.write_text(text)
+    with pytest.raises(ValueError, match=reason) as error:
+        checkpoint.read(tmp_path)
+    assert str(error.value).startswith(f"{marker}: unreadable checkpoint record: ") and "\n" not in str(error.value)
+
+
+def test_a_state_cannot_take_a_layout_key():
+    layout = checkpoint.Layout(1, 2, (checkpoint.RankLayout(1, 0, 0, 0),))
+    with pytest.raises(AssertionError):
+        checkpoint.Record(1, layout, {"world_size": 3})
+    with pytest.raises(AssertionError):
+        checkpoint.Record(1, layout, {}, ({"ep_rank": 1},))
 
 
 def test_evaluation_during_training_needs_the_val_splits_up_front(tiny_data, tmp_path):
@@ -189,6 +284,22 @@ def test_a_bad_shard_found_by_rank_0_while_resharding_ends_every_rank(reference,
                 "moe.ep_size=1", f"run.resume={source}"], timeout=120, check=False)
     assert proc.returncode != 0
     assert proc.stderr.count("rank 0: ") >= 2, proc.stderr[-3000:]  # both ranks report rank 0's error
+
+
+@pytest.mark.slow
+def test_a_corrupt_record_stops_the_resume_with_a_one_line_error(reference, tmp_path):
+    import shutil
+
+    cfg, full = reference
+    source = tmp_path / "source"
+    shutil.copytree(full / "checkpoints" / "step_3", source)
+    (source / checkpoint.MARKER).write_text('{"step": 3, "world_')
+    proc = run([*torchrun(2), "-m", "condmoe.train", "--config", str(cfg), f"run.output_dir={tmp_path / 'run'}",
+                f"run.resume={source}"], timeout=120, check=False)
+    assert proc.returncode != 0
+    message = f"condmoe-train: error: {source / checkpoint.MARKER}: unreadable checkpoint record: "
+    assert proc.stderr.count(message) == 2, proc.stderr[-3000:]  # each rank's, exit code 2 (torchrun's is 1)
+    assert "exitcode  : 2" in proc.stderr
 
 
 @pytest.mark.slow
