@@ -240,6 +240,8 @@ def load(engine, path: Path) -> int:
     if load_path is None:
         raise FileNotFoundError(f"{path}: DeepSpeed found no checkpoint there")
     return int(client_state["step"])
+
+
 def _prune(ckpt_dir: Path, latest_step: int, keep_last: int) -> None:
     """Keeps the ``keep_last`` newest committed checkpoints up to the latest (the latest always among them); deletes
     older committed ones and torn ones older than the latest. Newer ones (another timeline of this folder, e.g. a run
