@@ -23,7 +23,7 @@ from typing import NoReturn
 
 from condmoe.data_prep.argtypes import non_negative_int, positive_int
 from condmoe.data_prep.commands import add_commands
-from condmoe.data_prep.shards import read_manifest
+from condmoe.data_prep.schema import read_manifest
 from condmoe.data_prep.synthetic import SyntheticConfig, complete_dataset_sizes, write_synthetic_dataset
 
 __all__ = ["build_parser", "main"]

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from condmoe.data_prep.argtypes import byte_size, fraction, non_negative_int, positive_int
 from condmoe.data_prep.errors import UserError
-from condmoe.data_prep.merge import MergeError, SplitSummary, finalize_split, progress_splits, train_tokenizer
+from condmoe.data_prep.index import MergeError, SplitSummary, finalize_split, progress_splits, train_tokenizer
 from condmoe.data_prep.runner import PartResult, PrepOptions, run_part
-from condmoe.data_prep.shards import MANIFEST_NAME, read_manifest
+from condmoe.data_prep.schema import MANIFEST, read_manifest
 from condmoe.data_prep.sources import SOURCES
 from condmoe.data_prep.subset import SubsetError, make_subset
 from condmoe.data_prep.verify import verify_dataset
@@ -146,7 +146,7 @@ def _print_summary(summary: SplitSummary, out: Path) -> None:
     for line in summary.report:
         print(line)
     tokenizer = f", tokenizer {summary.tokenizer}" if summary.tokenizer else ""
-    print(f"index: {out / MANIFEST_NAME}{tokenizer}")
+    print(f"index: {out / MANIFEST}{tokenizer}")
 
 
 def _print_part(result: PartResult, out: Path) -> None:
@@ -215,6 +215,8 @@ def _run_merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     for dataset, split in splits:
         try:
             _print_summary(finalize_split(args.dir, dataset, split), args.dir)
+        except UserError as e:
+            parser.error(str(e))
         except MergeError as e:
             failed = True
             for line in e.problems:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from condmoe.data_prep.schema import write_text_atomic
+
 __all__ = [
     "PROGRESS_DIR",
     "PartLog",
@@ -32,6 +34,10 @@ __all__ = [
 
 PROGRESS_DIR = "_progress"
 _PART_RE = re.compile(r"^part-(\d{5,})-of-(\d{5,})\.jsonl$")
+
+
+def _line(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, sort_keys=True) + "\n"
 
 
 def part_file_name(part_index: int, num_parts: int) -> str:
@@ -154,17 +160,12 @@ class PartLog:
     def start(self) -> None:
         """Create the file with just its header (replacing any previous file)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(self.header, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, _line(self.header))
         self.done = {}
 
     def append(self, record: SliceRecord) -> None:
         """Record a finished slice durably (its shard files must already be in place)."""
-        line = json.dumps(record.to_json(), sort_keys=True) + "\n"
+        line = _line(record.to_json())
         with open(self.path, "ab") as f:
             f.write(line.encode("utf-8"))
             f.flush()

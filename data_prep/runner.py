@@ -5,7 +5,7 @@ run by ``--workers`` processes. Every part lists all inputs (listing is cheap an
 slices (:mod:`data_prep.plan`), skips the slices its progress file already records, and writes the rest; each
 finished slice is appended to the progress file by this (parent) process after the worker has renamed its shard
 files into place. A single-part job then writes the index itself; a multi-part job is indexed by
-``condmoe-prep merge``.
+``condmoe-prep merge``. The synthetic generator writes its splits with :func:`write_part` too, then its own index.
 
 Killing a part at any moment (SIGKILL included) and running the same command again finishes the job with the same
 shards and manifest as an uninterrupted run: a slice is either recorded (its files are complete and final) or
@@ -29,15 +29,15 @@ from typing import Any
 
 from tqdm import tqdm
 
+from condmoe.data_prep import schema
 from condmoe.data_prep.errors import ErrorItem, SkipSample, UserError, error_record
-from condmoe.data_prep.merge import SplitSummary, drop_entry, finalize_split, read_classes
+from condmoe.data_prep.index import SplitSummary, drop_entry, finalize_split, read_classes, verify_manifest
 from condmoe.data_prep.plan import SliceTask, fingerprint, num_slices, part_slices, slice_bounds
 from condmoe.data_prep.progress import PROGRESS_DIR, PartLog, SliceRecord, list_part_files, read_part_header
-from condmoe.data_prep.shards import read_manifest, verify_manifest
-from condmoe.data_prep.slice_writer import SliceWriter, remove_slice_files
+from condmoe.data_prep.shard_writer import SliceWriter, remove_shard_files
 from condmoe.data_prep.sources.base import Source
 
-__all__ = ["PartResult", "PrepOptions", "run_part", "write_slice"]
+__all__ = ["PartResult", "PrepOptions", "run_part", "write_part", "write_slice"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,7 @@ class PartResult:
         num_samples: Samples this part has written (all runs).
         num_bytes: Bytes of this part's shards.
         num_shards: Shard files of this part.
+        shards: Those files' manifest records (``name``, ``num_samples``, ``num_bytes``, ``sha256``), in order.
         skipped: Skipped items of this part per reason.
         ran_items: Items processed by this invocation (0 when everything was already done).
         elapsed: Seconds spent writing in this invocation.
@@ -113,6 +114,7 @@ class PartResult:
     num_samples: int = 0
     num_bytes: int = 0
     num_shards: int = 0
+    shards: list[dict[str, Any]] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)
     ran_items: int = 0
     elapsed: float = 0.0
@@ -132,7 +134,7 @@ def write_slice(source: Source, task: SliceTask, on_item: Callable[[], None] | N
     Returns:
         The record to append to the part's progress file.
     """
-    remove_slice_files(task.directory, task.index)  # a killed earlier attempt may have left some
+    remove_shard_files(task.directory, task.index)  # a killed earlier attempt may have left some
     writer = SliceWriter(task.directory, task.index, task.max_bytes)
     errors = []
     try:
@@ -146,7 +148,7 @@ def write_slice(source: Source, task: SliceTask, on_item: Callable[[], None] | N
                     errors.append(error_record(source.item_id(item), e.reason, e.detail))
                 else:
                     # Keys are global item numbers: unique in the split, and stable across resumes and part counts.
-                    writer.write({"__key__": f"{task.first + offset:09d}", **members})
+                    writer.write({"__key__": f"{task.first + offset:0{source.key_digits}d}", **members})
             if on_item is not None:
                 on_item()
         shards = writer.close()
@@ -252,6 +254,7 @@ def _tally(result: PartResult, records: list[SliceRecord]) -> None:
         result.num_samples += sum(s["num_samples"] for s in r.shards)
         result.num_bytes += sum(s["num_bytes"] for s in r.shards)
         result.num_shards += len(r.shards)
+        result.shards.extend(r.shards)
     result.skipped = dict(sorted(skipped.items()))
 
 
@@ -263,17 +266,19 @@ def _intact(split_dir: Path, record: SliceRecord) -> bool:
 
 
 def _already_complete(options: PrepOptions, name: str, digest: str) -> bool:
-    manifest = read_manifest(options.out)
+    manifest = schema.read_manifest(options.out)
     entry = (manifest or {}).get("datasets", {}).get(name)
     if entry is None or entry.get("fingerprint") != digest:
         return False
     if verify_manifest(options.out, {"datasets": {name: entry}}):
         return False
-    return not options.train_bpe or (options.out / "tokenizer" / "tokenizer.json").is_file()
+    return not options.train_bpe or (options.out / schema.TOKENIZER_DIR / "tokenizer.json").is_file()
 
 
 def run_part(source: Source, options: PrepOptions) -> PartResult:
-    """Prepare (or finish preparing) one part of ``OUT/<dataset>/<split>``.
+    """Prepare (or finish preparing) one part of ``OUT/<dataset>/<split>``; a single-part job is then indexed.
+
+    A SLURM requeue can rerun the same command line, ``--overwrite`` included, without losing finished slices.
 
     Args:
         source: The input source.
@@ -285,9 +290,28 @@ def run_part(source: Source, options: PrepOptions) -> PartResult:
     Raises:
         UserError: For bad options, unreadable inputs, or another run's progress in the way (without
             ``overwrite``).
+        data_prep.index.MergeError: If indexing a single-part job finds recorded shards missing.
+    """
+    result = write_part(source, options)
+    if options.num_parts == 1 and not result.already_complete:
+        result.summary = finalize_split(
+            options.out, options.dataset, options.split, train_bpe=options.train_bpe, vocab_size=options.vocab_size
+        )
+    return result
 
-    A SLURM requeue can rerun the same command line, ``--overwrite`` included, without losing finished slices.
-        data_prep.merge.MergeError: If indexing a single-part job finds recorded shards missing.
+
+def write_part(source: Source, options: PrepOptions) -> PartResult:
+    """Write (or finish writing) the shards of one part and record them in its progress file; no index.
+
+    Args:
+        source: The input source.
+        options: Output and execution options.
+
+    Returns:
+        Counts and shards of this part (``already_complete`` if the manifest already holds this exact job).
+
+    Raises:
+        UserError: As :func:`run_part`.
     """
     options.validate()
     name = f"{options.dataset}/{options.split}"
@@ -363,8 +387,4 @@ def run_part(source: Source, options: PrepOptions) -> PartResult:
         result.elapsed = time.perf_counter() - start
         result.ran_items = result.num_items - done_items
     _tally(result, [log.done[g] for g in mine])
-    if options.num_parts == 1:
-        result.summary = finalize_split(
-            options.out, options.dataset, options.split, train_bpe=options.train_bpe, vocab_size=options.vocab_size
-        )
     return result

@@ -8,21 +8,30 @@ Layout of a prepared root::
     ROOT/classes.json                         {"<dataset>": ["class name", ...], ...}
     ROOT/manifest.json                        every shard with its size, sha256 and sample count (written last)
     ROOT/tokenizer/tokenizer.json             the BPE tokenizer
+    ROOT/<dataset>/<split>/errors.jsonl       the inputs prep skipped, one JSON object per line (real sources)
 
 Members of a sample: ``jpg`` (an image), ``cls`` (the class index, ASCII), ``txt`` (captions, one per line), a video
 as frames ``f00.jpg ... fNN.jpg`` or as one ``mp4``, and optional ``json`` metadata.
+
+The writers are here too, so that every index file of data_prep/ is written one way: through a temporary file that
+is fsynced and renamed over the old one, so readers see the old file or the complete new one, never a torn one.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 SIZES = "sizes.json"
 CLASSES = "classes.json"
 MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
+ERRORS = "errors.jsonl"
+MANIFEST_VERSION = 1
 
 IMAGE = "jpg"
 LABEL = "cls"
@@ -84,6 +93,100 @@ def num_samples(root: str | Path, dataset: str, split: str) -> int:
     return int(sizes[key])
 
 
-def read_classes(root: str | Path) -> dict[str, list[str]]:
-    """``classes.json``: class names per dataset."""
-    return read_json(root, CLASSES)
+def read_classes(root: str | Path, missing_ok: bool = False) -> dict[str, list[str]]:
+    """``classes.json``: class names per dataset.
+
+    Args:
+        root: Dataset root.
+        missing_ok: Return ``{}`` if there is no ``classes.json`` yet (prep, before the first labelled split).
+
+    Raises:
+        FileNotFoundError: If the file is missing (and not ``missing_ok``).
+        ValueError: If it is not a JSON object of name lists; the message names the file.
+    """
+    if missing_ok and not (Path(root) / CLASSES).is_file():
+        return {}
+    classes = read_json(root, CLASSES)
+    for dataset, names in classes.items():
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{Path(root) / CLASSES}: entry {dataset!r} is not a list of class names")
+    return classes
+
+
+def read_manifest(root: str | Path) -> dict[str, Any] | None:
+    """``manifest.json``; ``None`` if it is missing, unreadable or of another version (the split must be redone)."""
+    try:
+        manifest = json.loads((Path(root) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
+        return None
+    return manifest
+
+
+def new_manifest(seed: int | None = None) -> dict[str, Any]:
+    """An empty manifest (``seed`` is the synthetic generator's; real sources have none)."""
+    return {"version": MANIFEST_VERSION, "seed": seed, "datasets": {}}
+
+
+def manifest_entry(shards: Sequence[Mapping[str, Any]], **fields: Any) -> dict[str, Any]:
+    """One ``datasets["<dataset>/<split>"]`` entry of the manifest.
+
+    Args:
+        shards: The split's shards in order, each ``{"name", "num_samples", "num_bytes", "sha256"}``.
+        **fields: How the split was made (``source``, ``params``, ``fingerprint``, ``skipped``, ``notes`` ...).
+
+    Returns:
+        ``{"num_samples": total, "shards": [...], **fields}``.
+
+    Raises:
+        ValueError: If a field would replace ``num_samples`` or ``shards``.
+    """
+    entry: dict[str, Any] = {
+        "num_samples": sum(int(s["num_samples"]) for s in shards),
+        "shards": [dict(s) for s in shards],
+    }
+    clash = sorted(set(fields) & set(entry))
+    if clash:
+        raise ValueError(f"manifest entry fields {clash} are computed from the shards")
+    entry.update(fields)
+    return entry
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a fsynced temporary file and ``os.replace``.
+
+    The temporary name carries the pid, so two processes writing the same file never share one.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON with sorted keys (so the bytes depend only on the content), atomically."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_jsonl(path: str | Path, records: Iterable[Mapping[str, Any]]) -> None:
+    """Write one JSON object per line (sorted keys, UTF-8 as is), atomically; used for ``errors.jsonl``."""
+    write_text_atomic(path, "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records))
+
+
+def write_index(root: str | Path, manifest: Mapping[str, Any]) -> dict[str, int]:
+    """Write ``sizes.json`` and then ``manifest.json`` (the completion marker) from a manifest.
+
+    Returns:
+        The sizes: ``"<dataset>/<split>"`` -> number of samples.
+    """
+    sizes = {name: int(entry["num_samples"]) for name, entry in manifest["datasets"].items()}
+    write_json(Path(root) / SIZES, sizes)
+    write_json(Path(root) / MANIFEST, manifest)
+    return sizes

@@ -4,7 +4,7 @@ Uni-Perceiver prompt-tunes on 1% of a downstream dataset (ImageNet: ``ceil(1%)``
 root ``SRC`` this makes ``OUT`` holding only ``--dataset``:
 
 * the chosen split (``train`` by default) cut down to the selected samples, re-sharded with
-  :func:`data_prep.shards.write_shards` (bytes of every member unchanged, keys kept, source order kept);
+  :func:`data_prep.shard_writer.write_shards` (bytes of every member unchanged, keys kept, source order kept);
 * the dataset's other splits (``val`` ...) hard-linked (copied across file systems) with their manifest entries;
 * the dataset's ``classes.json`` entry, the tokenizer, and a consistent ``sizes.json`` / ``manifest.json``.
 
@@ -26,14 +26,13 @@ either nothing or a finished dataset root.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
-import json
 import math
 import os
 import re
 import shutil
-import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -43,20 +42,19 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
+from condmoe.data_prep import schema
 from condmoe.data_prep.errors import UserError, error_record
-from condmoe.data_prep.merge import CLASSES_NAME, ERRORS_NAME, read_classes
+from condmoe.data_prep.index import read_classes
 from condmoe.data_prep.plan import fingerprint
-from condmoe.data_prep.shards import MANIFEST_NAME, read_manifest, write_index, write_json_atomic, write_shards
-from condmoe.data_prep.verify import check_member
+from condmoe.data_prep.shard_writer import write_shards
+from condmoe.data_prep.tarscan import END_MARKER, TarScan, read_member, scan_tar
+from condmoe.data_prep.verify import MAX_TAIL, check_member
 
 __all__ = ["SubsetError", "SubsetSummary", "make_subset", "quota", "rank"]
 
-_BLOCK = 512
-_MEMBER_RE = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")  # webdataset's key/extension split
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
 _ADDRESS_RE = re.compile(r" at 0x[0-9a-fA-F]+")
-_MAX_TAIL = 64 * 1024  # a sound tar ends with zero blocks padded to a 10 KiB record; more than this is damage
 
 
 class SubsetError(Exception):
@@ -157,67 +155,34 @@ def _parse_label(data: bytes, num_classes: int | None) -> int:
 def _scan_shard(path: Path, shard: int, expected: int, num_classes: int | None,
                 problems: _Problems) -> list[_Sample]:
     """The samples of one source shard with their labels and byte ranges; damage goes to ``problems``."""
-    # Per sample: [key, label or None, start, end, label problem or None].
-    found: list[list[Any]] = []
-    damage = None
-    try:
-        size = path.stat().st_size
-        with tarfile.open(path, "r:") as tf:
-            while True:
-                try:
-                    info = tf.next()
-                except tarfile.ReadError as e:
-                    damage = f"damaged after {len(found)} samples: {e}"
-                    break
-                if info is None:
-                    # tarfile stops quietly at a cut or garbled header; a sound archive ends with zero blocks only.
-                    tail = size - tf.offset
-                    if tail < 2 * _BLOCK or tail > _MAX_TAIL:
-                        damage = f"no end-of-archive marker at byte {tf.offset} after {len(found)} samples"
-                    else:
-                        tf.fileobj.seek(tf.offset)
-                        if tf.fileobj.read(tail).count(0) != tail:
-                            damage = f"unreadable header at byte {tf.offset} after {len(found)} samples"
-                    break
-                match = _MEMBER_RE.match(info.name)
-                if not info.isfile() or match is None:
-                    continue
-                key, ext = match.group(1), match.group(2)
-                end = info.offset_data + -(-info.size // _BLOCK) * _BLOCK
-                if info.offset_data + info.size > size:
-                    damage = f"truncated inside {info.name}"
-                    if not found or found[-1][0] != key:
-                        found.append([key, None, info.offset, end, None])
-                    found[-1][3] = -1  # cut
-                    break
-                if not found or found[-1][0] != key:
-                    found.append([key, None, info.offset, end, None])
-                sample = found[-1]
-                sample[3] = end
-                if ext == "cls":
-                    f = tf.extractfile(info)
-                    try:
-                        sample[1] = _parse_label(f.read() if f is not None else b"", num_classes)
-                    except ValueError as e:
-                        sample[4] = f"cls: {e}"
-    except (tarfile.TarError, OSError, EOFError) as e:
-        damage = f"not a readable tar: {e}"
-    if damage is not None and found:
-        found[-1][3] = -1  # cut at a member boundary or inside the sample: it may lack later members
     samples = []
-    for key, label, start, end, label_problem in found:
-        if end < 0:
-            problems.add(f"{path.name}:{key}", "truncated_tar", damage or "")
-        elif label_problem is not None:
-            problems.add(f"{path.name}:{key}", "bad_label", label_problem)
+    with contextlib.ExitStack() as stack:
+        try:
+            f = stack.enter_context(open(path, "rb"))
+        except OSError as e:
+            scan = TarScan([], f"not a readable tar: {e}")
         else:
-            samples.append(_Sample(key, label, shard, start, end))
-    if expected > len(found):
+            scan = scan_tar(f, max_tail=MAX_TAIL)
+        for found in scan.samples:
+            item = f"{path.name}:{found.key}"
+            if not found.complete:
+                problems.add(item, "truncated_tar", scan.damage or "")
+                continue
+            label = None
+            try:
+                cls = [m for m in found.members if m.ext == "cls"]
+                for member in cls:
+                    label = _parse_label(read_member(f, member), num_classes)
+            except (ValueError, OSError) as e:
+                problems.add(item, "bad_label", f"cls: {e}")
+                continue
+            samples.append(_Sample(found.key, label, shard, found.start, found.end))
+    if expected > len(scan.samples):
         # Samples the manifest promises but the tar does not hold (past the damage, or a shard replaced since).
-        lost = expected - len(found)
-        reason = "truncated_tar" if damage is not None and found else "bad_tar"
-        problems.add(path.name, reason, f"{damage or 'sound tar'}: holds {len(found)} of the {expected} samples the "
-                     f"manifest lists; {lost} lost", samples=lost)
+        lost = expected - len(scan.samples)
+        reason = "truncated_tar" if scan.damage is not None and scan.samples else "bad_tar"
+        problems.add(path.name, reason, f"{scan.damage or 'sound tar'}: holds {len(scan.samples)} of the {expected} "
+                     f"samples the manifest lists; {lost} lost", samples=lost)
     return samples
 
 
@@ -227,16 +192,17 @@ def _read_members(f: IO[bytes], sample: _Sample) -> dict[str, bytes]:
     chunk = f.read(sample.end - sample.start)
     if len(chunk) != sample.end - sample.start:
         raise OSError(f"short read ({len(chunk)} of {sample.end - sample.start} bytes)")
+    # The range holds whole members only; an end-of-archive marker makes it a tar of its own.
+    buffer = io.BytesIO(chunk + bytes(END_MARKER))
+    scan = scan_tar(buffer)
+    if scan.damage is not None:
+        raise ValueError(f"byte range of {sample.key}: {scan.damage}")
     members: dict[str, bytes] = {}
-    with tarfile.open(fileobj=io.BytesIO(chunk + bytes(2 * _BLOCK)), mode="r:") as tf:
-        for info in tf:
-            match = _MEMBER_RE.match(info.name)
-            if not info.isfile() or match is None:
-                continue
-            if match.group(1) != sample.key:
-                raise ValueError(f"member {info.name} of another sample in the byte range of {sample.key}")
-            data = tf.extractfile(info)
-            members[match.group(2)] = data.read() if data is not None else b""
+    for found in scan.samples:
+        if found.key != sample.key:
+            raise ValueError(f"member {found.members[0].name} of another sample in the byte range of {sample.key}")
+        for member in found.members:
+            members[member.ext] = read_member(buffer, member)
     return members
 
 
@@ -261,7 +227,7 @@ def _iter_read(paths: list[Path], samples: Iterable[_Sample]) -> Iterator[tuple[
                         current = None
                     current = (sample.shard, open(paths[sample.shard], "rb"))
                 members: dict[str, bytes] | Exception = _read_members(current[1], sample)
-            except (tarfile.TarError, OSError, ValueError, EOFError) as e:
+            except (OSError, ValueError) as e:
                 members = e
             yield sample, members
     finally:
@@ -383,9 +349,9 @@ def make_subset(
         raise UserError(f"--dataset and --split must be plain names, got {dataset!r} and {split!r}")
     if not src.is_dir():
         raise UserError(f"--src {src}: no such directory")
-    manifest = read_manifest(src)
+    manifest = schema.read_manifest(src)
     if manifest is None:
-        raise UserError(f"--src {src}: no readable {MANIFEST_NAME} (not a condmoe-prep output, or not merged yet)")
+        raise UserError(f"--src {src}: no readable {schema.MANIFEST} (not a condmoe-prep output, or not merged yet)")
     name = f"{dataset}/{split}"
     datasets = manifest.get("datasets", {})
     if name not in datasets:
@@ -452,8 +418,8 @@ def make_subset(
                     raise SubsetError(f"{shard_path}: missing or not the size the manifest records; run "
                                       f"condmoe-prep verify {src}")
                 _copy_file(shard_path, tmp / other / s["name"])
-            if (src / other / ERRORS_NAME).is_file():
-                shutil.copy2(src / other / ERRORS_NAME, tmp / other / ERRORS_NAME)
+            if (src / other / schema.ERRORS).is_file():
+                shutil.copy2(src / other / schema.ERRORS, tmp / other / schema.ERRORS)
             new_entries[other] = other_entry
             copied.append(other)
 
@@ -463,38 +429,35 @@ def make_subset(
                     raise SubsetError(f"{paths[sample.shard]}: sample {sample.key}: {members}")
                 yield {"__key__": sample.key, **members}
 
-        shards = write_shards(encoded(), tmp / name, maxcount=shard_size, maxsize=shard_bytes, total=len(kept),
+        shards = write_shards(encoded(), tmp / name, shard_size=shard_size, shard_bytes=shard_bytes, total=len(kept),
                               desc=f"writing {name}", progress=progress)
-        errors_path = tmp / name / ERRORS_NAME
-        with open(errors_path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(e, sort_keys=True, ensure_ascii=False) + "\n" for e in problems.records)
+        schema.write_jsonl(tmp / name / schema.ERRORS, problems.records)
         skipped = dict(sorted(problems.counts.items()))
         params = {"src": str(src), "dataset": dataset, "split": split, "fraction": float(fraction),
                   "fraction_exact": str(fraction), "seed": seed}
-        new_entries[name] = {
-            "num_samples": sum(s.num_samples for s in shards),
-            "shards": [s.to_dict() for s in shards],
-            "source": "subset",
-            "params": params,
-            "shard_size": shard_size,
-            "shard_bytes": shard_bytes,
-            "fingerprint": fingerprint({"source": "subset", "params": {**params, "src": None},
-                                        "shard_size": shard_size, "shard_bytes": shard_bytes},
-                                       [s["sha256"] for s in shard_entries]),
-            "num_items": total,
-            "skipped": skipped,
-            "notes": {
+        new_entries[name] = schema.manifest_entry(
+            [s.to_dict() for s in shards],
+            source="subset",
+            params=params,
+            shard_size=shard_size,
+            shard_bytes=shard_bytes,
+            fingerprint=fingerprint({"source": "subset", "params": {**params, "src": None},
+                                     "shard_size": shard_size, "shard_bytes": shard_bytes},
+                                    [s["sha256"] for s in shard_entries]),
+            num_items=total,
+            skipped=skipped,
+            notes={
                 "labelled": labelled,
                 "usable": sum(n for n, _ in per_class.values()),
                 **({"per_class": {str(label): {"usable": n, "kept": k} for label, (n, k) in per_class.items()}}
                    if labelled else {}),
                 "source_entry": {k: v for k, v in entry.items() if k not in ("shards", "num_samples")},
             },
-        }
-        new_manifest: dict[str, Any] = {"version": manifest["version"], "seed": manifest.get("seed"),
-                                        "datasets": dict(sorted(new_entries.items()))}
+        )
+        new_manifest = schema.new_manifest(manifest.get("seed"))
+        new_manifest["datasets"] = dict(sorted(new_entries.items()))
         if classes is not None:
-            write_json_atomic(tmp / CLASSES_NAME, {dataset: classes})
+            schema.write_json(tmp / schema.CLASSES, {dataset: classes})
             new_manifest["classes"] = {dataset: classes}
         tokenizer = manifest.get("tokenizer")
         tok_dir = src / (tokenizer["path"] if isinstance(tokenizer, dict) and "path" in tokenizer else "tokenizer")
@@ -502,12 +465,12 @@ def make_subset(
             shutil.copytree(tok_dir, tmp / tok_dir.name)
             if tokenizer is not None:
                 new_manifest["tokenizer"] = tokenizer
-        write_index(tmp, new_manifest)
+        schema.write_index(tmp, new_manifest)
         _check_out(target, ignore=tmp.name)
         if inside:
-            for entry in sorted(p for p in tmp.iterdir() if p.name != MANIFEST_NAME):
+            for entry in sorted(p for p in tmp.iterdir() if p.name != schema.MANIFEST):
                 os.rename(entry, target / entry.name)
-            os.rename(tmp / MANIFEST_NAME, target / MANIFEST_NAME)
+            os.rename(tmp / schema.MANIFEST, target / schema.MANIFEST)
             tmp.rmdir()
         else:
             os.rename(tmp, target)
@@ -526,6 +489,6 @@ def make_subset(
         num_shards=len(shards),
         num_bytes=sum(s.num_bytes for s in shards),
         skipped=skipped,
-        errors_path=out / name / ERRORS_NAME,
+        errors_path=out / name / schema.ERRORS,
         copied=copied,
     )

@@ -1,17 +1,15 @@
-"""Deterministic generator of condmoe's embedded default multi-task dataset (no download needed).
+"""condmoe's embedded default multi-task dataset (no download needed), written by the runner like every source.
 
-Two datasets, each with a ``train`` and a ``val`` split:
+Two datasets, each with a ``train`` and a ``val`` split: ``image`` (one of ten drawn shapes per picture, with a
+caption naming colour, size, shape and position) and ``video`` (a shape moving left, right, up or down). What a
+sample shows is :mod:`data_prep.scenes`; this module encodes samples and writes the dataset. The same seed always
+gives byte-identical shards, index files and tokenizer (fixed JPEG settings, fixed tar metadata).
 
-* ``image``: RGB pictures of one of ten drawn shapes (the class) with a random colour, size, position and small
-  rotation on a dark noisy gradient with distractor specks, plus a caption that names colour, size, shape and position
-  (so image-text retrieval needs more than the class).
-* ``video``: short clips of a shape moving left, right, up or down (the class), with a caption such as
-  "a green square moving left".
-
-Every sample is rendered from its own random stream, ``SeedSequence([seed, dataset, split, index])``, so content does
-not depend on shard size or generation order, train and val never share a stream, and the same seed always gives
-byte-identical shards (fixed JPEG settings, fixed tar metadata; see :mod:`data_prep.shards`). The drawing primitives
-(shape masks, palette, backgrounds, noise) live in :mod:`data_prep.shapes`; ``COLORS`` is re-exported here.
+Each of the four splits (``image``/``video`` x ``train``/``val``) is one runner job whose items are the sample
+indices, so the generator gets what every source gets: slices written atomically, a progress file, resume after a
+kill. The index is the generator's own: entries without provenance fields, and the generation parameters and seed at
+the top of the manifest (how :func:`complete_dataset_sizes` recognises a dataset that is already there). Progress
+files are deleted once the index is written, so a finished root holds only the layout of :mod:`data_prep.schema`.
 """
 
 from __future__ import annotations
@@ -19,39 +17,31 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import os
+import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from condmoe.data_prep import schema
-from condmoe.data_prep.shapes import (
+from condmoe.data_prep.index import iter_train_texts, prune_split, verify_manifest
+from condmoe.data_prep.progress import PROGRESS_DIR
+from condmoe.data_prep.runner import PrepOptions, write_part
+from condmoe.data_prep.scenes import (
     COLORS,
-    add_specks,
-    composite,
-    finish_image,
-    gradient_background,
-    sample_blur_radius,
-    shape_colour,
-    shape_mask,
+    GENERATOR_VERSION,
+    IMAGE_CLASSES,
+    POSITIONS,
+    SIZES,
+    SPLITS,
+    VIDEO_CLASSES,
+    render_image,
+    render_video,
 )
-from condmoe.data_prep.shards import (
-    MANIFEST_NAME,
-    SIZES_NAME,
-    ShardInfo,
-    build_manifest,
-    read_manifest,
-    verify_manifest,
-    write_index,
-    write_json_atomic,
-    write_shards,
-)
+from condmoe.data_prep.sources.base import Source, SourcePlan
 
 __all__ = [
     "COLORS",
@@ -62,228 +52,25 @@ __all__ = [
     "SPLITS",
     "VIDEO_CLASSES",
     "SyntheticConfig",
+    "SyntheticSource",
     "complete_dataset_sizes",
-    "iter_image_samples",
-    "iter_video_samples",
+    "image_sample",
     "render_image",
     "render_video",
+    "video_sample",
     "write_synthetic_dataset",
 ]
 
 _logger = logging.getLogger(__name__)
 
-# Bumped whenever rendering changes, so a cached dataset from an older generator is not mistaken for a current one.
-GENERATOR_VERSION = 1
-
-IMAGE_CLASSES: tuple[str, ...] = (
-    "circle",
-    "square",
-    "triangle",
-    "star",
-    "cross",
-    "ring",
-    "diamond",
-    "hexagon",
-    "heart",
-    "crescent",
-)
-VIDEO_CLASSES: tuple[str, ...] = ("moving left", "moving right", "moving up", "moving down")
-_DIRECTIONS: tuple[tuple[int, int], ...] = ((-1, 0), (1, 0), (0, -1), (0, 1))  # (dx, dy) per VIDEO_CLASSES entry
-
-# Shape radius as a fraction of the frame side; the gaps between ranges (after jitter) keep "small"/"medium"/"large"
-# unambiguous.
-SIZES: dict[str, float] = {"small": 0.12, "medium": 0.18, "large": 0.25}
-_VIDEO_SIZES: dict[str, float] = {"small": 0.15, "medium": 0.21}  # a large shape would have no room to move at 32 px
-_SIZE_JITTER = 0.08
-# Shape centre as a fraction of the frame side, before jitter and clamping into the frame.
-POSITIONS: dict[str, tuple[float, float]] = {
-    "top left": (0.27, 0.27),
-    "top right": (0.73, 0.27),
-    "bottom left": (0.27, 0.73),
-    "bottom right": (0.73, 0.73),
-    "center": (0.5, 0.5),
-}
-_POSITION_JITTER = 0.05
-_MAX_ROTATION_DEG = 15.0
-
-SPLITS: tuple[str, ...] = ("train", "val")
-_DATASET_IDS = {"image": 1, "video": 2}
-_SPLIT_IDS = {"train": 1, "val": 2}
-_LABEL_STREAM = 7  # distinct stream for the class-balancing permutations
-
+# Shards are cut by sample count only: no synthetic shard comes near 3 GB (the byte limit webdataset's ShardWriter
+# applied when the generator had its own writer).
+_SHARD_BYTES = 3 * 10**9
 _JPEG_QUALITY = 90
 
-_IMAGE_TEMPLATES = (
-    "a {size} {color} {shape} {where}",
-    "a {size} {color} {shape} {where} on a dark background",
-    "there is a {size} {color} {shape} {where}",
-    "a picture of a {size} {color} {shape} {where}",
-    "{a_color} {shape} of {size} size {where}",
-    "{where_lead}, a {size} {color} {shape}",
-)
-_CORNER_PHRASES = ("in the {pos} corner", "at the {pos}", "in the {pos} of the image")
-_CENTER_PHRASES = ("in the center", "near the center", "at the center of the image")
-_VIDEO_TEMPLATES = (
-    "{a_color} {shape} moving {direction}",
-    "a {size} {color} {shape} moving {direction}",
-    "{a_color} {shape} moving {direction} across the frame",
-    "a video of {a_color} {shape} moving {direction}",
-)
-
-
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
-
-
-def _rng(seed: int, dataset: str, split: str, *extra: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([seed, _DATASET_IDS[dataset], _SPLIT_IDS[split], *extra]))
-
-
-def _balanced_label(seed: int, dataset: str, split: str, index: int, num_classes: int) -> int:
-    # Each block of num_classes consecutive samples holds every class once, in a seeded random order: classes stay
-    # exactly balanced even in tiny splits, without the label being a function of the index.
-    block, offset = divmod(index, num_classes)
-    perm = _rng(seed, dataset, split, _LABEL_STREAM, block).permutation(num_classes)
-    return int(perm[offset])
-
 
 # --------------------------------------------------------------------------------------------------------------------
-# Rendering (layout, captions and whole samples; the drawing primitives are in data_prep.shapes)
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _place(rng: np.random.Generator, position: str, radius: float, size_px: int) -> tuple[float, float]:
-    fx, fy = POSITIONS[position]
-    jx, jy = rng.uniform(-_POSITION_JITTER, _POSITION_JITTER, size=2)
-    # Clamp so the whole shape (with rotation slack) stays inside the frame.
-    lo, hi = 1.05 * radius + 1.0, size_px - 1.05 * radius - 1.0
-    return float(np.clip((fx + jx) * size_px, lo, hi)), float(np.clip((fy + jy) * size_px, lo, hi))
-
-
-def _image_caption(rng: np.random.Generator, shape: str, colour: str, size: str, position: str) -> str:
-    phrases = _CENTER_PHRASES if position == "center" else _CORNER_PHRASES
-    where = phrases[int(rng.integers(len(phrases)))].format(pos=position)
-    template = _IMAGE_TEMPLATES[int(rng.integers(len(_IMAGE_TEMPLATES)))]
-    return template.format(
-        size=size,
-        color=colour,
-        shape=shape,
-        where=where,
-        where_lead=where,
-        a_color=f"{_article(colour)} {colour}",
-    )
-
-
-def render_image(seed: int, split: str, index: int, image_size: int = 64) -> tuple[Image.Image, dict[str, Any]]:
-    """Render one image sample.
-
-    Args:
-        seed: Dataset seed.
-        split: ``"train"`` or ``"val"``.
-        index: Sample index within the split.
-        image_size: Side length in pixels.
-
-    Returns:
-        The RGB image and its metadata: ``label``, ``class_name``, ``caption``, ``color``, ``size``, ``position``,
-        ``rotation`` (degrees).
-    """
-    label = _balanced_label(seed, "image", split, index, len(IMAGE_CLASSES))
-    shape = IMAGE_CLASSES[label]
-    rng = _rng(seed, "image", split, index)
-    colour = list(COLORS)[int(rng.integers(len(COLORS)))]
-    size = list(SIZES)[int(rng.integers(len(SIZES)))]
-    position = list(POSITIONS)[int(rng.integers(len(POSITIONS)))]
-    radius = SIZES[size] * (1.0 + rng.uniform(-_SIZE_JITTER, _SIZE_JITTER)) * image_size
-    angle = float(rng.uniform(-_MAX_ROTATION_DEG, _MAX_ROTATION_DEG))
-    cx, cy = _place(rng, position, radius, image_size)
-
-    img = gradient_background(rng, image_size)
-    add_specks(rng, img)
-    mask = shape_mask(shape, image_size, cx, cy, radius, angle)
-    composite(img, mask, shape_colour(rng, colour), ramp_dir=float(rng.uniform(0.0, 2.0 * math.pi)))
-    pil = finish_image(img, rng, sample_blur_radius(rng, image_size))
-    meta = {
-        "label": label,
-        "class_name": shape,
-        "caption": _image_caption(rng, shape, colour, size, position),
-        "color": colour,
-        "size": size,
-        "position": position,
-        "rotation": round(angle, 2),
-    }
-    return pil, meta
-
-
-def render_video(
-    seed: int, split: str, index: int, video_size: int = 32, num_frames: int = 8
-) -> tuple[list[Image.Image], dict[str, Any]]:
-    """Render one video sample: a shape moving in one of four directions over a static noisy background.
-
-    Args:
-        seed: Dataset seed.
-        split: ``"train"`` or ``"val"``.
-        index: Sample index within the split.
-        video_size: Frame side length in pixels.
-        num_frames: Number of frames.
-
-    Returns:
-        The frames and the metadata: ``label``, ``class_name``, ``caption``, ``shape``, ``color``, ``size``,
-        ``num_frames``.
-    """
-    label = _balanced_label(seed, "video", split, index, len(VIDEO_CLASSES))
-    direction = VIDEO_CLASSES[label]
-    dx, dy = _DIRECTIONS[label]
-    rng = _rng(seed, "video", split, index)
-    shape = IMAGE_CLASSES[int(rng.integers(len(IMAGE_CLASSES)))]
-    colour = list(COLORS)[int(rng.integers(len(COLORS)))]
-    size = list(_VIDEO_SIZES)[int(rng.integers(len(_VIDEO_SIZES)))]
-    radius = _VIDEO_SIZES[size] * (1.0 + rng.uniform(-_SIZE_JITTER, _SIZE_JITTER)) * video_size
-    angle = float(rng.uniform(-_MAX_ROTATION_DEG, _MAX_ROTATION_DEG))
-    spin = float(rng.uniform(-2.0, 2.0))  # degrees per frame, so frames are not pure translations of each other
-
-    # Travel 35-50% of the frame along the motion axis (less if the shape would leave it), start anywhere that keeps
-    # the whole path inside, and wobble a little across the axis.
-    lo, hi = 1.05 * radius + 1.0, video_size - 1.05 * radius - 1.0
-    travel = min(rng.uniform(0.35, 0.5) * video_size, hi - lo)
-    start = rng.uniform(lo, hi - travel)
-    across = rng.uniform(lo, hi)
-    steps = np.linspace(0.0, travel, num_frames) if num_frames > 1 else np.zeros(1)
-    along = start + steps if (dx + dy) > 0 else hi - (start - lo) - steps
-    wobble = np.clip(across + rng.normal(0.0, 0.3, size=num_frames), lo, hi)
-    xs, ys = (along, wobble) if dx != 0 else (wobble, along)
-
-    background = gradient_background(rng, video_size)
-    add_specks(rng, background)
-    fill = shape_colour(rng, colour)
-    # Shading and blur are properties of the clip, drawn once, so they do not flicker between frames.
-    ramp_dir = float(rng.uniform(0.0, 2.0 * math.pi))
-    blur = sample_blur_radius(rng, video_size)
-    frames = []
-    for t in range(num_frames):
-        img = background.copy()
-        mask = shape_mask(shape, video_size, float(xs[t]), float(ys[t]), radius, angle + spin * t)
-        composite(img, mask, fill, ramp_dir)
-        frames.append(finish_image(img, rng, blur))
-
-    template = _VIDEO_TEMPLATES[int(rng.integers(len(_VIDEO_TEMPLATES)))]
-    direction_word = direction.removeprefix("moving ")
-    caption = template.format(
-        size=size, color=colour, shape=shape, direction=direction_word, a_color=f"{_article(colour)} {colour}"
-    )
-    meta = {
-        "label": label,
-        "class_name": direction,
-        "caption": caption,
-        "shape": shape,
-        "color": colour,
-        "size": size,
-        "num_frames": num_frames,
-    }
-    return frames, meta
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Encoding to webdataset samples
+# Encoding samples
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -298,57 +85,44 @@ def _json_bytes(meta: dict[str, Any]) -> bytes:
     return json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
 
 
-def iter_image_samples(seed: int, split: str, num_samples: int, image_size: int = 64) -> Iterator[dict[str, Any]]:
-    """Encoded webdataset samples ``{key}.jpg/.cls/.txt/.json`` for one image split.
+def image_sample(seed: int, split: str, index: int, image_size: int = 64) -> dict[str, bytes]:
+    """The encoded members of one image sample: ``jpg``, ``cls``, ``txt`` (the caption) and ``json`` (metadata).
 
     Args:
         seed: Dataset seed.
         split: ``"train"`` or ``"val"``.
-        num_samples: Number of samples; keys are ``000000`` .. ``num_samples - 1``.
+        index: Sample index within the split.
         image_size: Side length in pixels.
-
-    Yields:
-        Dicts with ``__key__`` and bytes values, ready for :func:`data_prep.shards.write_shards`.
     """
-    for index in range(num_samples):
-        img, meta = render_image(seed, split, index, image_size)
-        yield {
-            "__key__": f"{index:06d}",
-            schema.IMAGE: _jpeg(img),
-            schema.LABEL: str(meta["label"]).encode("ascii"),
-            schema.TEXT: meta["caption"].encode("utf-8"),
-            "json": _json_bytes(meta),
-        }
+    img, meta = render_image(seed, split, index, image_size)
+    return {
+        schema.IMAGE: _jpeg(img),
+        schema.LABEL: str(meta["label"]).encode("ascii"),
+        schema.TEXT: meta["caption"].encode("utf-8"),
+        schema.META: _json_bytes(meta),
+    }
 
 
-def iter_video_samples(
-    seed: int, split: str, num_samples: int, video_size: int = 32, num_frames: int = 8
-) -> Iterator[dict[str, Any]]:
-    """Encoded webdataset samples ``{key}.f00.jpg`` .. ``{key}.fNN.jpg`` plus ``.cls/.txt/.json`` for one video split.
+def video_sample(seed: int, split: str, index: int, video_size: int = 32, num_frames: int = 8) -> dict[str, bytes]:
+    """The encoded members of one video sample: ``f00.jpg`` .. ``fNN.jpg`` plus ``cls``, ``txt`` and ``json``.
 
     Args:
         seed: Dataset seed.
         split: ``"train"`` or ``"val"``.
-        num_samples: Number of clips.
+        index: Sample index within the split.
         video_size: Frame side length in pixels.
         num_frames: Frames per clip (at most 100, so frame extensions stay two digits).
-
-    Yields:
-        Dicts with ``__key__`` and bytes values.
     """
-    for index in range(num_samples):
-        frames, meta = render_video(seed, split, index, video_size, num_frames)
-        sample: dict[str, Any] = {"__key__": f"{index:06d}"}
-        for t, frame in enumerate(frames):
-            sample[schema.frame_member(t)] = _jpeg(frame)
-        sample[schema.LABEL] = str(meta["label"]).encode("ascii")
-        sample[schema.TEXT] = meta["caption"].encode("utf-8")
-        sample["json"] = _json_bytes(meta)
-        yield sample
+    frames, meta = render_video(seed, split, index, video_size, num_frames)
+    sample = {schema.frame_member(t): _jpeg(frame) for t, frame in enumerate(frames)}
+    sample[schema.LABEL] = str(meta["label"]).encode("ascii")
+    sample[schema.TEXT] = meta["caption"].encode("utf-8")
+    sample[schema.META] = _json_bytes(meta)
+    return sample
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Whole dataset
+# The dataset
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -423,14 +197,55 @@ def complete_dataset_sizes(out: str | os.PathLike, config: SyntheticConfig) -> d
         The ``sizes.json`` mapping, or ``None`` if the dataset must be (re)generated.
     """
     out = Path(out)
-    manifest = read_manifest(out)
+    manifest = schema.read_manifest(out)
     if manifest is None or manifest.get("params") != config.params():
         return None
     if verify_manifest(out, manifest):
         return None
-    if config.tokenizer and not (out / "tokenizer" / "tokenizer.json").is_file():
+    if config.tokenizer and not (out / schema.TOKENIZER_DIR / "tokenizer.json").is_file():
         return None
     return {name: int(d["num_samples"]) for name, d in manifest["datasets"].items()}
+
+
+class SyntheticSource(Source):
+    """One split of the synthetic dataset: item ``i`` is sample ``i`` of ``dataset/split``.
+
+    Args:
+        config: Generation parameters.
+        dataset: ``"image"`` or ``"video"``.
+        split: ``"train"`` or ``"val"``.
+    """
+
+    name = "synthetic"
+    key_digits = 6
+
+    def __init__(self, config: SyntheticConfig, dataset: str, split: str) -> None:
+        if f"{dataset}/{split}" not in config.split_sizes():
+            raise ValueError(f"no synthetic split {dataset}/{split}")
+        self.config = config
+        self.dataset = dataset
+        self.split = split
+
+    def params(self) -> dict[str, Any]:
+        """The generation parameters and the split (its random streams depend on both)."""
+        return {**self.config.params(), "dataset": self.dataset, "split": self.split}
+
+    def plan(self, existing_classes: list[str] | None) -> SourcePlan:
+        """The sample indices; the classes are the generator's own (``existing_classes`` is not used)."""
+        count = self.config.split_sizes()[f"{self.dataset}/{self.split}"]
+        classes = IMAGE_CLASSES if self.dataset == "image" else VIDEO_CLASSES
+        return SourcePlan(items=list(range(count)), classes=list(classes))
+
+    def item_id(self, item: Any) -> str:
+        """``dataset/split:index``."""
+        return f"{self.dataset}/{self.split}:{item}"
+
+    def make_sample(self, item: Any) -> dict[str, bytes]:
+        """Render and encode sample ``item``."""
+        c = self.config
+        if self.dataset == "image":
+            return image_sample(c.seed, self.split, item, c.image_size)
+        return video_sample(c.seed, self.split, item, c.video_size, c.num_frames)
 
 
 def write_synthetic_dataset(
@@ -452,9 +267,10 @@ def write_synthetic_dataset(
 ) -> dict[str, int]:
     """Generate the synthetic image + video dataset as webdataset shards under ``out``.
 
-    Writes ``{image,video}/{train,val}/shard-NNNNNN.tar``, ``classes.json``, ``tokenizer/`` (unless
-    ``tokenizer=False``) and finally ``sizes.json`` and ``manifest.json``. If ``out`` already holds a complete dataset
-    with the same parameters, nothing is written (unless ``overwrite``).
+    Writes ``classes.json``, ``{image,video}/{train,val}/shard-NNNNNN.tar`` (each split with the runner, so a killed
+    run resumes where it stopped), ``tokenizer/`` (unless ``tokenizer=False``) and finally ``sizes.json`` and
+    ``manifest.json``. If ``out`` already holds a complete dataset with the same parameters, nothing is written
+    (unless ``overwrite``).
 
     Args:
         out: Output root (created if needed).
@@ -504,26 +320,27 @@ def write_synthetic_dataset(
             return existing
 
     # The index goes first, so that a run killed halfway can never be mistaken for a complete dataset.
-    for name in (MANIFEST_NAME, SIZES_NAME):
+    for name in (schema.MANIFEST, schema.SIZES):
         (out / name).unlink(missing_ok=True)
-    write_json_atomic(out / "classes.json", {"image": list(IMAGE_CLASSES), "video": list(VIDEO_CLASSES)})
+    classes = {"image": list(IMAGE_CLASSES), "video": list(VIDEO_CLASSES)}
+    schema.write_json(out / schema.CLASSES, classes)
 
     start = time.perf_counter()
-    captions: list[str] = []
-    datasets: dict[str, list[ShardInfo]] = {}
-    for name, count in config.split_sizes().items():
+    datasets: dict[str, dict[str, Any]] = {}
+    for name in config.split_sizes():
         dataset, split = name.split("/")
-        if dataset == "image":
-            samples = iter_image_samples(seed, split, count, image_size)
-            maxcount = shard_size
-        else:
-            samples = iter_video_samples(seed, split, count, video_size, num_frames)
-            maxcount = video_shard_size
-        if split == "train":
-            samples = _collect_captions(samples, captions)
-        datasets[name] = write_shards(
-            samples, out / dataset / split, maxcount=maxcount, total=count, desc=name, progress=progress
+        options = PrepOptions(
+            out=out,
+            dataset=dataset,
+            split=split,
+            shard_size=shard_size if dataset == "image" else video_shard_size,
+            shard_bytes=_SHARD_BYTES,
+            overwrite=True,  # progress of other parameters is stale; progress of these same ones is resumed
+            progress=progress,
         )
+        result = write_part(SyntheticSource(config, dataset, split), options)
+        datasets[name] = schema.manifest_entry(result.shards)
+        prune_split(out / dataset / split, {s["name"] for s in result.shards})  # an earlier, larger run's shards
     _logger.info("wrote %d samples in %.1f s", sum(config.split_sizes().values()), time.perf_counter() - start)
 
     tokenizer_entry = None
@@ -531,21 +348,12 @@ def write_synthetic_dataset(
         # Imported here: tokenizers is only needed when a tokenizer is requested.
         from condmoe.data_prep.bpe import bpe_vocab_size, train_bpe
 
-        texts = [*captions, *IMAGE_CLASSES, *VIDEO_CLASSES]
-        tok_dir = train_bpe(texts, out / "tokenizer", vocab_size=vocab_size)
+        tok_dir = train_bpe(iter_train_texts(out, datasets, classes), out / schema.TOKENIZER_DIR, vocab_size)
         tokenizer_entry = {"path": tok_dir.name, "vocab_size": bpe_vocab_size(tok_dir)}
 
-    manifest = build_manifest(
-        seed,
-        datasets,
-        params=config.params(),
-        classes={"image": list(IMAGE_CLASSES), "video": list(VIDEO_CLASSES)},
-        tokenizer=tokenizer_entry,
-    )
-    return write_index(out, manifest)
-
-
-def _collect_captions(samples: Iterator[dict[str, Any]], sink: list[str]) -> Iterator[dict[str, Any]]:
-    for sample in samples:
-        sink.append(sample["txt"].decode("utf-8"))
-        yield sample
+    manifest = schema.new_manifest(seed)
+    manifest.update(datasets=datasets, params=config.params(), classes=classes, tokenizer=tokenizer_entry)
+    sizes = schema.write_index(out, manifest)
+    for name in datasets:
+        shutil.rmtree(out / name / PROGRESS_DIR, ignore_errors=True)
+    return sizes

@@ -12,9 +12,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
-import tarfile
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -22,15 +19,19 @@ from typing import Any
 import av
 from PIL import Image
 
-from condmoe.data_prep.merge import read_classes
-from condmoe.data_prep.shards import MANIFEST_NAME, SIZES_NAME, read_manifest, sha256_file
+from condmoe.data_prep import schema
+from condmoe.data_prep.errors import UserError
+from condmoe.data_prep.index import read_classes
+from condmoe.data_prep.shard_writer import sha256_file
+from condmoe.data_prep.tarscan import read_member, scan_tar
 
-__all__ = ["check_member", "check_shard", "verify_dataset"]
+__all__ = ["MAX_TAIL", "check_member", "check_shard", "verify_dataset"]
 
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
-_MEMBER_RE = re.compile(r"^((?:.*/|)[^.]+)\.([^/]*)$")  # webdataset's key/extension split
 _MAX_PROBLEMS_PER_SHARD = 10  # a shard of garbage should not print thousands of lines
+# Our shards end in zero blocks padded to tarfile's 10 KiB record; a longer or non-zero tail is damage.
+MAX_TAIL = 64 * 1024
 
 
 def check_member(ext: str, data: bytes, num_classes: int | None) -> str | None:
@@ -58,17 +59,6 @@ def check_member(ext: str, data: bytes, num_classes: int | None) -> str | None:
     return None
 
 
-def _iter_members(path: Path) -> Iterator[tuple[str, str, bytes]]:
-    with tarfile.open(path, "r:") as tf:
-        for member in tf:
-            if not member.isfile():
-                continue
-            match = _MEMBER_RE.match(member.name)
-            key, ext = (match.group(1), match.group(2)) if match else (member.name, "")
-            f = tf.extractfile(member)
-            yield key, ext, f.read() if f is not None else b""
-
-
 def check_shard(path: str | os.PathLike, shard: dict[str, Any], decode: bool, num_classes: int | None) -> list[str]:
     """Problems of one shard (empty if it matches its manifest entry).
 
@@ -87,18 +77,21 @@ def check_shard(path: str | os.PathLike, shard: dict[str, Any], decode: bool, nu
     if sha256_file(path) != shard["sha256"]:
         problems.append(f"{path}: sha256 differs from the manifest")
     keys: set[str] = set()
-    current = None
     member_problems = []
     try:
-        for key, ext, data in _iter_members(path):
-            if key != current:
-                if key in keys:  # webdataset would read the scattered members as two samples
-                    member_problems.append(f"{path}: sample {key}: members not adjacent")
-                keys.add(key)
-                current = key
-            if decode and (problem := check_member(ext, data, num_classes)) is not None:
-                member_problems.append(f"{path}: sample {key}: {ext}: {problem}")
-    except (tarfile.TarError, OSError, EOFError) as e:
+        with open(path, "rb") as f:
+            scan = scan_tar(f, max_tail=MAX_TAIL)
+            for sample in scan.samples:
+                if sample.key in keys:  # webdataset would read the scattered members as two samples
+                    member_problems.append(f"{path}: sample {sample.key}: members not adjacent")
+                keys.add(sample.key)
+                for member in sample.members if decode else ():
+                    problem = check_member(member.ext, read_member(f, member), num_classes)
+                    if problem is not None:
+                        member_problems.append(f"{path}: sample {sample.key}: {member.ext}: {problem}")
+        if scan.damage is not None:
+            problems.append(f"{path}: unreadable tar ({scan.damage})")
+    except OSError as e:
         problems.append(f"{path}: unreadable tar ({type(e).__name__}: {e})")
     if len(keys) != shard["num_samples"]:
         problems.append(f"{path}: {len(keys)} samples, manifest says {shard['num_samples']}")
@@ -124,17 +117,21 @@ def verify_dataset(out: str | os.PathLike, decode: bool = True, workers: int = 1
         The problems (one line each, empty if all is well), and the numbers of shards and samples checked.
     """
     out = Path(out)
-    manifest = read_manifest(out)
+    manifest = schema.read_manifest(out)
     if manifest is None:
-        return [f"{out / MANIFEST_NAME}: missing, unreadable or of another version"], 0, 0
+        return [f"{out / schema.MANIFEST}: missing, unreadable or of another version"], 0, 0
     problems: list[str] = []
     try:
-        with open(out / SIZES_NAME, encoding="utf-8") as f:
+        with open(out / schema.SIZES, encoding="utf-8") as f:
             sizes = json.load(f)
     except (OSError, ValueError) as e:
-        problems.append(f"{out / SIZES_NAME}: unreadable ({e})")
+        problems.append(f"{out / schema.SIZES}: unreadable ({e})")
         sizes = None
-    classes = read_classes(out)
+    try:
+        classes = read_classes(out)
+    except UserError as e:
+        problems.append(str(e))
+        classes = {}
     jobs = []
     num_samples = 0
     for name, entry in sorted(manifest["datasets"].items()):
@@ -142,10 +139,10 @@ def verify_dataset(out: str | os.PathLike, decode: bool = True, workers: int = 1
         counted = sum(s["num_samples"] for s in shards)
         num_samples += counted
         if counted != entry["num_samples"]:
-            problems.append(f"{out / MANIFEST_NAME}: {name}: shards hold {counted} samples, entry says "
+            problems.append(f"{out / schema.MANIFEST}: {name}: shards hold {counted} samples, entry says "
                             f"{entry['num_samples']}")
         if sizes is not None and sizes.get(name) != entry["num_samples"]:
-            problems.append(f"{out / SIZES_NAME}: {name} is {sizes.get(name)}, manifest says {entry['num_samples']}")
+            problems.append(f"{out / schema.SIZES}: {name} is {sizes.get(name)}, manifest says {entry['num_samples']}")
         dataset = name.split("/")[0]
         num_classes = len(classes[dataset]) if dataset in classes else None
         jobs.extend((str(out / name / s["name"]), s, decode, num_classes) for s in shards)
@@ -156,7 +153,7 @@ def verify_dataset(out: str | os.PathLike, decode: bool = True, workers: int = 1
             problems.extend(f"{p}: not in the manifest" for p in stray)
     if sizes is not None:
         extra = sorted(set(sizes) - set(manifest["datasets"]))
-        problems.extend(f"{out / SIZES_NAME}: {name} is not in the manifest" for name in extra)
+        problems.extend(f"{out / schema.SIZES}: {name} is not in the manifest" for name in extra)
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
             results = list(pool.map(_check_shard_args, jobs, chunksize=1))

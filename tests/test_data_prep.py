@@ -1,4 +1,5 @@
-"""Tests of data_prep: synthetic generation, shard writing, the manifest, the BPE tokenizer and the CLI."""
+"""Tests of data_prep: synthetic generation, the manifest, the BPE tokenizer and the CLI (the shard writer:
+tests/test_prep_writer.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import webdataset as wds
 
 from condmoe.data_prep import cli
 from condmoe.data_prep.bpe import SPECIAL_TOKENS, build_bpe, train_bpe
-from condmoe.data_prep.shards import list_shards, read_manifest, sha256_file, write_shards
+from condmoe.data_prep.schema import read_manifest
+from condmoe.data_prep.shard_writer import list_shards, sha256_file
 from condmoe.data_prep.synthetic import (
     COLORS,
     IMAGE_CLASSES,
@@ -199,44 +201,6 @@ def test_complete_dataset_is_skipped_unless_params_change(tmp_path: Path) -> Non
 def test_invalid_parameters_raise(tmp_path: Path, kwargs: dict) -> None:
     with pytest.raises(ValueError):
         write_synthetic_dataset(tmp_path / "bad", **{**SMALL, **kwargs})
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Shard writer
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _toy_samples(n: int) -> list[dict]:
-    return [{"__key__": f"{i:06d}", "txt": f"sample {i}".encode(), "cls": b"0"} for i in range(n)]
-
-
-def test_write_shards_exact_multiple_and_empty(tmp_path: Path) -> None:
-    shards = write_shards(_toy_samples(6), tmp_path / "a", maxcount=3, progress=False)
-    assert [(s.name, s.num_samples) for s in shards] == [("shard-000000.tar", 3), ("shard-000001.tar", 3)]
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["shard-000000.tar", "shard-000001.tar"]
-
-    assert write_shards([], tmp_path / "empty", maxcount=3, progress=False) == []
-    assert list((tmp_path / "empty").iterdir()) == []
-
-
-def test_write_shards_interrupted_leaves_no_partial_shard(tmp_path: Path) -> None:
-    out = tmp_path / "s"
-    out.mkdir()
-    (out / "shard-000009.tar").write_bytes(b"stale")  # from an earlier, larger run
-
-    def failing():
-        yield from _toy_samples(4)
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        write_shards(failing(), out, maxcount=3, progress=False)
-    # The first, full shard was finished and renamed; the partial second one is gone, as are stale shards.
-    assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar"]
-
-
-def test_write_shards_handles_percent_in_path(tmp_path: Path) -> None:
-    shards = write_shards(_toy_samples(2), tmp_path / "100%d", maxcount=5, progress=False)
-    assert (tmp_path / "100%d" / shards[0].name).is_file()
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ import torch
 
 from condmoe.data_prep import cli
 from condmoe.data_prep.argtypes import fraction as parse_fraction
-from condmoe.data_prep.shards import read_manifest, sha256_file
+from condmoe.data_prep.schema import read_manifest
+from condmoe.data_prep.shard_writer import sha256_file
 from condmoe.data_prep.subset import make_subset, quota, rank
 from condmoe.data_prep.synthetic import IMAGE_CLASSES, write_synthetic_dataset
 

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from condmoe.data_prep.sources.base import Source, SourcePlan
+from condmoe.data_prep.sources.base import CommandSource, Source, SourcePlan
 from condmoe.data_prep.sources.coco import CocoSource
 from condmoe.data_prep.sources.imagefolder import ImageFolderSource
 from condmoe.data_prep.sources.text import TextSource
 from condmoe.data_prep.sources.video_csv import VideoCsvSource
 from condmoe.data_prep.sources.wds_reindex import WdsReindexSource
 
-__all__ = ["SOURCES", "Source", "SourcePlan"]
+__all__ = ["SOURCES", "CommandSource", "Source", "SourcePlan"]
 
-SOURCES: dict[str, type[Source]] = {
+SOURCES: dict[str, type[CommandSource]] = {
     cls.name: cls for cls in (ImageFolderSource, CocoSource, VideoCsvSource, TextSource, WdsReindexSource)
 }

@@ -1,8 +1,9 @@
 """The interface every input source implements, and the plan it returns.
 
-A source turns what a user has (class folders, a COCO JSON, a CSV of videos, text files, img2dataset shards) into
-an ordered list of small JSON-serialisable items, then each item into one encoded sample. The runner does the rest
-(slicing, workers, parts, resume, errors, manifest), so a source knows nothing about shards.
+A source turns what a user has (class folders, a COCO JSON, a CSV of videos, text files, img2dataset shards, or the
+synthetic generator's seed) into an ordered list of small JSON-serialisable items, then each item into one encoded
+sample. The runner does the rest (slicing, workers, parts, resume, errors, manifest), so a source knows nothing
+about shards. A :class:`CommandSource` is also a ``condmoe-prep`` subcommand (one job per dataset and split).
 
 Items must be self-contained (everything :meth:`Source.make_sample` needs besides the source's options: a path, a
 label index, a caption), because workers receive the source object and a slice of items, never the whole plan.
@@ -15,7 +16,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-__all__ = ["Source", "SourcePlan"]
+__all__ = ["CommandSource", "Source", "SourcePlan"]
 
 
 @dataclass
@@ -37,26 +38,12 @@ class SourcePlan:
 
 
 class Source(abc.ABC):
-    """Base class of the ``condmoe-prep`` input sources (one subclass per subcommand)."""
+    """Base class of the input sources: what the runner needs to write a split."""
 
-    #: Subcommand name.
+    #: Source name (recorded in the manifest; the subcommand name of a :class:`CommandSource`).
     name: ClassVar[str]
-    #: One-line description for ``--help``.
-    summary: ClassVar[str]
-
-    @staticmethod
-    @abc.abstractmethod
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        """Add the source's own flags (inputs and media options) to its subcommand parser."""
-
-    @classmethod
-    @abc.abstractmethod
-    def from_args(cls, args: argparse.Namespace) -> Source:
-        """Build the source from parsed arguments.
-
-        Raises:
-            data_prep.errors.UserError: For a missing input or an invalid option value.
-        """
+    #: Digits of the sample keys, which are global item numbers (zero-padded so that key order is item order).
+    key_digits: ClassVar[int] = 9
 
     @abc.abstractmethod
     def params(self) -> dict[str, Any]:
@@ -85,4 +72,25 @@ class Source(abc.ABC):
 
         Raises:
             data_prep.errors.SkipSample: If the item cannot become a sample.
+        """
+
+
+class CommandSource(Source):
+    """A source that is also a ``condmoe-prep`` subcommand."""
+
+    #: One-line description for ``--help``.
+    summary: ClassVar[str]
+
+    @staticmethod
+    @abc.abstractmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """Add the source's own flags (inputs and media options) to its subcommand parser."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_args(cls, args: argparse.Namespace) -> CommandSource:
+        """Build the source from parsed arguments.
+
+        Raises:
+            data_prep.errors.UserError: For a missing input or an invalid option value.
         """

@@ -19,7 +19,7 @@ from typing import Any
 
 from condmoe.data_prep.errors import ErrorItem, UserError
 from condmoe.data_prep.imaging import ImageOptions, reencode_image
-from condmoe.data_prep.sources.base import Source, SourcePlan
+from condmoe.data_prep.sources.base import CommandSource, SourcePlan
 from condmoe.data_prep.sources.common import json_bytes, require_dir, require_file
 
 __all__ = ["CocoSource", "caption_line"]
@@ -35,7 +35,7 @@ def _id_key(image_id: int | str) -> tuple[int, int | str]:
     return (0, image_id) if isinstance(image_id, int) else (1, str(image_id))
 
 
-class CocoSource(Source):
+class CocoSource(CommandSource):
     """COCO-style captions.
 
     Args:

@@ -15,7 +15,7 @@ from typing import Any
 
 from condmoe.data_prep.errors import ErrorItem, UserError
 from condmoe.data_prep.imaging import IMAGE_EXTENSIONS, ImageOptions, reencode_image
-from condmoe.data_prep.sources.base import Source, SourcePlan
+from condmoe.data_prep.sources.base import CommandSource, SourcePlan
 from condmoe.data_prep.sources.common import (
     add_classes_argument,
     json_bytes,
@@ -27,7 +27,7 @@ from condmoe.data_prep.sources.common import (
 __all__ = ["ImageFolderSource"]
 
 
-class ImageFolderSource(Source):
+class ImageFolderSource(CommandSource):
     """Class folders of images.
 
     Args:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from condmoe.data_prep.errors import ErrorItem, SkipSample, UserError
-from condmoe.data_prep.sources.base import Source, SourcePlan
+from condmoe.data_prep.sources.base import CommandSource, SourcePlan
 
 __all__ = ["TextSource", "iter_documents"]
 
@@ -48,7 +48,7 @@ def iter_documents(path: str | os.PathLike, unit: str) -> Iterator[tuple[int, in
         yield start, end, first
 
 
-class TextSource(Source):
+class TextSource(CommandSource):
     """Plain text files.
 
     Args:

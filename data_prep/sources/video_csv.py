@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from condmoe.data_prep.errors import ErrorItem, UserError
-from condmoe.data_prep.sources.base import Source, SourcePlan
+from condmoe.data_prep.sources.base import CommandSource, SourcePlan
 from condmoe.data_prep.sources.common import (
     add_classes_argument,
     json_bytes,
@@ -40,7 +40,7 @@ def label_sort_key(labels: list[str]) -> list[str]:
     return sorted(labels)
 
 
-class VideoCsvSource(Source):
+class VideoCsvSource(CommandSource):
     """Videos listed in a CSV/TSV file.
 
     Args:

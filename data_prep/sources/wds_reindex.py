@@ -21,73 +21,21 @@ import argparse
 import importlib.util
 import json
 import os
-import re
-import tarfile
 from pathlib import Path
 from typing import Any
 
 from condmoe.data_prep.errors import ErrorItem, SkipSample, UserError
 from condmoe.data_prep.imaging import ImageOptions, reencode_image
-from condmoe.data_prep.sources.base import Source, SourcePlan
+from condmoe.data_prep.sources.base import CommandSource, SourcePlan
 from condmoe.data_prep.sources.common import json_bytes, require_dir
+from condmoe.data_prep.tarscan import TarSample, scan_tar
 from condmoe.data_prep.video import VideoOptions, video_sample
 
-__all__ = ["WdsReindexSource", "scan_tar"]
+__all__ = ["WdsReindexSource"]
 
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
-# webdataset's rule: the key is the member path up to the first dot of its base name, the extension the rest.
-_MEMBER_RE = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")
 _MAX_WARNINGS = 20  # per run; the full lists are in the manifest entry's notes
-
-
-def scan_tar(path: str | os.PathLike) -> tuple[list[tuple[str, dict[str, list[int]], bool]], str | None]:
-    """List the samples of an uncompressed tar from its headers only.
-
-    Args:
-        path: The tar file.
-
-    Returns:
-        ``[(key, {ext: [data offset, size]}, complete)]`` in archive order, and a description of the damage if the
-        archive is truncated or malformed (``None`` for a sound archive). ``complete`` is ``False`` for a sample
-        that the damage may have cut (it is always the last one).
-    """
-    size = os.path.getsize(path)
-    samples: list[tuple[str, dict[str, list[int]], bool]] = []
-    problem = None
-    try:
-        with tarfile.open(path, "r:") as tf:
-            while True:
-                try:
-                    info = tf.next()
-                except tarfile.ReadError as e:
-                    problem = f"damaged after {len(samples)} samples: {e}"
-                    break
-                if info is None:
-                    # tarfile stops quietly at a cut or garbled header; a sound archive ends with zero blocks.
-                    if tf.offset + 1024 > size:
-                        problem = f"no end-of-archive marker (truncated?) after {len(samples)} samples"
-                    break
-                match = _MEMBER_RE.match(info.name)
-                if not info.isfile() or match is None:
-                    continue
-                key, ext = match.group(1), match.group(2).lower()
-                if info.offset_data + info.size > size:
-                    problem = f"truncated inside {info.name}"
-                    if samples and samples[-1][0] == key:
-                        samples[-1] = (key, samples[-1][1], False)
-                    else:
-                        samples.append((key, {}, False))
-                    break
-                if samples and samples[-1][0] == key:
-                    samples[-1][1][ext] = [info.offset_data, info.size]
-                else:
-                    samples.append((key, {ext: [info.offset_data, info.size]}, True))
-    except (tarfile.ReadError, OSError) as e:
-        return samples, f"not a readable tar: {e}"
-    if problem is not None and samples and samples[-1][2]:
-        samples[-1] = (samples[-1][0], samples[-1][1], False)  # cut at a member boundary: may lack later members
-    return samples, problem
 
 
 def _stats_successes(tar: Path) -> int | None:
@@ -113,7 +61,7 @@ def _parquet_successes(tar: Path) -> int | None:
     return sum(1 for s in status if s == "success")
 
 
-class WdsReindexSource(Source):
+class WdsReindexSource(CommandSource):
     """Existing webdataset shards from img2dataset or video2dataset.
 
     Args:
@@ -151,9 +99,12 @@ class WdsReindexSource(Source):
             "video": vars(self.video).copy(),
         }
 
-    def _sample_items(self, rel: str, samples: list[tuple[str, dict[str, list[int]], bool]]) -> list[Any]:
+    def _sample_items(self, rel: str, samples: list[TarSample]) -> list[Any]:
         items: list[Any] = []
-        for key, members, complete in samples:
+        for sample in samples:
+            key, complete = sample.key, sample.complete
+            # Extensions are matched case-insensitively (webdataset lowercases them too); a later duplicate wins.
+            members = {m.ext.lower(): [m.data_offset, m.size] for m in sample.members}
             has_media = any(e in members for e in _IMAGE_EXTS + _VIDEO_EXTS)
             if has_media and "txt" in members:
                 items.append([rel, key, members])
@@ -174,13 +125,13 @@ class WdsReindexSource(Source):
         stats_mismatches, parquet_mismatches, missing_stats, tar_problems = [], [], [], []
         for tar in tars:
             rel = tar.name
-            samples, problem = scan_tar(tar)
-            if problem is not None:
-                tar_problems.append({"shard": rel, "problem": problem})
-                if not samples:
-                    items.append(ErrorItem(rel, "bad_tar", problem))
-            items.extend(self._sample_items(rel, samples))
-            found = sum(1 for _, _, complete in samples if complete)
+            scan = scan_tar(tar)  # img2dataset's writers: only the end-of-archive marker is required
+            if scan.damage is not None:
+                tar_problems.append({"shard": rel, "problem": scan.damage})
+                if not scan.samples:
+                    items.append(ErrorItem(rel, "bad_tar", scan.damage))
+            items.extend(self._sample_items(rel, scan.samples))
+            found = scan.num_complete
             found_total += found
             stats = _stats_successes(tar)
             if stats is None:

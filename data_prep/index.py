@@ -1,9 +1,10 @@
-"""Turning the per-part progress of one ``{dataset}/{split}`` into the dataset index.
+"""The dataset index of a prepared root: turning the per-part progress of a split into its manifest entry.
 
-:func:`finalize_split` checks that every part of the run finished every slice it owns, then writes (in this order)
-``{dataset}/{split}/errors.jsonl``, the dataset's ``classes.json`` entry, the tokenizer (if asked), ``sizes.json``
-and ``manifest.json``. Shard files of the split that the run does not list (an older run's, a killed write's
-temporary file) are deleted, so the reader's ``*.tar`` glob sees exactly the manifest.
+:func:`finalize_split` (what ``condmoe-prep merge`` and a single-part run do) checks that every part of the run
+finished every slice it owns, then writes (in this order) ``{dataset}/{split}/errors.jsonl``, the dataset's
+``classes.json`` entry, the tokenizer (if asked), ``sizes.json`` and ``manifest.json``. Shard files of the split
+that the run does not list (an older run's, a killed write's temporary file) are deleted, so the reader's ``*.tar``
+glob sees exactly the manifest.
 
 Several splits share ``OUT/manifest.json``, ``sizes.json`` and ``classes.json``; their read-modify-write happens
 under an exclusive lock on ``OUT/.prep.lock``, so splits prepared or merged concurrently do not lose each other's
@@ -14,35 +15,33 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
-import tarfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from condmoe.data_prep import schema
+from condmoe.data_prep.errors import UserError
 from condmoe.data_prep.progress import PROGRESS_DIR, list_part_files, part_file_name, read_part_file
-from condmoe.data_prep.shards import read_manifest, write_index, write_json_atomic
-from condmoe.data_prep.slice_writer import SLICE_FILE_RE
+from condmoe.data_prep.shard_writer import SHARD_FILE_RE, sha256_file
+from condmoe.data_prep.tarscan import read_member, scan_tar
 
 __all__ = [
-    "CLASSES_NAME",
-    "ERRORS_NAME",
     "MergeError",
     "SplitSummary",
     "drop_entry",
     "finalize_split",
     "index_lock",
+    "iter_train_texts",
     "progress_splits",
+    "prune_split",
     "read_classes",
     "train_tokenizer",
+    "verify_manifest",
 ]
 
-ERRORS_NAME = "errors.jsonl"
-CLASSES_NAME = schema.CLASSES
 LOCK_NAME = ".prep.lock"
 
 
@@ -94,20 +93,40 @@ def index_lock(out: str | os.PathLike) -> Iterator[None]:
 
 
 def read_classes(out: str | os.PathLike) -> dict[str, list[str]]:
-    """``OUT/classes.json`` as a dict (empty if missing or not a JSON object of lists)."""
+    """``OUT/classes.json`` so far (empty before the first labelled split).
+
+    Raises:
+        UserError: If the file is damaged (rather than overwrite the other datasets' classes with nothing).
+    """
     try:
-        with open(Path(out) / CLASSES_NAME, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    return {k: [str(n) for n in v] for k, v in data.items() if isinstance(v, list)}
+        return schema.read_classes(out, missing_ok=True)
+    except ValueError as e:
+        raise UserError(f"{e}; repair or delete it") from None
 
 
-def _empty_manifest() -> dict[str, Any]:
-    # "seed" is part of the manifest schema that data_prep.synthetic writes; real sources have none.
-    return {"version": 1, "seed": None, "datasets": {}}
+def verify_manifest(out: str | os.PathLike, manifest: Mapping[str, Any], check_sha256: bool = False) -> list[str]:
+    """Check that the shards a manifest lists exist with the recorded sizes (and hashes).
+
+    Args:
+        out: Dataset root.
+        manifest: Parsed ``manifest.json`` (or just its ``datasets`` part).
+        check_sha256: Also re-hash every shard (reads all data).
+
+    Returns:
+        One line per problem; empty if the shards on disk match the manifest.
+    """
+    out = Path(out)
+    problems = []
+    for name, entry in manifest.get("datasets", {}).items():
+        for shard in entry.get("shards", []):
+            path = out / name / shard["name"]
+            if not path.is_file():
+                problems.append(f"{path}: missing")
+            elif path.stat().st_size != shard["num_bytes"]:
+                problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {shard['num_bytes']}")
+            elif check_sha256 and sha256_file(path) != shard["sha256"]:
+                problems.append(f"{path}: sha256 mismatch")
+    return problems
 
 
 def drop_entry(out: str | os.PathLike, name: str) -> None:
@@ -115,11 +134,13 @@ def drop_entry(out: str | os.PathLike, name: str) -> None:
 
     Without this, a run killed while rewriting would leave an index that lists shards with other contents.
     """
+    if not (Path(out) / schema.MANIFEST).is_file():
+        return  # nothing lists the shards (and no lock file is left in a root that has no index yet)
     with index_lock(out):
-        manifest = read_manifest(out)
+        manifest = schema.read_manifest(out)
         if manifest is not None and name in manifest.get("datasets", {}):
             del manifest["datasets"][name]
-            write_index(out, manifest)
+            schema.write_index(out, manifest)
 
 
 def progress_splits(out: str | os.PathLike) -> list[tuple[str, str]]:
@@ -165,10 +186,17 @@ def _load_parts(progress_dir: Path, name: str) -> tuple[dict[str, Any], list[Any
     return headers[0], records
 
 
-def _remove_unlisted(split_dir: Path, listed: set[str]) -> list[str]:
+def prune_split(split_dir: str | os.PathLike, listed: set[str]) -> list[str]:
+    """Delete the shard files of a split that the index does not list (an older run's, a killed write's).
+
+    Training reads every ``*.tar`` of the split, so they must go before the index is written.
+
+    Returns:
+        A warning line for each other ``*.tar`` there (not named like ours, so not ours to delete).
+    """
     unknown = []
-    for p in sorted(split_dir.iterdir()):
-        if SLICE_FILE_RE.match(p.name):
+    for p in sorted(Path(split_dir).iterdir()):
+        if SHARD_FILE_RE.match(p.name):
             if p.name not in listed:
                 p.unlink(missing_ok=True)
         elif p.name.endswith(".tar"):
@@ -176,18 +204,33 @@ def _remove_unlisted(split_dir: Path, listed: set[str]) -> list[str]:
     return unknown
 
 
-def _train_texts(out: Path, manifest: dict[str, Any], classes: dict[str, list[str]]) -> Iterator[str]:
-    # Every train split's .txt (val stays unseen), plus class names so labels used as prompts encode compactly.
-    for name, entry in sorted(manifest["datasets"].items()):
+def iter_train_texts(
+    out: str | os.PathLike, datasets: Mapping[str, Mapping[str, Any]], classes: Mapping[str, list[str]]
+) -> Iterator[str]:
+    """The BPE training texts: every ``.txt`` of the train splits (val stays unseen), in split and shard order, then
+    the class names (so labels used as prompts encode compactly).
+
+    Args:
+        out: Dataset root.
+        datasets: The manifest's ``datasets``.
+        classes: ``classes.json``.
+
+    Raises:
+        MergeError: If a shard is damaged.
+    """
+    for name, entry in sorted(datasets.items()):
         if not name.endswith("/train"):
             continue
         for shard in entry["shards"]:
-            with tarfile.open(out / name / shard["name"], "r:") as tf:
-                for member in tf:
-                    if member.isfile() and member.name.endswith(".txt"):
-                        data = tf.extractfile(member)
-                        if data is not None:
-                            yield data.read().decode("utf-8", errors="replace")
+            path = Path(out) / name / shard["name"]
+            with open(path, "rb") as f:
+                scan = scan_tar(f)
+                if scan.damage is not None:
+                    raise MergeError([f"{path}: {scan.damage}"])
+                for sample in scan.samples:
+                    for member in sample.members:
+                        if member.name.endswith(".txt"):
+                            yield read_member(f, member).decode("utf-8", errors="replace")
     for names in classes.values():
         yield from names
 
@@ -212,12 +255,13 @@ def train_tokenizer(out: str | os.PathLike, vocab_size: int = 8000) -> Path:
 
     out = Path(out)
     with index_lock(out):
-        manifest = read_manifest(out)
+        manifest = schema.read_manifest(out)
         if manifest is None or not any(n.endswith("/train") for n in manifest.get("datasets", {})):
             raise MergeError([f"{out}: --train-bpe needs a prepared train split (none in the manifest)"])
-        tokenizer = train_bpe(_train_texts(out, manifest, read_classes(out)), out / "tokenizer", vocab_size)
+        texts = iter_train_texts(out, manifest["datasets"], read_classes(out))
+        tokenizer = train_bpe(texts, out / schema.TOKENIZER_DIR, vocab_size)
         manifest["tokenizer"] = {"path": tokenizer.name, "vocab_size": bpe_vocab_size(tokenizer)}
-        write_index(out, manifest)
+        schema.write_index(out, manifest)
     return tokenizer
 
 
@@ -253,36 +297,32 @@ def finalize_split(
                             "it (same --num-parts/--part-index): it rewrites such shards")
     if problems:
         raise MergeError(problems)
-    strays = _remove_unlisted(split_dir, {s["name"] for s in shards})
+    strays = prune_split(split_dir, {s["name"] for s in shards})
     errors = [e for r in records for e in r.errors]
-    errors_path = split_dir / ERRORS_NAME
-    tmp = errors_path.with_name(f"{ERRORS_NAME}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(e, sort_keys=True, ensure_ascii=False) + "\n" for e in errors)
-    os.replace(tmp, errors_path)
+    errors_path = split_dir / schema.ERRORS
+    schema.write_jsonl(errors_path, errors)
 
     skipped = dict(sorted(Counter(e["reason"] for e in errors).items()))
-    entry = {
-        "num_samples": sum(s["num_samples"] for s in shards),
-        "shards": shards,
-        "source": header["source"],
-        "params": header["params"],
-        "shard_size": header["shard_size"],
-        "shard_bytes": header["shard_bytes"],
-        "fingerprint": header["fingerprint"],
-        "num_items": header["num_items"],
-        "skipped": skipped,
-        "notes": header["notes"],
-    }
+    entry = schema.manifest_entry(
+        shards,
+        source=header["source"],
+        params=header["params"],
+        shard_size=header["shard_size"],
+        shard_bytes=header["shard_bytes"],
+        fingerprint=header["fingerprint"],
+        num_items=header["num_items"],
+        skipped=skipped,
+        notes=header["notes"],
+    )
     with index_lock(out):
-        manifest = read_manifest(out) or _empty_manifest()
+        manifest = schema.read_manifest(out) or schema.new_manifest()
         manifest["datasets"][name] = entry
-        classes = read_classes(out)
         if header["classes"] is not None:
+            classes = read_classes(out)
             classes[dataset] = header["classes"]
-            write_json_atomic(out / CLASSES_NAME, classes)
+            schema.write_json(out / schema.CLASSES, classes)
             manifest.setdefault("classes", {})[dataset] = header["classes"]
-        write_index(out, manifest)
+        schema.write_index(out, manifest)
     tokenizer = train_tokenizer(out, vocab_size) if train_bpe else None
     return SplitSummary(
         name=name,
