@@ -194,6 +194,34 @@ def test_complete_dataset_is_skipped_unless_params_change(tmp_path: Path) -> Non
     assert [p.name for p in list_shards(out / "image" / "train")] == ["shard-000000.tar"]
 
 
+def test_interrupted_run_resumes_to_the_same_bytes(dataset: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from condmoe.data_prep.synthetic import SyntheticSource
+
+    real = SyntheticSource.make_sample
+    calls = []
+
+    def dies_in_image_val(self, item):
+        if (self.dataset, self.split, item) == ("image", "val", 7):
+            raise KeyboardInterrupt  # a kill in the middle of the second split's first slice
+        calls.append((self.dataset, self.split))
+        return real(self, item)
+
+    out = tmp_path / "again"
+    monkeypatch.setattr(SyntheticSource, "make_sample", dies_in_image_val)
+    with pytest.raises(KeyboardInterrupt):
+        write_synthetic_dataset(out, seed=0, **SMALL)
+    assert not (out / "manifest.json").exists() and (out / "image" / "train" / "_progress").is_dir()
+    assert not list((out / "image" / "val").glob("*.tar*"))  # the cut slice left no file behind
+
+    calls.clear()
+    monkeypatch.setattr(SyntheticSource, "make_sample", lambda self, item: calls.append(self.split) or real(self, item))
+    write_synthetic_dataset(out, seed=0, **SMALL)
+    assert "train" not in calls[:10] and calls.count("val") == 10 + 4  # image/train was resumed, not redone
+    assert _tree_digest(out) == _tree_digest(dataset)  # no progress files left, the same bytes as one clean run
+    assert cli.main(["verify", str(out)]) == 0
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{"num_train_images": 0}, {"num_val_videos": -1}, {"image_size": 8}, {"num_frames": 1}, {"vocab_size": 100}],
