@@ -49,15 +49,16 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _context(model, num_visual: int, num_text: int, num_pred: int, batch: int, task_id: int,
-             device) -> RoutingContext:
-    """Per-token side information: caption_visual attribute on visual tokens, caption_text on the two streams."""
+             device, pad_mask_BN: torch.Tensor | None = None) -> RoutingContext:
+    """Per-token side information: caption_visual attribute on visual tokens, caption_text on the two streams;
+    ``pad_mask_BN`` marks the real tokens (padding is not routed)."""
     visual = torch.tensor(ATTRIBUTES["caption_visual"], dtype=torch.float32, device=device)
     text = torch.tensor(ATTRIBUTES["caption_text"], dtype=torch.float32, device=device)
     attrs = torch.cat([visual.expand(num_visual, -1), text.expand(num_text + num_pred, -1)])
     modality = torch.tensor([MODALITIES.index("image")] * num_visual + [MODALITIES.index("text")] *
                             (num_text + num_pred), device=device)
     return RoutingContext(task_id=task_id, modality_BN=modality.expand(batch, -1),
-                          attribute_BNA=attrs.expand(batch, -1, -1))
+                          attribute_BNA=attrs.expand(batch, -1, -1), pad_mask_BN=pad_mask_BN)
 
 
 def _visual_tokens(model, images: torch.Tensor) -> torch.Tensor:
@@ -81,7 +82,9 @@ def caption_loss(model, images: torch.Tensor, ids_BL: torch.Tensor, mask_BL: tor
     x = torch.cat([visual, text, preds], dim=1)
     num_visual = visual.shape[1]
     attn_mask = _additive(caption_attention_mask(num_visual, mask_BL), x.dtype)
-    ctx = _context(model, num_visual, length, length - 1, batch, task_id, x.device)
+    # Real tokens: every visual token, the caption's tokens, and the prediction tokens of real next tokens.
+    real_BN = torch.cat([mask_BL.new_ones(batch, num_visual), mask_BL, mask_BL[:, 1:]], dim=1)
+    ctx = _context(model, num_visual, length, length - 1, batch, task_id, x.device, real_BN)
     hidden = model.encode_hidden(x, ctx=ctx, attn_mask=attn_mask)[:, num_visual + length:]
     labels = ids_BL[:, 1:].masked_fill(~mask_BL[:, 1:], IGNORE)
     predicted = labels != IGNORE

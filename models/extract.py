@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 from condmoe.models.generalist import UniPerceiver, UniPerceiverArgs
+from condmoe.models.linear_moe import ExpertLinear, LinearMoEMixer
 from condmoe.models.moa import MoAttention
-from condmoe.models.moe import MoEMLP, RoutedLayer
+from condmoe.models.moe import RUN_STATE_BUFFERS, MoEMLP, RoutedLayer
+from condmoe.models.router import RoutingContext
 
 
 def routed_layers_by_name(model: nn.Module) -> dict[str, RoutedLayer]:
@@ -126,7 +128,18 @@ def extract_task_model(model: UniPerceiver, task_id: int, keep: dict[str, list[i
         router = {k[len(prefix + "router."):]: v for k, v in full_state.items() if k.startswith(prefix + "router.")}
         for k, v in _slice_router(router, layer.router.level, task_id).items():
             state[f"{prefix}router.{k}"] = v
-        if isinstance(layer, MoEMLP):
+        for k in RUN_STATE_BUFFERS:  # the standalone model starts its own MI window (one task: MI is 0)
+            if prefix + k in full_state:
+                state[prefix + k] = torch.zeros_like(full_state[prefix + k][:, :1] if k == "mi_history_WXE"
+                                                     else full_state[prefix + k])
+        if isinstance(layer, LinearMoEMixer):  # expert-indexed [E, ...] weights: keep their rows
+            rows = torch.tensor(kept)
+            for lin_name, lin in layer.named_children():
+                if isinstance(lin, ExpertLinear):
+                    for k in ("weight", "bias"):
+                        if f"{prefix}{lin_name}.{k}" in full_state:
+                            state[f"{prefix}{lin_name}.{k}"] = full_state[f"{prefix}{lin_name}.{k}"][rows]
+        elif isinstance(layer, MoEMLP):
             for new, old in enumerate(kept):
                 src = f"{prefix}experts.deepspeed_experts.{old}."
                 for k, v in full_state.items():
@@ -144,6 +157,29 @@ def extract_task_model(model: UniPerceiver, task_id: int, keep: dict[str, list[i
                     state[prefix + k] = full_state[prefix + k]
     small.load_state_dict(state, strict=True)
     return small
+
+
+def merge_static(model: UniPerceiver, ctx: RoutingContext) -> UniPerceiver:
+    """Uni-Perceiver-MoE's deployment model for one static routing group: a dense ``UniPerceiver`` whose every linear
+    MoE layer is replaced by the merged linears ``sum_k g_k W_k`` its router picks for ``ctx`` (an attribute, a
+    modality or a task). It computes exactly what ``model`` computes on passes of that group (e.g. the image encoder
+    of ``visual_input``, the text encoder of ``text_target``) at dense size.
+
+    Raises ValueError for models with MLP experts (``sum_k g_k FFN_k`` is not one FFN) or per-token routing.
+    """
+    layers = routed_layers_by_name(model)
+    if not layers or any(not isinstance(m, LinearMoEMixer) for m in layers.values()):
+        raise ValueError("only models whose routed layers all have linear experts (moe.expert_type=linear, no MoA) "
+                         "merge into a dense model")
+    state = {k: v for k, v in model.state_dict().items() if not _in_routed_layer(k, layers)}
+    for name, layer in layers.items():
+        for linear, (weight, bias) in layer.merged_linears(ctx).items():
+            state[f"{name}.{linear}.weight"] = weight.detach().clone()
+            if bias is not None:
+                state[f"{name}.{linear}.bias"] = bias.detach().clone()
+    dense = UniPerceiver(dataclasses.replace(model.args, moe_layers=(), moe_kept={}, moa_kept={}))
+    dense.load_state_dict(state, strict=True)
+    return dense
 
 
 def _in_routed_layer(key: str, keep: dict[str, list[int]]) -> bool:
@@ -212,6 +248,10 @@ def estimate_flops_per_token(model: UniPerceiver) -> float:
             if isinstance(sub, MoEMLP):
                 expert = sub.experts.deepspeed_experts[0]
                 flops += 2 * sub.top_k * sum(p.numel() for n, p in expert.named_parameters() if n.endswith("weight"))
+                flops += 2 * sub.router.weight[..., 0].numel() * sub.dim
+            elif isinstance(sub, LinearMoEMixer):  # static levels merge: one linear per token; others mix k
+                per_token = 1 if sub.router.is_static else sub.top_k
+                flops += 2 * per_token * sum(m.weight[0].numel() for m in sub.children() if isinstance(m, ExpertLinear))
                 flops += 2 * sub.router.weight[..., 0].numel() * sub.dim
             else:
                 flops += 2 * sum(p.numel() for n, p in sub.named_parameters() if p.dim() >= 2 and "router" not in n)

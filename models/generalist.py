@@ -25,6 +25,7 @@ from timm.models.vision_transformer import Block
 
 from condmoe.models.captioning import caption_loss
 from condmoe.models.embeddings import ImageEmbed, TextEmbed
+from condmoe.models.linear_moe import LinearMoEAttention, LinearMoEMixer, LinearMoEMLP
 from condmoe.models.losses import (
     classification_loss,
     contrastive_loss,
@@ -33,7 +34,7 @@ from condmoe.models.losses import (
     soft_target_cross_entropy,
 )
 from condmoe.models.moa import MoAArgs, MoAttention
-from condmoe.models.moe import MoEArgs, MoEMLP, recomputing
+from condmoe.models.moe import MoEArgs, MoEMLP, RoutedLayer, recomputing
 from condmoe.models.router import RoutingContext, routing_context
 from condmoe.models.tasks import TASK_TYPES, task_spec
 
@@ -86,9 +87,11 @@ class UniPerceiverArgs:
         drop_path_rate: stochastic depth, constant over blocks as in Uni-Perceiver.
         layer_scale_init: LayerScale initial value (None disables).
         num_tasks: tasks known to task-level routers, task gates and the MI loss.
-        moe_layers: indices of blocks whose MLP is an ``MoEMLP``, built from ``moe``.
+        moe_layers: indices of MoE blocks, built from ``moe``: their FFN (``MoEMLP``, or ``LinearMoEMLP`` for linear
+            experts) and, with ``moe.targets`` holding 'attn', their attention (``LinearMoEAttention``).
         moa_layers: indices of blocks whose attention is a mixture of attention heads (``MoAttention``), from ``moa``.
-        moe_kept, moa_kept: per block, the experts to build (an extracted model, see ``models/extract.py``).
+        moe_kept, moa_kept: per block, the experts to build of its routed FFN / routed attention (MoA or linear MoE
+            attention): an extracted model, see ``models/extract.py``.
         embed_norm: the LayerNorm shared by all modalities' embeddings (Uni-Perceiver); False gives timm's ViT layout
             (``models/timm_compat.py`` loads timm ViT weights into such a model).
         num_prompts: learned prompt tokens per block and side (inputs, targets) for prompt tuning (0: none).
@@ -125,6 +128,9 @@ class UniPerceiverArgs:
         for name, layers in (("moe_layers", self.moe_layers), ("moa_layers", self.moa_layers)):
             if any(not 0 <= i < self.depth for i in layers):
                 raise ValueError(f"{name} {list(layers)} must index blocks in [0, {self.depth})")
+        both = sorted(set(self.moe_layers) & set(self.moa_layers))
+        if "attn" in self.moe.targets and both:
+            raise ValueError(f"blocks {both} would get both a linear-MoE attention (moe.targets has attn) and MoA")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -154,16 +160,22 @@ class UniPerceiver(nn.Module):
         self.text_embed = TextEmbed(args.vocab_size, args.max_text_len, dim)
         # eps 1e-6 as in timm's ViT (and its blocks here), so that timm weights give timm's features.
         self.embed_norm = nn.LayerNorm(dim, eps=1e-6) if args.embed_norm else nn.Identity()  # shared by all modalities
-        moe_mlp = partial(MoEMLP, args=args.moe, num_tasks=args.num_tasks)
+        ffn_layers = self.moe_layers if "ffn" in args.moe.targets else ()
+        moe_mlp = partial(LinearMoEMLP if args.moe.expert_type == "linear" else MoEMLP, args=args.moe,
+                          num_tasks=args.num_tasks)
         self.blocks = nn.ModuleList([
             ConditionalBlock(dim, num_heads, mlp_ratio=args.mlp_ratio, qkv_bias=True,
                              init_values=args.layer_scale_init, drop_path=args.drop_path_rate,
-                             mlp_layer=partial(moe_mlp, kept_experts=moe_kept.get(i)) if i in self.moe_layers else Mlp)
+                             mlp_layer=partial(moe_mlp, kept_experts=moe_kept.get(i)) if i in ffn_layers else Mlp)
             for i in range(depth)
         ])
-        for i in self.moa_layers:  # timm's Block only takes attention classes: swap the layer in afterwards
+        # timm's Block only takes attention classes: routed attention is swapped in afterwards
+        for i in self.moa_layers:
             self.blocks[i].attn = MoAttention(dim, num_heads, args.moa, num_tasks=args.num_tasks,
                                               kept_experts=moa_kept.get(i))
+        for i in self.moe_layers if "attn" in args.moe.targets else ():
+            self.blocks[i].attn = LinearMoEAttention(dim, num_heads, args.moe, num_tasks=args.num_tasks,
+                                                     kept_experts=moa_kept.get(i))
         self.ln_post = nn.LayerNorm(dim, eps=1e-6)
         self.proj = nn.Linear(dim, dim)
         self.logit_scale = nn.Parameter(torch.full((len(TASK_TYPES),), math.log(1 / 0.07)))
@@ -193,7 +205,7 @@ class UniPerceiver(nn.Module):
             nn.init.zeros_(self.class_head.weight)
             nn.init.zeros_(self.class_head.bias)
         for m in self.modules():
-            if isinstance(m, MoEMLP | MoAttention):
+            if isinstance(m, RoutedLayer):
                 m.init_weights()
 
     def no_weight_decay(self) -> set[str]:
@@ -381,13 +393,17 @@ class UniPerceiver(nn.Module):
 
     # ---------------------------------------------------------------------------------------------------- helpers
     def num_params(self, active_only: bool = False) -> int:
-        """Parameter count; ``active_only`` counts each MoE layer's experts as ``top_k`` experts (per-token cost)."""
+        """Parameter count; ``active_only`` counts what a token meets: ``top_k`` experts of an MoE MLP and of a
+        token-routed linear MoE, one (merged) expert of a statically routed linear MoE."""
         total = sum(p.numel() for p in self.parameters())
         if active_only:
             for m in self.modules():
                 if isinstance(m, MoEMLP):
                     per_expert = sum(p.numel() for p in m.experts.deepspeed_experts[0].parameters())
                     total -= per_expert * (m.num_local_experts - m.top_k)
+                elif isinstance(m, LinearMoEMixer):
+                    per_expert = sum(p[0].numel() for n, p in m.named_parameters() if not n.startswith("router."))
+                    total -= per_expert * (m.num_local_experts - (1 if m.router.is_static else m.top_k))
         return total
 
 

@@ -41,12 +41,14 @@ class MoAArgs:
     """Balance loss weight per layer."""
     mi_loss_weight: float = 0.005
     """Mutual-information loss weight per layer (Mod-Squad's 0.005)."""
+    mi_window: int = 0
+    """Past micro-steps whose statistics join the MI loss's P(T, E), without gradient (see moe.mi_window)."""
 
     def __post_init__(self):
         if self.routing not in ROUTING_LEVELS:
             raise ValueError(f"moa.routing={self.routing!r} is not one of {', '.join(ROUTING_LEVELS)}")
-        if self.num_experts < 0 or self.num_heads < 0 or self.head_dim < 0:
-            raise ValueError("moa.num_experts, moa.num_heads and moa.head_dim must be >= 0")
+        if min(self.num_experts, self.num_heads, self.head_dim, self.mi_window) < 0:
+            raise ValueError("moa.num_experts, moa.num_heads, moa.head_dim and moa.mi_window must be >= 0")
         if self.num_experts and self.num_heads > self.num_experts:
             raise ValueError(f"moa.num_heads={self.num_heads} exceeds moa.num_experts={self.num_experts}")
         if self.balance_loss_weight < 0 or self.mi_loss_weight < 0:
@@ -95,7 +97,8 @@ class MoAttention(RoutedLayer):
         self.o_bias = nn.Parameter(torch.zeros(dim))
         self.proj_drop = nn.Dropout(proj_drop)
         self.comm = LocalComm()
-        self._setup_stats(num_tasks, args.balance_loss_weight, z_loss_weight, args.mi_loss_weight)
+        self._setup_stats(num_tasks, args.balance_loss_weight, z_loss_weight, args.mi_loss_weight,
+                          mi_window=args.mi_window)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -110,7 +113,11 @@ class MoAttention(RoutedLayer):
         logits_GE, group_T = self.router(x_BND, ctx)
         logits_TE = logits_GE if group_T is None else logits_GE.index_select(0, group_T)
         r = routing.route(logits_TE, heads, capacity=None, normalize=self.normalize_gates)
-        self._record(logits_TE, r, ctx.task_id if ctx is not None else 0)
+        if ctx is not None and ctx.pad_mask_BN is not None:  # padding's head choices count in no statistic
+            real_T = torch.nonzero(ctx.pad_mask_BN.reshape(-1).to(x_BND.device)).squeeze(1)
+            self._record(logits_TE.index_select(0, real_T), _rows(r, real_T), ctx.task_id)
+        else:
+            self._record(logits_TE, r, ctx.task_id if ctx is not None else 0)
         if self.expert_slot is not None:
             r = routing.remap_experts(r, self.expert_slot.to(x_BND.device))
 
@@ -125,3 +132,11 @@ class MoAttention(RoutedLayer):
         o_TEh = o_TKh.new_zeros(batch * length, self.num_local_experts, h).scatter_add(1, idx_TKh, o_TKh)
         out = F.linear(o_TEh.reshape(batch, length, -1), self.o_weight, self.o_bias)
         return self.proj_drop(out)
+
+
+def _rows(r: routing.Routing, rows_T: torch.Tensor) -> routing.Routing:
+    """The routing of some tokens only (counts recomputed over them)."""
+    idx_TK = r.expert_idx_TK.index_select(0, rows_T)
+    counts_E = torch.bincount(idx_TK.reshape(-1), minlength=r.probs_TE.shape[-1])
+    return routing.Routing(idx_TK, r.gate_TK.index_select(0, rows_T), r.slot_TK.index_select(0, rows_T),
+                           r.probs_TE.index_select(0, rows_T), counts_E, r.capacity)

@@ -19,8 +19,8 @@ L local experts, X tasks, D width, H expert hidden width.
 
 import contextlib
 import contextvars
-import copy
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import torch
 from timm.layers import Mlp
@@ -28,6 +28,8 @@ from torch import nn
 
 from condmoe.models import routing
 from condmoe.models.router import ROUTING_LEVELS, Router, RoutingContext
+
+log = logging.getLogger("condmoe.moe")
 
 
 @dataclass
@@ -37,6 +39,13 @@ class MoEArgs:
 
     num_experts: int = 8
     """Experts per MoE layer (0 disables MoE: a dense model)."""
+    expert_type: str = "mlp"
+    """'mlp': each expert is an MLP, ``sum_k g_k FFN_k(x)`` (Switch, GShard, DeepSpeed, Mod-Squad). 'linear': each
+    expert is ONE linear layer, mixed at every MoE linear with one decision per sublayer (Uni-Perceiver-MoE); static
+    levels then merge the chosen experts' weights, one dense matmul per routing group."""
+    targets: list[str] = field(default_factory=lambda: ["ffn"])
+    """Sublayers of an MoE block that are MoE: 'ffn' (both FFN linears), 'attn' (qkv and output projections; needs
+    expert_type 'linear'). Uni-Perceiver-MoE: [attn, ffn]."""
     top_k: int = 2
     """Experts per token."""
     routing: str = "token"
@@ -55,8 +64,17 @@ class MoEArgs:
     """Switch load-balance loss weight per layer."""
     z_loss_weight: float = 0.0
     """Router z-loss weight per layer."""
+    importance_loss_weight: float = 0.0
+    """Importance loss (CV^2 of the experts' summed router probabilities; Shazeer et al., V-MoE) weight per layer."""
+    batch_priority: bool = False
+    """Batch-priority routing (V-MoE): when capacity drops assignments, tokens with the highest top-1 probability
+    keep their slots first (default: token order)."""
     mi_loss_weight: float = 0.0
     """Mod-Squad mutual-information loss weight per layer (statistics summed over all ranks); 0 disables."""
+    mi_window: int = 0
+    """Past micro-steps whose (task, expert) statistics join the current step's in the MI loss's P(T, E), without
+    gradient (0: the current step only). With one task per rank a step often holds a single task, and MI over a
+    single task is 0: a window lets the term act on every step. Kept in the model state (checkpoints resume it)."""
     static_dispatch: bool = True
     """Run static levels (modality, task, attribute) group by group without per-token dispatch (ep_size 1 only)."""
     expert_backend: str = "auto"
@@ -67,12 +85,21 @@ class MoEArgs:
             raise ValueError(f"moe.routing={self.routing!r} is not one of {', '.join(ROUTING_LEVELS)}")
         if self.expert_backend not in ("auto", "loop", "grouped"):
             raise ValueError(f"moe.expert_backend={self.expert_backend!r} is not one of auto, loop, grouped")
-        if self.mi_loss_weight < 0 or self.balance_loss_weight < 0 or self.z_loss_weight < 0:
-            raise ValueError("moe.balance_loss_weight, moe.z_loss_weight and moe.mi_loss_weight must be >= 0")
-        if self.num_experts < 0:
-            raise ValueError(f"moe.num_experts must be >= 0, got {self.num_experts}")
+        if min(self.mi_loss_weight, self.balance_loss_weight, self.z_loss_weight, self.importance_loss_weight) < 0:
+            raise ValueError("moe.balance_loss_weight, moe.z_loss_weight, moe.importance_loss_weight and "
+                             "moe.mi_loss_weight must be >= 0")
+        if self.num_experts < 0 or self.mi_window < 0:
+            raise ValueError(f"moe.num_experts and moe.mi_window must be >= 0, got {self.num_experts}, "
+                             f"{self.mi_window}")
         if self.num_experts and not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"moe.top_k={self.top_k} must be in [1, moe.num_experts={self.num_experts}]")
+        if self.expert_type not in ("mlp", "linear"):
+            raise ValueError(f"moe.expert_type={self.expert_type!r} is not one of mlp, linear")
+        self.targets = list(self.targets)
+        if not self.targets or not set(self.targets) <= {"ffn", "attn"} or len(set(self.targets)) < len(self.targets):
+            raise ValueError(f"moe.targets={self.targets} must be a non-empty subset of [attn, ffn]")
+        if "attn" in self.targets and self.expert_type != "linear":
+            raise ValueError("moe.targets with 'attn' needs moe.expert_type=linear (attention experts are linear maps)")
         for name in ("capacity_factor", "eval_capacity_factor"):
             if not getattr(self, name) > 0:  # also refuses NaN
                 raise ValueError(f"moe.{name} must be > 0, got {getattr(self, name)}")
@@ -116,9 +143,20 @@ class Experts(nn.Module):
     def forward(self, x_RD: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
         use_grouped = self.backend == "grouped" or (self.backend == "auto" and x_RD.is_cuda)
         if use_grouped and self._groupable():
-            return self._grouped(x_RD, counts_L)
+            if not hasattr(torch, "_grouped_mm"):
+                self._fall_back(f"torch {torch.__version__} has no torch._grouped_mm")
+            else:
+                try:
+                    return self._grouped(x_RD, counts_L)
+                except (RuntimeError, NotImplementedError) as exc:  # e.g. a device or dtype it does not support
+                    self._fall_back(f"torch._grouped_mm failed ({' '.join(str(exc).split())[:200]})")
         chunks = torch.split(x_RD, counts_L.tolist())  # host sync: the split sizes
         return torch.cat([expert(chunk) for expert, chunk in zip(self.deepspeed_experts, chunks)])
+
+    def _fall_back(self, reason: str) -> None:
+        """The loop from now on, said once per layer: the result is the same, only slower."""
+        self.backend = "loop"
+        log.warning("%s: MoE experts run one matmul per expert instead (moe.expert_backend=loop)", reason)
 
     def _groupable(self) -> bool:
         first = self.deepspeed_experts[0]
@@ -150,6 +188,10 @@ class MoEStats:
     mi_loss: torch.Tensor  # detached, sum over layers (0 when no layer has a mutual-information weight)
     expert_counts_LE: torch.Tensor  # assignments per expert per routed layer (before capacity dropping)
     dropped_fraction: torch.Tensor  # share of assignments dropped for capacity, over all layers
+    layer_stats_LS: torch.Tensor  # per routed layer, the LAYER_STATS (detached, means over the layer's calls)
+
+
+LAYER_STATS = ("dropped_share", "balance_loss", "z_loss", "mi_loss")  # the columns of MoEStats.layer_stats_LS
 
 
 _recomputing = contextvars.ContextVar("condmoe_recomputing", default=False)
@@ -166,6 +208,11 @@ def recomputing():
         _recomputing.reset(token)
 
 
+# Buffers of a routed layer that belong to the run, not to the weights: a fresh run (init_from, extraction) starts them
+# empty.
+RUN_STATE_BUFFERS = ("mi_history_WXE", "mi_cursor")
+
+
 class RoutedLayer(nn.Module):
     """Shared bookkeeping of layers with a router: per-call statistics accumulated until ``pop_moe_stats``."""
 
@@ -174,8 +221,15 @@ class RoutedLayer(nn.Module):
     takes_routing_context = True  # blocks pass the RoutingContext of the encoder pass to forward
 
     def _setup_stats(self, num_tasks: int, balance_loss_weight: float, z_loss_weight: float,
-                     mi_loss_weight: float) -> None:
+                     mi_loss_weight: float, importance_loss_weight: float = 0.0, mi_window: int = 0) -> None:
         self.num_tasks = num_tasks
+        self.mi_window = mi_window if mi_loss_weight > 0 else 0
+        if self.mi_window:
+            # A ring of the last mi_window micro-steps' all-reduced P(T, E) sums (identical on every rank); buffers,
+            # so checkpoints carry them and a resumed run continues bitwise.
+            self.register_buffer("mi_history_WXE", torch.zeros(self.mi_window, num_tasks, self.num_experts))
+            self.register_buffer("mi_cursor", torch.zeros((), dtype=torch.long))
+        self.importance_loss_weight = importance_loss_weight
         self.balance_loss_weight = balance_loss_weight
         self.z_loss_weight = z_loss_weight
         self.mi_loss_weight = mi_loss_weight
@@ -187,6 +241,35 @@ class RoutedLayer(nn.Module):
                       "prob_sum": torch.zeros(self.num_tasks, self.num_experts, dtype=torch.float64),
                       "tokens": torch.zeros(self.num_tasks, dtype=torch.float64)} if enabled else None
 
+    def route_tokens(self, x_BND: torch.Tensor, ctx: RoutingContext | None):
+        """The routing step every token-level MoE layer shares: router logits, padding taken out, capacity chosen,
+        top-k routed and recorded.
+
+        Returns ``(x_TD, real_T, logits_GE, group_T, r)``: the routed tokens (real ones only when ``ctx`` marks
+        padding; ``real_T`` their flat positions, else None), the router's per-group logits and token groups
+        (``group_T`` None for per-token levels) and the ``Routing``.
+        """
+        x_TD = x_BND.reshape(-1, x_BND.shape[-1])
+        logits_GE, group_T = self.router(x_BND, ctx)
+        logits_TE = logits_GE if group_T is None else logits_GE.index_select(0, group_T)
+        real_T = None
+        if ctx is not None and ctx.pad_mask_BN is not None:
+            # Padding is not routed: it takes no capacity and no statistics (its output is zero; nothing attends to
+            # it). Under expert parallelism the all-to-all is variable-size, so ranks may route different counts.
+            real_T = torch.nonzero(ctx.pad_mask_BN.reshape(-1).to(x_BND.device)).squeeze(1)
+            x_TD, logits_TE = x_TD.index_select(0, real_T), logits_TE.index_select(0, real_T)
+            group_T = None if group_T is None else group_T.index_select(0, real_T)
+        if self.router.is_static or not self.drop_tokens:
+            # Static levels send a whole group to the same k experts: a capacity sized for balanced token routing
+            # would drop most of a group, at any ep_size. They are dropless; so are dropless runs.
+            capacity = None
+        else:
+            factor = self.capacity_factor if self.training else self.eval_capacity_factor
+            capacity = routing.expert_capacity(x_TD.shape[0], self.num_experts, self.top_k, factor, self.min_capacity)
+        r = routing.route(logits_TE, self.top_k, capacity, self.normalize_gates, self.batch_priority)
+        self._record(logits_TE, r, ctx.task_id if ctx is not None else 0)
+        return x_TD, real_T, logits_GE, group_T, r
+
     def reset_stats(self) -> None:
         self._aux_loss = None
         self._balance, self._z, self._dropped = [], [], []
@@ -197,6 +280,8 @@ class RoutedLayer(nn.Module):
         balance = routing.load_balance_loss(r.probs_TE, r.expert_idx_TK)
         z = routing.router_z_loss(logits_TE) if self.z_loss_weight > 0 else logits_TE.new_zeros(())
         aux = self.balance_loss_weight * balance + self.z_loss_weight * z
+        if self.importance_loss_weight > 0:
+            aux = aux + self.importance_loss_weight * routing.importance_loss(r.probs_TE)
         joint_XE = None
         if self.mi_loss_weight > 0:
             joint_XE = r.probs_TE.new_zeros(self.num_tasks, self.num_experts)
@@ -226,7 +311,15 @@ class RoutedLayer(nn.Module):
         if self._task_expert_XE is not None:
             # Summed over every rank first: one rank often runs one task per step, so its own P(t, e) alone is
             # degenerate (the original Mod-Squad summed per GPU only).
-            mi = routing.mutual_information_loss(self.comm.all_reduce_sum(self._task_expert_XE))
+            current_XE = self.comm.all_reduce_sum(self._task_expert_XE)
+            joint_XE = current_XE
+            if self.mi_window:  # gradient through the current step only
+                joint_XE = current_XE + self.mi_history_WXE.sum(0).to(current_XE.dtype)
+                if self.training:
+                    with torch.no_grad():
+                        self.mi_history_WXE[int(self.mi_cursor) % self.mi_window] = current_XE.detach()
+                        self.mi_cursor += 1
+            mi = routing.mutual_information_loss(joint_XE)
             aux = aux + self.mi_loss_weight * mi
         out = (aux, self._balance, self._z, mi.detach(), self._counts_E, self._dropped)
         self.reset_stats()
@@ -286,7 +379,9 @@ class MoEMLP(RoutedLayer):
         ], backend=args.expert_backend)
         self.expert_slot = None if kept_experts is None else _slots(kept, num_experts)
         self.comm = LocalComm()
-        self._setup_stats(num_tasks, args.balance_loss_weight, args.z_loss_weight, args.mi_loss_weight)
+        self._setup_stats(num_tasks, args.balance_loss_weight, args.z_loss_weight, args.mi_loss_weight,
+                          args.importance_loss_weight, args.mi_window)
+        self.batch_priority = args.batch_priority
 
     @property
     def num_local_experts(self) -> int:
@@ -298,25 +393,16 @@ class MoEMLP(RoutedLayer):
     def forward(self, x: torch.Tensor, ctx: RoutingContext | None = None) -> torch.Tensor:
         shape = x.shape
         x_BND = x.reshape(-1, *shape[-2:]) if x.dim() >= 3 else x.reshape(1, -1, shape[-1])
-        x_TD = x_BND.reshape(-1, self.dim)
-        logits_GE, group_T = self.router(x_BND, ctx)
-        logits_TE = logits_GE if group_T is None else logits_GE.index_select(0, group_T)
-
-        static = group_T is not None and self.router.is_static and self.static_dispatch and self.comm.ep_size == 1
-        if static or not self.drop_tokens:
-            capacity = None  # static groups and dropless runs keep every assignment
-        else:
-            factor = self.capacity_factor if self.training else self.eval_capacity_factor
-            capacity = routing.expert_capacity(x_TD.shape[0], self.num_experts, self.top_k, factor, self.min_capacity)
-        r = routing.route(logits_TE, self.top_k, capacity, self.normalize_gates)
-        self._record(logits_TE, r, ctx.task_id if ctx is not None else 0)
-        if static:
+        x_TD, real_T, logits_GE, group_T, r = self.route_tokens(x_BND, ctx)
+        # Static groups run without dispatch when every expert is local; under expert parallelism they dispatch
+        # through the variable-size all-to-all (still dropless).
+        if group_T is not None and self.router.is_static and self.static_dispatch and self.comm.ep_size == 1:
             y_TD = self._static(x_TD, logits_GE, group_T)
         elif self.expert_slot is not None:
             y_TD = self._dispatch(x_TD, routing.remap_experts(r, self.expert_slot.to(x_TD.device)))
         else:
             y_TD = self._dispatch(x_TD, r)
-        return y_TD.to(x.dtype).reshape(shape)
+        return scatter_real(y_TD, real_T, x_BND.shape[0] * x_BND.shape[1]).to(x.dtype).reshape(shape)
 
     def _dispatch(self, x_TD: torch.Tensor, r: routing.Routing) -> torch.Tensor:
         plan = routing.plan_dispatch(r, self.num_experts if self.expert_slot is None else self.num_local_experts)
@@ -347,26 +433,17 @@ class MoEMLP(RoutedLayer):
         return y_TD
 
 
+def scatter_real(y_TD: torch.Tensor, real_T: torch.Tensor | None, num_tokens: int) -> torch.Tensor:
+    """Outputs of the routed (real) tokens back at their positions among all ``num_tokens``, zero on padding."""
+    if real_T is None:
+        return y_TD
+    return y_TD.new_zeros(num_tokens, y_TD.shape[-1]).index_copy(0, real_T, y_TD)
+
+
 def _slots(kept: list[int], num_experts: int) -> torch.Tensor:
     slot_E = torch.full((num_experts,), -1, dtype=torch.long)
     slot_E[torch.tensor(kept, dtype=torch.long)] = torch.arange(len(kept))
     return slot_E
-
-
-def merge_experts(experts: list[nn.Module], gates: list[float] | torch.Tensor) -> nn.Module:
-    """One module whose every parameter is ``sum_k g_k * param_k``: Uni-Perceiver-MoE's deployment merge.
-
-    Exact for experts linear in their parameters and input (``nn.Linear``: ``sum_k g_k (W_k x + b_k)``). For MLP
-    experts it merges ``fc1`` and ``fc2`` separately, which is NOT ``sum_k g_k FFN_k(x)`` (the activation sits between
-    them): an approximation, exact only when the experts are equal or one gate is 1. Use it for deployment of static
-    (attribute/task/modality) routing, where the decision per group is fixed.
-    """
-    merged = copy.deepcopy(experts[0])
-    with torch.no_grad():
-        for name, param in merged.named_parameters():
-            sources = [dict(e.named_parameters())[name] for e in experts]
-            param.copy_(sum(float(g) * p for g, p in zip(gates, sources)))
-    return merged
 
 
 def routed_layers(model: nn.Module) -> list[RoutedLayer]:
@@ -395,4 +472,6 @@ def pop_moe_stats(model: nn.Module) -> MoEStats | None:
         mi_loss=torch.stack([p[3] for p in popped]).sum(),
         expert_counts_LE=torch.stack(counts),
         dropped_fraction=torch.stack([d for p in popped for d in p[5]]).mean(),
+        layer_stats_LS=torch.stack([torch.stack([torch.stack(p[5]).mean(), torch.stack(p[1]).mean(),
+                                                 torch.stack(p[2]).mean(), p[3].float()]) for p in popped]),
     )

@@ -117,7 +117,7 @@ class Router(nn.Module):
             return self._logits(self.embed(task), self.weight), x_BND.new_zeros(batch * length, dtype=torch.long)
         keys_TK = self._keys(ctx, batch, length, x_BND.device)
         # One decision per distinct key (a handful per pass): the host sync of unique() buys no per-token work.
-        unique_GK, group_T = torch.unique(keys_TK, dim=0, return_inverse=True)
+        unique_GK, group_T = unique_rows(keys_TK)
         if self.level == "modality":
             inputs_GD = self.embed(unique_GK[:, 0].long())
         else:
@@ -138,6 +138,25 @@ class Router(nn.Module):
         if self.training and self.noise_std > 0:
             logits_GE = logits_GE + torch.randn_like(logits_GE) * self.noise_std
         return logits_GE
+
+
+def unique_rows(keys_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.unique(keys_TK, dim=0, return_inverse=True)``, fast for 0/1 keys (attribute vectors) and one-column
+    integer keys (modalities): those are packed into one integer per row, most significant bit first, so the groups
+    come out in the same (lexicographic) order. ``unique(dim=0)`` compares rows one by one on CPU."""
+    num_keys = keys_TK.shape[1]
+    binary = num_keys <= 62 and bool(((keys_TK == 0) | (keys_TK == 1)).all())
+    if num_keys == 1 and not keys_TK.is_floating_point():
+        packed_T = keys_TK[:, 0]
+    elif binary:
+        bits_K = 2 ** torch.arange(num_keys - 1, -1, -1, device=keys_TK.device)
+        packed_T = (keys_TK.long() * bits_K).sum(-1)
+    else:
+        return torch.unique(keys_TK, dim=0, return_inverse=True)
+    values_G, group_T = torch.unique(packed_T, return_inverse=True)
+    first_G = torch.full((len(values_G),), len(packed_T), device=keys_TK.device)
+    first_G = first_G.scatter_reduce(0, group_T, torch.arange(len(packed_T), device=keys_TK.device), "amin")
+    return keys_TK.index_select(0, first_G), group_T
 
 
 def routing_context(x_BND: torch.Tensor, modality: str, attribute: str, task_id: int,

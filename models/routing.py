@@ -30,7 +30,7 @@ class Routing:
         slot_TK: position of the token in its expert's queue; ``capacity`` where dropped.
         probs_TE: router softmax over all experts (what the balance loss sees).
         counts_E: assignments per expert before dropping (what logs and balance statistics see).
-        capacity: token slots per expert used for this call.
+        capacity: token slots per expert used for this call (dropless: 1, with every assignment in slot 0).
     """
 
     expert_idx_TK: torch.Tensor
@@ -72,12 +72,18 @@ def topk_experts(logits_TE: torch.Tensor, top_k: int, normalize: bool = True):
     return probs_TE, expert_idx_TK, gate_TK
 
 
-def assign_slots(expert_idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+def assign_slots(expert_idx_TK: torch.Tensor, num_experts: int,
+                 priority_T: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Position of every (token, choice) in its expert's queue.
 
     Priority follows GShard: all first choices are queued before any second choice, and within one choice rank
-    tokens keep their order. Returns ``(slot_TK, counts_E)``; a slot >= capacity means the assignment is dropped.
+    tokens keep their order, or the order of ``priority_T`` (a permutation of the tokens, most important first:
+    V-MoE's batch-priority routing). Returns ``(slot_TK, counts_E)``; a slot >= capacity means the assignment is
+    dropped.
     """
+    if priority_T is not None:
+        slot_TK, counts_E = assign_slots(expert_idx_TK.index_select(0, priority_T), num_experts)
+        return torch.empty_like(slot_TK).index_copy_(0, priority_T, slot_TK), counts_E
     num_tokens, top_k = expert_idx_TK.shape
     # Queue order: choice rank major, token minor -> flatten the transposed [K, T] one-hot.
     onehot_KTE = F.one_hot(expert_idx_TK.t(), num_experts).reshape(top_k * num_tokens, num_experts)
@@ -92,6 +98,7 @@ def route(
     top_k: int,
     capacity: int | None,
     normalize: bool = True,
+    batch_priority: bool = False,
 ) -> Routing:
     """Top-k routing with a per-expert capacity.
 
@@ -100,28 +107,48 @@ def route(
         top_k: experts per token.
         capacity: slots per expert; assignments beyond it are dropped (gate zero, token passes through the residual).
             ``None`` means dropless (every assignment kept).
-        normalize: renormalise the kept top-k gate values (see ``topk_experts``).
+        normalize: renormalise the top-k gate values over the assignments that were KEPT, as DeepSpeed's top2gating
+            does: a token whose second choice was dropped gives its first expert the whole weight, one that lost
+            both gets zero. Top-1 keeps the raw probability (see ``topk_experts``).
+        batch_priority: fill expert queues in order of each token's top-1 probability, highest first (V-MoE's
+            batch-priority routing), instead of token order; only matters when assignments are dropped.
     """
     num_experts = logits_TE.shape[-1]
-    probs_TE, expert_idx_TK, gate_TK = topk_experts(logits_TE, top_k, normalize)
-    slot_TK, counts_E = assign_slots(expert_idx_TK, num_experts)
-    if capacity is None:
-        capacity = num_experts * expert_idx_TK.shape[0]  # more slots than assignments: nothing dropped
+    probs_TE, expert_idx_TK, gate_TK = topk_experts(logits_TE, top_k, normalize=False)
+    if capacity is None:  # dropless: no queue positions needed, every assignment keeps slot 0 of 1
+        if normalize and top_k > 1:
+            gate_TK = gate_TK / gate_TK.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(gate_TK.dtype).eps)
+        counts_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=num_experts)
+        return Routing(expert_idx_TK, gate_TK, torch.zeros_like(expert_idx_TK), probs_TE, counts_E, 1)
+    # Stable: ties keep token order, so batch priority over equal probabilities is the plain order.
+    priority_T = torch.argsort(gate_TK[:, 0], descending=True, stable=True) if batch_priority else None
+    slot_TK, counts_E = assign_slots(expert_idx_TK, num_experts, priority_T)
     kept_TK = slot_TK < capacity
     gate_TK = gate_TK * kept_TK
+    if normalize and top_k > 1:
+        gate_TK = gate_TK / gate_TK.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(gate_TK.dtype).eps)
     slot_TK = torch.where(kept_TK, slot_TK, torch.full_like(slot_TK, capacity))
     return Routing(expert_idx_TK, gate_TK, slot_TK, probs_TE, counts_E, capacity)
 
 
 def load_balance_loss(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor) -> torch.Tensor:
-    """Switch Transformer balance loss generalised to top-k: ``E * sum_e f_e * P_e``.
+    """The Switch / GShard balance loss: ``E * sum_e f_e * P_e``.
 
-    ``f_e`` is the fraction of the T*K assignments that chose expert e (not differentiable), ``P_e`` the mean router
-    probability of e (differentiable). It equals 1 for perfectly uniform routing and grows with imbalance.
+    ``f_e`` is the fraction of tokens whose FIRST choice is expert e, counted before capacity drops (not
+    differentiable), ``P_e`` the mean router probability of e (differentiable). This is the value of DeepSpeed's
+    ``top1gating`` (Switch) and of its ``top2gating`` (GShard's ``mean_e(f_e P_e) * E^2``, the same number), both
+    tested against DeepSpeed. It equals 1 for perfectly uniform routing and grows with imbalance.
     """
     num_experts = probs_TE.shape[-1]
-    fraction_E = F.one_hot(expert_idx_TK, num_experts).float().mean(dim=(0, 1))
+    fraction_E = F.one_hot(expert_idx_TK[:, 0], num_experts).float().mean(dim=0)
     return num_experts * torch.sum(fraction_E * probs_TE.mean(dim=0))
+
+
+def importance_loss(probs_TE: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Importance loss (Shazeer et al. 2017; V-MoE): squared coefficient of variation of the experts' summed router
+    probabilities, ``CV(sum_t p_te)^2`` (population variance). 0 when every expert gets the same total weight."""
+    importance_E = probs_TE.float().sum(dim=0)
+    return importance_E.var(unbiased=False) / importance_E.mean().square().clamp_min(eps)
 
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:

@@ -2,11 +2,9 @@
 
 import pytest
 import torch
-from torch import nn
 
 from condmoe.models import MoEArgs, MoEMLP, pop_moe_stats
 from condmoe.models.moa import MoAArgs, MoAttention
-from condmoe.models.moe import merge_experts
 from condmoe.models.router import ATTRIBUTES, ROUTING_LEVELS, Router, RoutingContext
 
 DIM = 16
@@ -84,7 +82,8 @@ def test_static_path_has_no_capacity_and_reports_stats():
     layer(torch.randn(2, 6, DIM), context())
     stats = pop_moe_stats(layer)
     assert stats.dropped_fraction.item() == 0.0
-    assert stats.expert_counts_LE.sum().item() == 12 and (stats.expert_counts_LE > 0).sum().item() == 1
+    # 12 tokens of which 2 are padding: only the 10 real ones are routed and counted
+    assert stats.expert_counts_LE.sum().item() == 10 and (stats.expert_counts_LE > 0).sum().item() == 1
 
 
 def test_every_level_trains_end_to_end():
@@ -134,22 +133,6 @@ def test_mi_loss_of_a_layer_prefers_task_specific_experts():
     assert stats.aux_loss.item() == pytest.approx(stats.mi_loss.item(), rel=1e-5)
 
 
-def test_merge_experts_exact_for_linear_and_documented_approximation_for_mlp():
-    torch.manual_seed(0)
-    linears = [nn.Linear(DIM, DIM) for _ in range(3)]
-    gates = [0.5, 0.3, 0.2]
-    x = torch.randn(5, DIM)
-    merged = merge_experts(linears, gates)
-    assert torch.allclose(merged(x), sum(g * m(x) for g, m in zip(gates, linears)), atol=1e-6)
-    layer = MoEMLP(DIM, 32, args=MoEArgs(num_experts=2))
-    experts = list(layer.experts.deepspeed_experts)
-    same = merge_experts([experts[0], experts[0]], [0.6, 0.4])
-    assert torch.allclose(same(x), experts[0](x), atol=1e-6)  # equal experts: exact
-    mixed = merge_experts(experts, [0.5, 0.5])
-    exact = 0.5 * experts[0](x) + 0.5 * experts[1](x)
-    assert not torch.allclose(mixed(x), exact, atol=1e-4)  # the MLP merge is an approximation
-
-
 def reference_moa(layer: MoAttention, x_BND: torch.Tensor) -> torch.Tensor:
     """Per token and chosen head: q_e = W_q[e] x, shared k/v, output W_o[e] attn, gated and summed."""
     batch, length, _ = x_BND.shape
@@ -191,3 +174,38 @@ def test_moa_respects_padding_mask():
     x[:, 3:] = 7.0
     b = layer(x, attn_mask=mask)[:, :3]
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_mi_window_is_a_ring_of_training_steps_in_the_state_dict():
+    torch.manual_seed(0)
+    layer = MoEMLP(DIM, 32, args=MoEArgs(num_experts=2, top_k=1, routing="task_gate", mi_loss_weight=1.0,
+                                         mi_window=2), num_tasks=2)
+    assert {"mi_history_WXE", "mi_cursor"} <= set(layer.state_dict())
+    x = torch.randn(1, 4, DIM)
+    for task in (0, 1, 0):
+        layer(x, RoutingContext(task_id=task))
+        pop_moe_stats(layer)
+    assert layer.mi_cursor.item() == 3
+    assert layer.mi_history_WXE[1, 1].sum().item() > 0 and layer.mi_history_WXE[0, 0].sum().item() > 0
+    layer.eval()
+    layer(x, RoutingContext(task_id=1))
+    pop_moe_stats(layer)
+    assert layer.mi_cursor.item() == 3  # evaluation reads the window but does not move it
+    assert "mi_history_WXE" not in MoEMLP(DIM, 32, args=MoEArgs(num_experts=2, mi_window=2)).state_dict()  # no MI
+
+
+def test_grouped_gemm_falls_back_to_the_loop_with_one_warning(monkeypatch, caplog):
+    torch.manual_seed(0)
+    layer = MoEMLP(DIM, 32, args=MoEArgs(num_experts=4, top_k=2, drop_tokens=False, expert_backend="grouped"))
+    x = torch.randn(2, 6, DIM)
+    reference = layer(x)
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("grouped_mm: not supported on this device")
+
+    monkeypatch.setattr(torch, "_grouped_mm", unsupported)
+    with caplog.at_level("WARNING", logger="condmoe.moe"):
+        first, second = layer(x), layer(x)
+    assert torch.allclose(first, reference, atol=1e-5) and torch.equal(first, second)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "condmoe.moe"]
+    assert len(warnings) == 1 and "not supported on this device" in warnings[0] and "loop" in warnings[0]

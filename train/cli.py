@@ -105,15 +105,36 @@ def eval_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def static_groups(cfg) -> dict:
+    """The routing groups of a static level, each as the ``RoutingContext`` of one of its tokens."""
+    import torch
+
+    from condmoe.models.router import ATTRIBUTES, MODALITIES, RoutingContext
+
+    level = cfg.moe.routing
+    if level == "attribute":
+        return {name: RoutingContext(attribute_BNA=torch.tensor(vector, dtype=torch.float32)[None, None])
+                for name, vector in ATTRIBUTES.items()}
+    if level == "modality":
+        return {name: RoutingContext(modality_BN=torch.tensor([[i]])) for i, name in enumerate(MODALITIES)}
+    if level == "task":
+        return {task.name: RoutingContext(task_id=i) for i, task in enumerate(cfg.tasks)}
+    raise ValueError(f"--merge-static needs a static routing level (attribute, modality, task), not moe.routing="
+                     f"{level!r}")
+
+
 def export_main(argv: list[str] | None = None) -> int:
     """``condmoe-export``: a checkpoint (any ep_size) as a plain model: ``model.safetensors`` + ``model_config.json``,
-    loadable with ``models.extract.load_extracted`` and no DeepSpeed."""
+    loadable with ``models.extract.load_extracted`` and no DeepSpeed. ``--merge-static`` also writes, for a model with
+    linear experts and a static routing level, one dense model per routing group (attribute, modality or task) in
+    ``<out>/<level>_<group>/``: Uni-Perceiver-MoE's deployment form."""
     parser = _parser("condmoe-export", export_main.__doc__)
     parser.add_argument("--checkpoint", default="", help="checkpoint dir; default: the latest in run.output_dir")
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--merge-static", action="store_true", help="also write one merged dense model per group")
     args = parser.parse_args(argv)
 
-    from condmoe.models.extract import save_extracted
+    from condmoe.models.extract import merge_static, save_extracted
     from condmoe.models.text_tokenizer import TextTokenizer
     from condmoe.train.checkpoint import checkpoint_dir, load_plain_state_dict
     from condmoe.train.config import load_config
@@ -126,6 +147,11 @@ def export_main(argv: list[str] | None = None) -> int:
         model.load_state_dict(load_plain_state_dict(args.checkpoint or checkpoint_dir(cfg.run.output_dir)))
         meta = {"tasks": [t.name for t in cfg.tasks], "tokenizer": str(cfg.tokenizer_dir)}
         out = save_extracted(model, args.out, meta)
+        if args.merge_static:
+            for group, ctx in static_groups(cfg).items():
+                dense = merge_static(model.eval(), ctx)
+                print(save_extracted(dense, out / f"{cfg.moe.routing}_{group}",
+                                     {**meta, "routing": cfg.moe.routing, "group": group}))
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
         return _fail("condmoe-export", exc)
     print(out)

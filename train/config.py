@@ -136,6 +136,9 @@ class MoEConfig(MoEArgs):
         _positive(self, "ep_size", "every")
         if self.num_experts and self.num_experts % self.ep_size:
             raise ValueError(f"moe.num_experts={self.num_experts} is not divisible by moe.ep_size={self.ep_size}")
+        if self.expert_type == "linear" and self.ep_size > 1:
+            raise ValueError("moe.expert_type=linear: linear experts are replicated on every rank (no all-to-all at "
+                             "any level; docs/moe.md); set moe.ep_size=1")
 
     def layer_args(self) -> MoEArgs:
         """What the model is built from: the layer fields only (placement and ep_size are the trainer's)."""
@@ -371,10 +374,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, str):
             raise ValueError(f"{key}: expected a string, got {value!r}")
         return value
-    if get_origin(hint) is list and get_args(hint)[0] is int:
+    if get_origin(hint) is list and get_args(hint)[0] in (int, str):
+        item = get_args(hint)[0]
         if not isinstance(value, list):
-            raise ValueError(f"{key}: expected a list of integers, got {value!r}")
-        return [_coerce(v, int, f"{key}[{i}]") for i, v in enumerate(value)]
+            raise ValueError(f"{key}: expected a list of {'integers' if item is int else 'strings'}, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if get_origin(hint) is tuple:
         items = get_args(hint)
         if not isinstance(value, list | tuple) or len(value) != len(items):

@@ -14,6 +14,7 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 
 from condmoe.models import SIZES, UniPerceiver, create_model, moe_layer_indices
 from condmoe.models.ds_moe import apply_expert_parallel, plain_name
+from condmoe.models.moe import RUN_STATE_BUFFERS
 from condmoe.train.config import Config, resolve_path
 
 log = logging.getLogger("condmoe.engine")
@@ -66,6 +67,8 @@ def initialise_from(model: UniPerceiver, path: str) -> list[str]:
     from condmoe.train.checkpoint import load_plain_state_dict
 
     state = load_plain_state_dict(path)
+    # The MI window describes the run that wrote the checkpoint: this fresh run starts its own.
+    state = {k: v for k, v in state.items() if not k.endswith(RUN_STATE_BUFFERS)}
     own = model.state_dict()
     if is_dense_checkpoint_for(state, model):
         # Sparse upcycling: every expert starts as the dense MLP, routers stay freshly initialised.
@@ -83,7 +86,8 @@ def initialise_from(model: UniPerceiver, path: str) -> list[str]:
             partial.append(name)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # New prompts and class head (prompt tuning) start from their initialisation.
-    missing = [k for k in missing if k != "prompts" and not k.startswith("class_head.")]
+    missing = [k for k in missing if k != "prompts" and not k.startswith("class_head.") and
+               not k.endswith(RUN_STATE_BUFFERS)]
     if missing or unexpected:
         raise ValueError(f"run.init_from={path}: checkpoint does not match the model (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")

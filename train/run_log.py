@@ -14,6 +14,7 @@ import torch
 from deepspeed import comm as dist
 
 from condmoe.models.ds_moe import plain_name
+from condmoe.models.moe import LAYER_STATS
 from condmoe.train.config import Config
 from condmoe.train.dist import DistInfo
 
@@ -35,6 +36,10 @@ class RunLog:
         self.usage_ema_started: torch.Tensor | None = None
         # Per task: unweighted loss sum and micro-steps since the last log (on the device: no sync per step).
         self.task_losses = torch.zeros(len(cfg.tasks), 2, device=engine.device)
+        # Routing health per routed layer since the last log: sums of the LAYER_STATS and the micro-step count.
+        self.layer_stats: torch.Tensor | None = None
+        self.layer_steps = 0
+        self.warned_drops: set[str] = set()  # layers already warned about (once per run)
         self.peak_tflops = device_peak_tflops(cfg.run.peak_tflops, engine.device)
         self.tensorboard = None  # rank 0's SummaryWriter, opened by open()
 
@@ -60,10 +65,16 @@ class RunLog:
     def add_bad_samples(self, count: int) -> None:
         self.data_errors += count
 
-    def add_micro_step(self, task_index: int, task_loss: torch.Tensor, expert_counts_LE: torch.Tensor | None) -> None:
-        """A micro-step that stepped: its task's unweighted loss and, for MoE models, its expert selections."""
+    def add_micro_step(self, task_index: int, task_loss: torch.Tensor, expert_counts_LE: torch.Tensor | None,
+                       layer_stats_LS: torch.Tensor | None = None) -> None:
+        """A micro-step that stepped: its task's unweighted loss and, for MoE models, its expert selections and each
+        routed layer's routing health (``MoEStats.layer_stats_LS``)."""
         self.task_losses[task_index, 0] += task_loss.detach().float()
         self.task_losses[task_index, 1] += 1
+        if layer_stats_LS is not None:
+            stats = layer_stats_LS.detach().float()
+            self.layer_stats = stats if self.layer_stats is None else self.layer_stats + stats
+            self.layer_steps += 1
         if expert_counts_LE is not None:
             if self.usage_counts is None:
                 self.usage_counts = torch.zeros(len(self.cfg.tasks), *expert_counts_LE.shape)
@@ -103,6 +114,28 @@ class RunLog:
         dist.all_reduce(counts)
         self.usage_counts.zero_()
         return counts.cpu()
+
+    def _interval_routing(self, counts_XLE: torch.Tensor | None) -> dict | None:
+        """Per routed layer since the last log, over every rank: the LAYER_STATS means and the expert-load CV
+        (std / mean of the assignments per expert). Warns once per layer whose dropped share exceeds 5%."""
+        if self.layer_stats is None:
+            return None
+        sums = torch.cat([self.layer_stats.reshape(-1), self.layer_stats.new_tensor([self.layer_steps])])
+        sums = sums.to(self.engine.device)
+        dist.all_reduce(sums)
+        means_LS = (sums[:-1] / sums[-1].clamp_min(1)).reshape(self.layer_stats.shape).cpu()
+        self.layer_stats, self.layer_steps = None, 0
+        names = [name for name, _ in _routed_layer_names(self.model)]
+        routing = {"layers": names, **{key: means_LS[:, i].tolist() for i, key in enumerate(LAYER_STATS)}}
+        if counts_XLE is not None:
+            load_LE = counts_XLE.sum(0)
+            routing["expert_load_cv"] = (load_LE.std(-1, unbiased=False) / load_LE.mean(-1).clamp_min(1e-9)).tolist()
+        for name, share in zip(names, routing["dropped_share"]):
+            if share > 0.05 and name not in self.warned_drops and self.info.is_main:
+                self.warned_drops.add(name)
+                log.warning("%s drops %.1f%% of its expert assignments (capacity): raise moe.capacity_factor or set "
+                            "moe.drop_tokens=false", name, 100 * share)
+        return routing
 
     def _update_usage_ema(self, counts: torch.Tensor, decay: float = 0.95) -> None:
         """Per-task expert shares of this log interval folded into an EMA (Mod-Squad's 0.95) and written to
@@ -144,6 +177,7 @@ class RunLog:
         counts_XLE = self._interval_expert_counts()
         if counts_XLE is not None:
             self._update_usage_ema(counts_XLE)
+        routing = self._interval_routing(counts_XLE)
         if not self.info.is_main:
             return None
         loss_sum, aux_sum, errors, samples, tokens = totals.tolist()
@@ -159,7 +193,8 @@ class RunLog:
                   "seconds_per_step": seconds / len(records), "bad_samples": int(errors),
                   "skipped_micro_steps": skipped_steps,
                   "expert_counts": counts.long().tolist() if counts is not None else None,
-                  "expert_share": share.tolist() if share is not None else None}
+                  "expert_share": share.tolist() if share is not None else None,
+                  "routing": routing}
         if self.peak_tflops > 0:
             # 6 x active parameters per token (forward + backward), the usual dense estimate
             flops = 6 * self.model_active_params * tokens / seconds
@@ -189,6 +224,11 @@ class RunLog:
                 tb.add_scalar(f"train/{key}", record[key], step)
         for task, value in record["task_loss"].items():
             tb.add_scalar(f"task_loss/{task}", value, step)
+        if record["routing"] is not None:
+            routing = record["routing"]
+            for key in (*LAYER_STATS, "expert_load_cv"):
+                for name, value in zip(routing["layers"], routing.get(key, ())):
+                    tb.add_scalar(f"routing/{name}/{key}", value, step)
         if record["expert_share"] is not None:
             names = [name for name, _ in _routed_layer_names(self.model)]
             for name, row in zip(names, record["expert_share"]):

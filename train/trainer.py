@@ -160,7 +160,8 @@ class Trainer:
             total = total + loss.detach()
             task_total = task_total + task_loss.detach()
             aux_total = aux_total + aux.detach()
-            self.run_log.add_micro_step(index, out.loss, stats.expert_counts_LE if stats is not None else None)
+            self.run_log.add_micro_step(index, out.loss, *((stats.expert_counts_LE, stats.layer_stats_LS)
+                                                            if stats is not None else (None, None)))
             if stats is not None:
                 counts = stats.expert_counts_LE if counts is None else counts + stats.expert_counts_LE
             names.append(task.name)
