@@ -10,6 +10,9 @@ Models (``--models``, all by default; each built from scratch with seed 0):
   * ``dense``: its dense twin (the same model without MoE layers);
   * ``moe-attribute``: the MoE model with attribute routing and static dispatch (the no-dispatch path: each routing
     group, here one per encoder pass, goes straight through its k experts);
+  * ``moe-linear``: Uni-Perceiver-MoE's form: linear experts on qkv, attention output, fc1 and fc2 of the MoE blocks,
+    attribute routing, the chosen experts' weights merged once per routing group (one dense matmul per linear);
+  * ``moe-linear-ffn``: the same with linear experts on the FFN only;
   * ``timm``: timm ``vit_base_patch16_224`` (``pretrained=False``, ``num_classes=--classes``), cross-entropy;
   * ``timm-ds-moe``: the same timm ViT with DeepSpeed's stock ``deepspeed.moe.layer.MoE`` (8 experts, k=2, each a timm
     ``Mlp`` D -> 4D, the same capacity factor) in place of the MLP of the same blocks, loss + 0.01 x its l_aux
@@ -67,6 +70,8 @@ MODELS = {
     "moe": "condmoe MoE, token routing",
     "dense": "condmoe dense twin",
     "moe-attribute": "condmoe MoE, attribute routing (static)",
+    "moe-linear": "condmoe linear MoE attn+FFN, attribute (merged)",
+    "moe-linear-ffn": "condmoe linear MoE FFN, attribute (merged)",
     "timm": "timm ViT dense",
     "timm-ds-moe": "timm ViT + DeepSpeed stock MoE",
 }
@@ -116,9 +121,12 @@ def build(name: str, args, geo: dict) -> nn.Module:
     torch.manual_seed(0)
     depth, moe_blocks = geo["depth"], moe_layer_indices(geo["depth"])
     drop_path = {} if args.drop_path < 0 else {"drop_path_rate": args.drop_path}
-    if name in ("moe", "dense", "moe-attribute"):
+    if name in ("moe", "dense", "moe-attribute", "moe-linear", "moe-linear-ffn"):
+        linear = name.startswith("moe-linear")
         moe = MoEArgs(num_experts=args.experts, top_k=args.top_k, capacity_factor=args.capacity_factor,
-                      routing="attribute" if name == "moe-attribute" else "token", static_dispatch=True)
+                      routing="token" if name == "moe" else "attribute", static_dispatch=True,
+                      expert_type="linear" if linear else "mlp",
+                      targets=["attn", "ffn"] if name == "moe-linear" else ["ffn"])
         return create_model(args.size, vocab_size=args.vocab_size, spe_token_id=args.vocab_size - 1,
                             max_text_len=max(32, args.target_len), img_size=args.img_size, dim=geo["dim"],
                             depth=depth, num_heads=geo["num_heads"], mlp_ratio=geo["mlp_ratio"],
@@ -213,7 +221,8 @@ def measure(name: str, args, geo: dict, precision: str) -> dict:
                 if stats is not None:
                     loss = loss + stats.aux_loss
         loss.backward()
-        optimizer.step()
+        if not args.no_optimizer:
+            optimizer.step()
         return loss
 
     for i in range(args.warmup):
@@ -264,6 +273,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--no-optimizer", action="store_true", help="forward and backward only (no AdamW step)")
     parser.add_argument("--precision", default=None, choices=["autocast-bf16", "bf16", "fp32"],
                         help="default: autocast-bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--size", default=None, choices=list(SIZES), help="default: base on CUDA, small on CPU")
@@ -364,7 +374,9 @@ def main() -> None:
               f"{memory:>11} |")
     by_name = {r["model"]: r for r in results if "error" not in r}
     for a, b, what in (("moe", "timm-ds-moe", "MoE (token) vs timm + DeepSpeed stock MoE"),
-                       ("moe-attribute", "dense", "MoE (attribute, static) vs dense twin")):
+                       ("moe-attribute", "dense", "MoE (attribute, static) vs dense twin"),
+                       ("moe-linear", "dense", "linear MoE attn+FFN (attribute, merged) vs dense twin"),
+                       ("moe-linear-ffn", "dense", "linear MoE FFN (attribute, merged) vs dense twin")):
         if a in by_name and b in by_name:
             line = f"{what}: {by_name[a]['images_per_s'] / by_name[b]['images_per_s']:.2f}x images/s"
             if "mfu" in by_name[a]:
