@@ -277,3 +277,23 @@ def test_merged_dense_models_are_the_encoders_of_their_attribute():
         assert torch.allclose(text_encoder.encode_texts(ids, mask), model.encode_texts(ids, mask), atol=1e-5)
         assert not torch.allclose(image_encoder.encode_texts(ids, mask), model.encode_texts(ids, mask), atol=1e-3)
     assert image_encoder.num_params() < model.num_params() and not image_encoder.moe_layers
+
+
+def test_evaluation_loads_weights_whatever_the_mi_window():
+    """The MI window is run state: a checkpoint loads for evaluation into a model configured with another window (or
+    none), while a real weight mismatch is still refused."""
+    from condmoe.train.engine import load_weights
+
+    def layer(window):
+        torch.manual_seed(0)
+        return LinearMoEMLP(DIM, HIDDEN, args=MoEArgs(num_experts=EXPERTS, expert_type="linear", routing="task_gate",
+                                                      mi_loss_weight=0.1, mi_window=window), num_tasks=2)
+
+    with_window, without = layer(4), layer(0)
+    load_weights(without, with_window.state_dict())
+    load_weights(with_window, without.state_dict())
+    assert torch.equal(without.fc1.weight, with_window.fc1.weight)
+    state = without.state_dict()
+    state.pop("fc2.bias")
+    with pytest.raises(ValueError, match="missing"):
+        load_weights(with_window, state)

@@ -82,18 +82,14 @@ def eval_main(argv: list[str] | None = None) -> int:
     from condmoe.models.text_tokenizer import TextTokenizer
     from condmoe.train.checkpoint import checkpoint_dir, load_plain_state_dict
     from condmoe.train.config import load_config
-    from condmoe.train.engine import build_model
+    from condmoe.train.engine import build_model, load_weights
     from condmoe.train.evaluate import evaluate, format_table
 
     try:
         cfg = load_config(args.config, args.overrides)
         tokenizer = TextTokenizer(cfg.tokenizer_dir, cfg.data.max_text_len)
         model = build_model(cfg, tokenizer.vocab_size, tokenizer.spe_id)
-        state = load_plain_state_dict(args.checkpoint or checkpoint_dir(cfg.run.output_dir))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"checkpoint does not match the config's model: missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]}")
+        load_weights(model, load_plain_state_dict(args.checkpoint or checkpoint_dir(cfg.run.output_dir)))
         metrics = evaluate(model, cfg, tokenizer, args.batch_size)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         return _fail("condmoe-eval", exc)
@@ -138,13 +134,13 @@ def export_main(argv: list[str] | None = None) -> int:
     from condmoe.models.text_tokenizer import TextTokenizer
     from condmoe.train.checkpoint import checkpoint_dir, load_plain_state_dict
     from condmoe.train.config import load_config
-    from condmoe.train.engine import build_model
+    from condmoe.train.engine import build_model, load_weights
 
     try:
         cfg = load_config(args.config, args.overrides)
         tokenizer = TextTokenizer(cfg.tokenizer_dir, cfg.data.max_text_len)
         model = build_model(cfg, tokenizer.vocab_size, tokenizer.spe_id)
-        model.load_state_dict(load_plain_state_dict(args.checkpoint or checkpoint_dir(cfg.run.output_dir)))
+        load_weights(model, load_plain_state_dict(args.checkpoint or checkpoint_dir(cfg.run.output_dir)))
         meta = {"tasks": [t.name for t in cfg.tasks], "tokenizer": str(cfg.tokenizer_dir)}
         out = save_extracted(model, args.out, meta)
         if args.merge_static:

@@ -58,6 +58,19 @@ def _placement(num_experts: int, layers: list[int], depth: int, every: int, offs
     return moe_layer_indices(depth, every, offset)
 
 
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """A checkpoint's plain state into ``model`` for evaluation, export or analysis: every weight must match; buffers
+    that belong to the run (the MI window, ``RUN_STATE_BUFFERS``) are taken where both have them and otherwise left,
+    since they do not change what the model computes and a config may set ``mi_window`` differently."""
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if not k.endswith(RUN_STATE_BUFFERS) or k in own}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith(RUN_STATE_BUFFERS)]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the config's model: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+
+
 def initialise_from(model: UniPerceiver, path: str) -> list[str]:
     """Loads a checkpoint's weights into ``model``. A dense checkpoint for an MoE model is upcycled (every expert a
     copy of the dense MLP, fresh routers). Task-indexed parameters (task gates, task embeddings of routers) of a

@@ -29,7 +29,7 @@ from condmoe.models.text_tokenizer import TextTokenizer
 from condmoe.train.checkpoint import checkpoint_dir, load_plain_state_dict
 from condmoe.train.config import Config, load_config
 from condmoe.train.data import val_batches
-from condmoe.train.engine import build_model
+from condmoe.train.engine import build_model, load_weights
 from condmoe.train.evaluate import evaluate_task, vocabulary_targets
 
 log = logging.getLogger("condmoe.experts")
@@ -38,7 +38,7 @@ log = logging.getLogger("condmoe.experts")
 def load_model(cfg: Config, checkpoint: str = ""):
     tokenizer = TextTokenizer(cfg.tokenizer_dir, cfg.data.max_text_len)
     model = build_model(cfg, tokenizer.vocab_size, tokenizer.spe_id)
-    model.load_state_dict(load_plain_state_dict(checkpoint or checkpoint_dir(cfg.run.output_dir)), strict=True)
+    load_weights(model, load_plain_state_dict(checkpoint or checkpoint_dir(cfg.run.output_dir)))
     return model.eval(), tokenizer
 
 

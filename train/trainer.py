@@ -27,7 +27,7 @@ from condmoe.train.collectives import DataParallelCollectives
 from condmoe.train.config import Config
 from condmoe.train.data import TaskSampler, TaskStream
 from condmoe.train.dist import DistInfo
-from condmoe.train.engine import build_model, create_engine, destroy_engine, initialise_from
+from condmoe.train.engine import build_model, create_engine, destroy_engine, initialise_from, load_weights
 from condmoe.train.evaluate import vocabulary_targets
 from condmoe.train.run_log import RunLog
 from condmoe.train.signals import EXIT_PREEMPTED, StopRequest
@@ -318,7 +318,7 @@ class Trainer:
         try:
             if mine:
                 model = build_model(cfg, self.tokenizer.vocab_size, self.tokenizer.spe_id)
-                model.load_state_dict(checkpoint.load_plain_state_dict(path))
+                load_weights(model, checkpoint.load_plain_state_dict(path))
                 model.to(self.engine.device)
             for i, task in enumerate(cfg.tasks):
                 if task.name in mine:
