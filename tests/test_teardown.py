@@ -29,7 +29,7 @@ DETECTOR = textwrap.dedent("""
         dist.all_reduce(torch.ones(4), group=g)
     running = live_comm_threads()
     assert len(running) >= 4 and all(n.startswith(COMM_THREAD_NAMES) for n in running), running
-    held = shutdown_distributed()
+    held = shutdown_distributed(grace_seconds=0.5)
     assert 0 < len(held) < len(running), (held, running)  # the world's threads joined, the held group's not
     del group, g
     gc.collect()
