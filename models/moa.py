@@ -114,7 +114,7 @@ class MoAttention(RoutedLayer):
         logits_TE = logits_GE if group_T is None else logits_GE.index_select(0, group_T)
         r = routing.route(logits_TE, heads, capacity=None, normalize=self.normalize_gates)
         if ctx is not None and ctx.pad_mask_BN is not None:  # padding's head choices count in no statistic
-            real_T = torch.nonzero(ctx.pad_mask_BN.reshape(-1).to(x_BND.device)).squeeze(1)
+            real_T = ctx.real_tokens(x_BND.device)
             self._record(logits_TE.index_select(0, real_T), _rows(r, real_T), ctx.task_id)
         else:
             self._record(logits_TE, r, ctx.task_id if ctx is not None else 0)

@@ -256,7 +256,7 @@ class RoutedLayer(nn.Module):
         if ctx is not None and ctx.pad_mask_BN is not None:
             # Padding is not routed: it takes no capacity and no statistics (its output is zero; nothing attends to
             # it). Under expert parallelism the all-to-all is variable-size, so ranks may route different counts.
-            real_T = torch.nonzero(ctx.pad_mask_BN.reshape(-1).to(x_BND.device)).squeeze(1)
+            real_T = ctx.real_tokens(x_BND.device)
             x_TD, logits_TE = x_TD.index_select(0, real_T), logits_TE.index_select(0, real_T)
             group_T = None if group_T is None else group_T.index_select(0, real_T)
         if self.router.is_static or not self.drop_tokens:

@@ -15,7 +15,7 @@ Static decisions depend only on side information, so the layer can run each grou
 per-token dispatch (``MoEMLP``'s static path).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from timm.layers import trunc_normal_
@@ -53,6 +53,16 @@ class RoutingContext:
     modality_BN: torch.Tensor | None = None
     attribute_BNA: torch.Tensor | None = None
     pad_mask_BN: torch.Tensor | None = None
+    _real_T: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    def real_tokens(self, device) -> torch.Tensor | None:
+        """Flat positions of the real (non-padding) tokens, or None without a padding mask. Computed once per pass
+        (one host sync), not once per routed layer."""
+        if self.pad_mask_BN is None:
+            return None
+        if self._real_T is None:
+            self._real_T = torch.nonzero(self.pad_mask_BN.reshape(-1).to(device)).squeeze(1)
+        return self._real_T
 
 
 class Router(nn.Module):
