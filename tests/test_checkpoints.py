@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO, run, torchrun
 from test_distributed import losses, small_config
 
@@ -307,6 +308,10 @@ def test_a_corrupt_record_stops_the_resume_with_a_one_line_error(reference, tmp_
                                                   ("zero3_dense_bf16.json", ["moe.num_experts=0"])])
 def test_shipped_deepspeed_configs_train(tiny_data, tmp_path, ds_config, overrides):
     cfg = small_config(tmp_path, tiny_data, **{"run.max_steps": 2, "deepspeed_config": f"ds_configs/{ds_config}"})
+    if "zero3" in ds_config:  # ZeRO-3 takes one task type (train.engine.load_ds_config)
+        data = yaml.safe_load(cfg.read_text())
+        data["tasks"] = data["tasks"][:1]
+        cfg.write_text(yaml.safe_dump(data))
     run([*torchrun(2), "-m", "condmoe.train", "--config", str(cfg), f"run.output_dir={tmp_path / 'run'}", *overrides])
     for rank in (0, 1):
         assert sorted(losses(tmp_path / "run", rank)) == [0, 1]

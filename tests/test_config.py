@@ -410,3 +410,37 @@ def test_shipped_configs_load(name):
         assert len(cfg.tasks) == 16
         assert sum(t.weight for t in cfg.tasks) == pytest.approx(10.0, abs=0.02)  # the published mix sums to 10
         assert cfg.moe.routing == "attribute" and cfg.model.size == "base"
+
+
+@pytest.mark.parametrize("ds_config, stage, deepspeed_accumulates", [
+    ("zero1_cpu.json", 1, False), ("zero2_cpu.json", 2, False), ("zero2_bf16.json", 2, False)])
+def test_zero12_accumulation_moves_out_of_deepspeed(ds_config, stage, deepspeed_accumulates):
+    """ZeRO-1/2 micro-steps are accumulated by train.engine.MicroSteps (one ordered reduction per step), so
+    DeepSpeed sees gradient_accumulation_steps 1; the run's value stays what MicroSteps divides by."""
+    from condmoe.train.engine import load_ds_config
+
+    cfg = load_config(DEMO, [f"deepspeed_config=ds_configs/{ds_config}", "run.gradient_accumulation_steps=4"])
+    ds = load_ds_config(cfg)
+    assert ds["zero_optimization"]["stage"] == stage
+    assert ds["gradient_accumulation_steps"] == 1 and cfg.run.gradient_accumulation_steps == 4
+
+
+def test_zero0_keeps_deepspeeds_accumulation(tmp_path):
+    from condmoe.train.engine import load_ds_config
+
+    path = tmp_path / "zero0.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
+    cfg = load_config(DEMO, [f"deepspeed_config={path}", "run.gradient_accumulation_steps=4"])
+    assert load_ds_config(cfg)["gradient_accumulation_steps"] == 4
+
+
+def test_zero3_refuses_ranks_on_different_task_types():
+    from condmoe.train.engine import load_ds_config
+
+    cfg = load_config(DEMO, ["deepspeed_config=ds_configs/zero3_dense_bf16.json", "moe.num_experts=0"])
+    with pytest.raises(ValueError, match="ZeRO stage 3 mis-reduces gradients when ranks run different task types "
+                                         r"\(image_classification, image_text_retrieval\)"):
+        load_ds_config(cfg)
+    one = load_config(DEMO, ["deepspeed_config=ds_configs/zero3_dense_bf16.json", "moe.num_experts=0",
+                             "tasks.1.type=image_classification", "tasks.1.name=second"])
+    assert load_ds_config(one)["zero_optimization"]["stage"] == 3

@@ -1,5 +1,5 @@
 """Tier 2: MoE layers across real processes (gloo): DeepSpeed reference (with dropping), ep_size 2 vs 1,
-dropless static routing at ep_size 2, MI loss across ranks."""
+dropless static routing at ep_size 2, MI loss across ranks, gradients reduced right when ranks run different tasks."""
 
 import pytest
 from conftest import REPO, run, torchrun
@@ -16,3 +16,17 @@ def test_moe_across_processes(mode, nproc):
 def test_split_targets_and_gathered_negatives():
     proc = run([*torchrun(2), str(REPO / "tests" / "dist_check_collectives.py")], timeout=180)
     assert "COLLECTIVES-OK" in proc.stdout
+
+
+@pytest.mark.parametrize("ds_config", ["zero1_cpu.json", "zero2_cpu.json"])
+def test_ranks_on_different_tasks_reduce_the_mean_gradient(ds_config):
+    """The trainer's MicroSteps under ZeRO-1/2: classification on one rank, MLM on the other, two micro-steps."""
+    proc = run([*torchrun(2), str(REPO / "tests" / "dist_check_grads.py"), ds_config], timeout=180)
+    assert f"GRADS-OK {ds_config}" in proc.stdout
+
+
+def test_deepspeeds_own_zero2_reduction_mixes_up_gradients_of_ranks_on_different_tasks():
+    """Why MicroSteps exists (DeepSpeed 0.19.8): the per-hook reduction pairs gradients by arrival order. If this
+    starts passing, DeepSpeed fixed it and MicroSteps' coalescing could go."""
+    proc = run([*torchrun(2), str(REPO / "tests" / "dist_check_grads.py"), "zero2_cpu.json", "--raw"], timeout=180)
+    assert "gradients mis-reduced" in proc.stdout

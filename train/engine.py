@@ -143,8 +143,14 @@ def load_ds_config(cfg: Config) -> dict:
         # and prompt tuning train only small replicated tensors, where partitioning buys nothing.
         log.info("run.freeze=%s: ZeRO stage %d -> 0 (all experts frozen)", cfg.run.freeze, stage)
         ds_config["zero_optimization"] = {**ds_config.get("zero_optimization", {}), "stage": 0}
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    task_types = sorted({t.type for t in cfg.tasks})
+    if stage == 3 and len(task_types) > 1:
+        raise ValueError(f"deepspeed_config={cfg.deepspeed_config}: ZeRO stage 3 mis-reduces gradients when ranks run "
+                         f"different task types ({', '.join(task_types)}): use ZeRO-1/2, or one task type")
     ds_config["train_micro_batch_size_per_gpu"] = max(t.batch_size for t in cfg.tasks)
-    ds_config["gradient_accumulation_steps"] = cfg.run.gradient_accumulation_steps
+    # ZeRO-1/2 accumulate in MicroSteps (one ordered reduction per optimizer step); ZeRO-0/3 in DeepSpeed.
+    ds_config["gradient_accumulation_steps"] = 1 if stage in COALESCED_STAGES else cfg.run.gradient_accumulation_steps
     ds_config.pop("train_batch_size", None)
     return ds_config
 
@@ -165,6 +171,72 @@ def create_engine(cfg: Config, model: UniPerceiver):
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=ds_config)
     return engine
+
+
+COALESCED_STAGES = (1, 2)  # ZeRO stages whose gradient reduction MicroSteps orders
+
+
+class MicroSteps:
+    """One optimizer step's micro-steps through DeepSpeed, with every rank's gradients reduced in the same order.
+
+    ZeRO-1/2 (DeepSpeed 0.19.8) reduce gradients as autograd produces them, bucket by bucket, and pair the ranks'
+    collectives by arrival order. Ranks that drew different tasks run different graphs, so their gradients arrive in
+    different orders, and DeepSpeed then sums one rank's gradient of a parameter with another rank's gradient of a
+    different one, without an error (``tests/dist_check_grads.py`` shows it on condmoe's model). Under ZeRO-1/2 the
+    backward passes therefore run inside ``engine.coalesce_grad_reduction()``: gradients stay on the parameters, and
+    one flush reduces them in parameter order. DeepSpeed's own accumulation is off (``load_ds_config`` sets its
+    ``gradient_accumulation_steps`` to 1) and each micro-step's loss is divided by their number here, which is what
+    DeepSpeed's accumulation does. The price: ZeRO-2 holds whole gradients until the flush, as ZeRO-1 does. ZeRO-0
+    reduces in parameter order already and keeps DeepSpeed's accumulation (``step`` after every micro-step).
+
+        steps = MicroSteps(engine, 4)
+        with steps:
+            for batch in micro_batches:
+                steps.backward(loss_of(batch))  # or steps.skip() for a micro-step every rank drops
+        steps.step()
+    """
+
+    def __init__(self, engine, count: int):
+        self.engine = engine
+        self.count = count
+        self.coalesced = engine.zero_optimization_stage() in COALESCED_STAGES
+        self.backwards = 0
+        self._block = None
+
+    def __enter__(self) -> "MicroSteps":
+        self.backwards = 0
+        if self.coalesced:
+            self._block = self.engine.coalesce_grad_reduction()
+            self._block.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        block, self._block = self._block, None
+        if block is not None:  # the flush: the ordered reduction (skipped with an exception: a peer may be gone)
+            return bool(block.__exit__(*exc))
+        return False
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.backwards += 1
+        if self.coalesced:
+            self.engine.backward(loss / self.count)
+        else:
+            self.engine.backward(loss)
+            self.engine.step()
+
+    def skip(self) -> None:
+        """A micro-step every rank drops (a non-finite loss). DeepSpeed's own accumulation counts micro-steps to place
+        the optimizer step, so there it still runs, with an exact-zero gradient for every trainable parameter."""
+        if self.coalesced or self.count == 1:
+            return
+        params = [p for p in self.engine.module.parameters() if p.requires_grad]
+        self.engine.backward(sum(p.sum() for p in params) * 0.0)
+        self.engine.step()
+
+    def step(self) -> None:
+        """The optimizer step of a coalesced block (none when every micro-step was skipped)."""
+        if self.coalesced and self.backwards:
+            self.engine.step()
 
 
 def destroy_engine(engine) -> None:

@@ -27,7 +27,7 @@ from condmoe.train.collectives import DataParallelCollectives
 from condmoe.train.config import Config
 from condmoe.train.data import TaskSampler, TaskStream
 from condmoe.train.dist import DistInfo
-from condmoe.train.engine import build_model, create_engine, destroy_engine, initialise_from, load_weights
+from condmoe.train.engine import MicroSteps, build_model, create_engine, destroy_engine, initialise_from, load_weights
 from condmoe.train.evaluate import vocabulary_targets
 from condmoe.train.run_log import RunLog
 from condmoe.train.signals import EXIT_PREEMPTED, StopRequest
@@ -114,57 +114,55 @@ class Trainer:
         counts = None
         samples = tokens = 0
         names = []
-        for micro in range(cfg.run.gradient_accumulation_steps):
-            index = self.sampler(step, micro)
-            task = cfg.tasks[index]
-            batch = next(self.streams[index])
-            self.run_log.add_bad_samples(int(batch.pop("num_skipped")))
-            # Dropout, drop-path, gate noise and mixup draw from generators seeded by (seed, rank, step, micro): a
-            # resumed run replays them exactly without saving RNG states.
-            step_seed = stable_seed(cfg.run.seed, self.info.rank, step, micro)
-            torch.manual_seed(step_seed)
-            np.random.seed(step_seed)
-            smoothing = task.label_smoothing
-            if task.spec.targets == "vocabulary":
-                batch["target_ids"], batch["target_mask"] = self.vocab_targets
-            if task.spec.targets == "classes":
-                batch["target_ids"], batch["target_mask"] = self.class_targets[task.dataset]
-                if index in self.mixups:
-                    batch["images"], batch["soft_labels"] = self.mixups[index](batch["images"], batch["labels"])
-                    smoothing = 0.0  # already in the mixed targets
-            samples += len(batch["labels"]) if "labels" in batch else len(batch["text_ids"])
-            tokens += self._count_tokens(batch)
-            batch = {k: self._to_device(k, v) for k, v in batch.items()}
-            out = self.engine(task.type, batch, label_smoothing=smoothing, task_id=index,
-                              split_targets=task.split_targets, gather_negatives=task.gather_negatives)
-            stats = pop_moe_stats(self.model)
-            task_loss = task.loss_weight * out.loss
-            aux = stats.aux_loss if stats is not None else task_loss.new_zeros(())
-            loss = task_loss + aux
-            # Non-finite guard: every rank learns whether any rank's loss is NaN/inf (one tiny all-reduce) and all
-            # skip this micro-step's backward and step together, so their collectives stay paired.
-            bad = torch.logical_not(torch.isfinite(loss.detach())).float().reshape(1)
-            dist.all_reduce(bad)
-            if bad.item() > 0:
-                self.skipped_steps += 1
-                log.warning("step %d micro %d: non-finite loss on %d rank(s); skipped", step, micro, int(bad.item()))
-                if cfg.run.gradient_accumulation_steps == 1:
-                    continue  # no optimizer step at all
-                # Mid-accumulation, DeepSpeed counts micro-steps to place the optimizer step: this one must still run
-                # backward and step, contributing an exact-zero gradient to every trainable parameter.
-                self.engine.backward(sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0)
-                self.engine.step()
-                continue
-            self.engine.backward(loss)
-            self.engine.step()
-            total = total + loss.detach()
-            task_total = task_total + task_loss.detach()
-            aux_total = aux_total + aux.detach()
-            self.run_log.add_micro_step(index, out.loss, *((stats.expert_counts_LE, stats.layer_stats_LS)
-                                                            if stats is not None else (None, None)))
-            if stats is not None:
-                counts = stats.expert_counts_LE if counts is None else counts + stats.expert_counts_LE
-            names.append(task.name)
+        micro_steps = MicroSteps(self.engine, cfg.run.gradient_accumulation_steps)
+        with micro_steps:
+            for micro in range(cfg.run.gradient_accumulation_steps):
+                index = self.sampler(step, micro)
+                task = cfg.tasks[index]
+                batch = next(self.streams[index])
+                self.run_log.add_bad_samples(int(batch.pop("num_skipped")))
+                # Dropout, drop-path, gate noise and mixup draw from generators seeded by (seed, rank, step, micro): a
+                # resumed run replays them exactly without saving RNG states.
+                step_seed = stable_seed(cfg.run.seed, self.info.rank, step, micro)
+                torch.manual_seed(step_seed)
+                np.random.seed(step_seed)
+                smoothing = task.label_smoothing
+                if task.spec.targets == "vocabulary":
+                    batch["target_ids"], batch["target_mask"] = self.vocab_targets
+                if task.spec.targets == "classes":
+                    batch["target_ids"], batch["target_mask"] = self.class_targets[task.dataset]
+                    if index in self.mixups:
+                        batch["images"], batch["soft_labels"] = self.mixups[index](batch["images"], batch["labels"])
+                        smoothing = 0.0  # already in the mixed targets
+                samples += len(batch["labels"]) if "labels" in batch else len(batch["text_ids"])
+                tokens += self._count_tokens(batch)
+                batch = {k: self._to_device(k, v) for k, v in batch.items()}
+                out = self.engine(task.type, batch, label_smoothing=smoothing, task_id=index,
+                                  split_targets=task.split_targets, gather_negatives=task.gather_negatives)
+                stats = pop_moe_stats(self.model)
+                task_loss = task.loss_weight * out.loss
+                aux = stats.aux_loss if stats is not None else task_loss.new_zeros(())
+                loss = task_loss + aux
+                # Non-finite guard: every rank learns whether any rank's loss is NaN/inf (one tiny all-reduce) and
+                # all skip this micro-step's backward together, so their collectives stay paired.
+                bad = torch.logical_not(torch.isfinite(loss.detach())).float().reshape(1)
+                dist.all_reduce(bad)
+                if bad.item() > 0:
+                    self.skipped_steps += 1
+                    log.warning("step %d micro %d: non-finite loss on %d rank(s); skipped", step, micro,
+                                int(bad.item()))
+                    micro_steps.skip()
+                    continue
+                micro_steps.backward(loss)
+                total = total + loss.detach()
+                task_total = task_total + task_loss.detach()
+                aux_total = aux_total + aux.detach()
+                self.run_log.add_micro_step(index, out.loss, *((stats.expert_counts_LE, stats.layer_stats_LS)
+                                                                if stats is not None else (None, None)))
+                if stats is not None:
+                    counts = stats.expert_counts_LE if counts is None else counts + stats.expert_counts_LE
+                names.append(task.name)
+        micro_steps.step()
         return StepRecord(step, "+".join(names), total, task_total, aux_total, counts, samples, tokens)
 
     def _to_device(self, key: str, value: torch.Tensor) -> torch.Tensor:
