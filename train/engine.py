@@ -210,10 +210,12 @@ class MicroSteps:
             self._block.__enter__()
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> bool:
         block, self._block = self._block, None
-        if block is not None:  # the flush: the ordered reduction (skipped with an exception: a peer may be gone)
-            return bool(block.__exit__(*exc))
+        # The flush (the ordered reduction) is a collective: with an exception propagating, peers may never join it,
+        # so it is left out and the engine stays in the block (the run is ending).
+        if block is not None and exc_type is None:
+            block.__exit__(None, None, None)
         return False
 
     def backward(self, loss: torch.Tensor) -> None:
