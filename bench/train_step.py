@@ -19,7 +19,8 @@ Models (``--models``, all by default; each built from scratch with seed 0):
     (condmoe's balance weight), on a one-process group (``ep_size=1``).
 
 Every model gets the same synthetic batch (``--batch-size`` images at ``--img-size`` px; the class-name targets only
-mean something to the Uni-Perceiver models), the same precision and the same optimizer (torch AdamW, fused on CUDA).
+mean something to the Uni-Perceiver models), the same precision and the same optimizer (torch AdamW, fused: the
+trainer's default, ``optim.fused``).
 The encoder geometry comes from ``--size`` (``models.registry.SIZES``; ``--dim``/``--depth``/``--heads`` override it)
 and is used for the timm models too, so that with the GPU defaults they are exactly timm's ViT-B/16.
 
@@ -197,7 +198,7 @@ def measure(name: str, args, geo: dict, precision: str) -> dict:
         model = model.to(torch.bfloat16)
     model.train()
     batch = synthetic_batch(args, device, torch.bfloat16 if precision == "bf16" else torch.float32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=device == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
     # What dtype reaches condmoe's MoE layers (first warm-up step, eager only: a hook would change what compiles).
     moe_input_dtypes = set()
     first_moe = next((m for m in model.modules() if isinstance(m, MoEMLP)), None)

@@ -132,13 +132,13 @@ def extract_task_model(model: UniPerceiver, task_id: int, keep: dict[str, list[i
             if prefix + k in full_state:
                 state[prefix + k] = torch.zeros_like(full_state[prefix + k][:, :1] if k == "mi_history_WXE"
                                                      else full_state[prefix + k])
-        if isinstance(layer, LinearMoEMixer):  # expert-indexed [E, ...] weights: keep their rows
-            rows = torch.tensor(kept)
+        if isinstance(layer, LinearMoEMixer):  # one parameter per expert: keep the kept ones, renumbered
             for lin_name, lin in layer.named_children():
                 if isinstance(lin, ExpertLinear):
                     for k in ("weight", "bias"):
-                        if f"{prefix}{lin_name}.{k}" in full_state:
-                            state[f"{prefix}{lin_name}.{k}"] = full_state[f"{prefix}{lin_name}.{k}"][rows]
+                        for new, old in enumerate(kept):
+                            if f"{prefix}{lin_name}.{k}.{old}" in full_state:
+                                state[f"{prefix}{lin_name}.{k}.{new}"] = full_state[f"{prefix}{lin_name}.{k}.{old}"]
         elif isinstance(layer, MoEMLP):
             for new, old in enumerate(kept):
                 src = f"{prefix}experts.deepspeed_experts.{old}."

@@ -25,7 +25,7 @@ from timm.models.vision_transformer import Block
 
 from condmoe.models.captioning import caption_loss
 from condmoe.models.embeddings import ImageEmbed, TextEmbed
-from condmoe.models.linear_moe import LinearMoEAttention, LinearMoEMixer, LinearMoEMLP
+from condmoe.models.linear_moe import ExpertLinear, LinearMoEAttention, LinearMoEMixer, LinearMoEMLP
 from condmoe.models.losses import (
     classification_loss,
     contrastive_loss,
@@ -402,7 +402,8 @@ class UniPerceiver(nn.Module):
                     per_expert = sum(p.numel() for p in m.experts.deepspeed_experts[0].parameters())
                     total -= per_expert * (m.num_local_experts - m.top_k)
                 elif isinstance(m, LinearMoEMixer):
-                    per_expert = sum(p[0].numel() for n, p in m.named_parameters() if not n.startswith("router."))
+                    per_expert = sum(lin.weight[0].numel() + (0 if lin.bias is None else lin.bias[0].numel())
+                                     for lin in m.children() if isinstance(lin, ExpertLinear))
                     total -= per_expert * (m.num_local_experts - (1 if m.router.is_static else m.top_k))
         return total
 

@@ -30,49 +30,125 @@ from condmoe.models.router import Router, RoutingContext
 
 
 class ExpertLinear(nn.Module):
-    """E linear maps I -> O as one ``weight [E, O, I]`` and ``bias [E, O]``.
+    """E linear maps I -> O: ``weight[e]`` ``[O, I]`` and ``bias[e]`` ``[O]``, one parameter per expert.
+
+    One parameter per expert, not one ``[E, O, I]`` tensor, so that a call touches only the experts it uses: a group's
+    merge reads its k experts, and the backward writes gradients for those k alone (an ``[E, O, I]`` parameter gets a
+    whole ``[E, O, I]`` gradient from every call, then the calls' gradients are summed). The experts no call used get
+    an exact-zero gradient once per step from ``unused_zero`` (through the layer's aux loss), so every parameter still
+    has a gradient: data-parallel ranks reduce the same parameters and AdamW treats every expert as before.
 
     All experts start as copies of one xavier-initialised linear (the reference deep-copies one ``nn.Linear``), so a
     fresh linear MoE computes what its dense twin computes whatever the gates; experts diverge through the gates.
+    State dicts written with one ``[E, O, I]`` ``weight`` (and ``[E, O]`` ``bias``) still load.
     """
 
     def __init__(self, num_experts: int, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
-        self.bias = nn.Parameter(torch.zeros(num_experts, out_features)) if bias else None
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.ParameterList(torch.empty(out_features, in_features) for _ in range(num_experts))
+        self.bias = nn.ParameterList(torch.zeros(out_features) for _ in range(num_experts)) if bias else None
+        self.used: set[int] = set()  # experts whose parameters met a token since the last unused_zero()
+        self._register_load_state_dict_pre_hook(_unstack_experts)
         self.init_weights()
 
-    def init_weights(self) -> None:
-        bound = math.sqrt(6.0 / (self.weight.shape[1] + self.weight.shape[2]))  # xavier-uniform of one expert
-        with torch.no_grad():
-            self.weight.copy_(torch.empty_like(self.weight[0]).uniform_(-bound, bound).expand_as(self.weight))
-            if self.bias is not None:
-                self.bias.zero_()
+    @property
+    def num_experts(self) -> int:
+        return len(self.weight)
 
-    def merged(self, gate_GE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Every group's linear at once, ``W_g = sum_e gate[g, e] W_e`` (gates zero for unchosen experts) and likewise
-        ``b_g``: ``([G, O, I], [G, O])``, differentiable in weights and gates. One matmul over all groups: the
-        weights are read once and the backward writes the ``[E, O, I]`` gradient once."""
-        num_experts, out_features, in_features = self.weight.shape
-        gate_GE = gate_GE.to(self.weight.dtype)
-        weight_GOI = (gate_GE @ self.weight.reshape(num_experts, -1)).reshape(-1, out_features, in_features)
-        bias_GO = None if self.bias is None else gate_GE @ self.bias
-        return weight_GOI, bias_GO
+    def init_weights(self) -> None:
+        bound = math.sqrt(6.0 / (self.out_features + self.in_features))  # xavier-uniform of one expert
+        with torch.no_grad():
+            first = torch.empty(self.out_features, self.in_features).uniform_(-bound, bound)
+            for e in range(self.num_experts):
+                self.weight[e].copy_(first)
+                if self.bias is not None:
+                    self.bias[e].zero_()
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``([E, O, I], [E, O])``: every expert at once (tests, analysis; not the training path)."""
+        return torch.stack(list(self.weight)), None if self.bias is None else torch.stack(list(self.bias))
+
+    def merged(self, experts_GK: list[list[int]], gate_GK: torch.Tensor) -> list[tuple]:
+        """Each group's linear ``(W_g, b_g) = sum_k gate[g, k] (W_{e_k}, b_{e_k})`` over its chosen local experts
+        (``-1``: a removed expert of a pruned layer, left out), differentiable in weights and gates. Reads only the
+        chosen experts."""
+        gate_GK = gate_GK.to(self.weight[0].dtype)
+        out = []
+        for experts, gate_K in zip(experts_GK, gate_GK):
+            kept = [k for k, e in enumerate(experts) if e >= 0]
+            experts = [experts[k] for k in kept]
+            if len(kept) < len(gate_K):
+                gate_K = gate_K[kept]
+            if torch.is_grad_enabled():
+                self.used.update(experts)
+            out.append((_weighted_sum(self.weight, experts, gate_K, (self.out_features, self.in_features)),
+                        None if self.bias is None else _weighted_sum(self.bias, experts, gate_K, (self.out_features,))))
+        return out
 
     def sorted_forward(self, x_RI: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Each expert on its contiguous rows of ``x_RI`` (rows sorted by expert, ``counts_E`` per expert)."""
         out, start = [], 0
-        # unbind: one backward node that stacks the experts' gradients, where weight[e] per expert would allocate a
-        # zero [E, O, I] gradient for each
-        weights = self.weight.unbind(0)
-        biases = (None,) * len(weights) if self.bias is None else self.bias.unbind(0)
         for e, count in enumerate(counts_E.tolist()):
             if count:
-                out.append(F.linear(x_RI[start:start + count], weights[e], biases[e]))
+                out.append(F.linear(x_RI[start:start + count], self.weight[e],
+                                    None if self.bias is None else self.bias[e]))
                 start += count
+                if torch.is_grad_enabled():
+                    self.used.add(e)
         if not out:
-            return x_RI.new_zeros(0, self.weight.shape[1])
+            return x_RI.new_zeros(0, self.out_features)
         return torch.cat(out)
+
+    def unused_zero(self) -> torch.Tensor | None:
+        """An exact zero whose backward gives every expert no call used since the last call of this method a zero
+        gradient (a slice's backward: one zero-filled tensor per parameter, no arithmetic); None if all were used."""
+        unused = [e for e in range(self.num_experts) if e not in self.used]
+        self.used = set()
+        params = [p for e in unused for p in (self.weight[e], None if self.bias is None else self.bias[e])
+                  if p is not None and p.requires_grad]
+        return sum(p.reshape(-1)[:0].sum() for p in params) if params else None
+
+
+def _weighted_sum(params: nn.ParameterList, experts: list[int], gate_K: torch.Tensor, shape: tuple) -> torch.Tensor:
+    if not experts:  # every chosen expert removed (a pruned layer): the zero map
+        return params[0].new_zeros(shape)
+    return _Merge.apply(gate_K, *(params[e] for e in experts))
+
+
+class _Merge(torch.autograd.Function):
+    """``sum_k gate[k] * param_k`` with a backward that makes no temporaries: ``gate[k] * grad`` for each parameter
+    and ``<grad, param_k>`` (one BLAS dot) for each gate. Autograd's own graph of muls and adds would write a
+    parameter-sized product per gate and sum it."""
+
+    @staticmethod
+    def forward(ctx, gate_K: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate_K, *params)
+        merged = params[0] * gate_K[0]
+        for k in range(1, len(params)):
+            merged.addcmul_(params[k], gate_K[k])  # gates come in the parameters' dtype (ExpertLinear.merged)
+        return merged
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate_K, *params = ctx.saved_tensors
+        flat = grad.reshape(-1)
+        grad_gate = None
+        if ctx.needs_input_grad[0]:
+            grad_gate = torch.stack([torch.dot(flat, p.reshape(-1)) for p in params])
+        grads = [grad * gate_K[k] if ctx.needs_input_grad[k + 1] else None for k in range(len(params))]
+        return grad_gate, *grads
+
+
+def _unstack_experts(state_dict: dict, prefix: str, *_) -> None:
+    """load_state_dict pre-hook: one ``[E, O, I]`` ``weight`` / ``[E, O]`` ``bias`` (the layout before one parameter
+    per expert) becomes ``weight.e`` / ``bias.e``."""
+    for name, dims in (("weight", 3), ("bias", 2)):
+        stacked = state_dict.get(prefix + name)
+        if isinstance(stacked, torch.Tensor) and stacked.dim() == dims:
+            del state_dict[prefix + name]
+            for e, tensor in enumerate(stacked.unbind(0)):
+                state_dict[f"{prefix}{name}.{e}"] = tensor
 
 
 class LinearMoEMixer(RoutedLayer):
@@ -121,25 +197,24 @@ class LinearMoEMixer(RoutedLayer):
         plan = {"real_T": real_T, "num_tokens": x_BND.shape[0] * x_BND.shape[1], "x_TD": x_TD}
         if group_T is not None and self.router.is_static:
             num_groups = logits_GE.shape[0]
-            gate_GE = self._group_gates(logits_GE)
+            experts_GK, gate_GK = self._group_choices(logits_GE)
             order_T = inverse_T = None
             sizes = [x_TD.shape[0]]
             if num_groups > 1:  # tokens grouped contiguously once per sublayer; one group needs no reordering
                 order_T = torch.argsort(group_T, stable=True)
                 inverse_T = torch.argsort(order_T)
                 sizes = torch.bincount(group_T, minlength=num_groups).tolist()
-            plan["static"] = (gate_GE, sizes, order_T, inverse_T)
+            plan["static"] = ((experts_GK, gate_GK), sizes, order_T, inverse_T)
         else:
             plan["dispatch"] = (routing.plan_dispatch(r, self.num_local_experts), r)
         return plan
 
-    def _group_gates(self, logits_GE: torch.Tensor) -> torch.Tensor:
-        """Each group's top-k gates as a dense ``[G, local experts]`` row (zero where not chosen)."""
+    def _group_choices(self, logits_GE: torch.Tensor) -> tuple[list[list[int]], torch.Tensor]:
+        """Each group's top-k local experts (``-1`` for an expert a pruned layer removed) and gates ``[G, K]``."""
         _, idx_GK, gate_GK = routing.topk_experts(logits_GE, self.top_k, self.normalize_gates)
-        if self.expert_slot is not None:  # a pruned layer: removed experts get gate 0 (slot 0 is a placeholder)
-            local_GK = self.expert_slot.to(idx_GK.device)[idx_GK]
-            idx_GK, gate_GK = local_GK.clamp_min(0), gate_GK * (local_GK >= 0)
-        return gate_GK.new_zeros(len(logits_GE), self.num_local_experts).scatter_add(1, idx_GK, gate_GK)
+        if self.expert_slot is not None:
+            idx_GK = self.expert_slot.to(idx_GK.device)[idx_GK]
+        return idx_GK.tolist(), gate_GK  # host sync: the experts to read (a handful of groups)
 
     @staticmethod
     def grouped(x_T: torch.Tensor, plan: dict) -> torch.Tensor:
@@ -154,12 +229,11 @@ class LinearMoEMixer(RoutedLayer):
 
     def mix_grouped(self, x_TI: torch.Tensor, linear: ExpertLinear, plan: dict, name: str) -> torch.Tensor:
         """A static plan's merged linears on tokens already ``grouped``: one dense matmul per group."""
-        gate_GE, sizes, _, _ = plan["static"]
-        weight_GOI, bias_GO = self._merged(linear, name, gate_GE)
+        choices, sizes, _, _ = plan["static"]
+        merged = self._merged(linear, name, choices)
         if len(sizes) == 1:
-            return F.linear(x_TI, weight_GOI[0], None if bias_GO is None else bias_GO[0])
-        return torch.cat([F.linear(x_g, weight_GOI[g], None if bias_GO is None else bias_GO[g])
-                          for g, x_g in enumerate(torch.split(x_TI, sizes))])
+            return F.linear(x_TI, *merged[0])
+        return torch.cat([F.linear(x_g, *merged[g]) for g, x_g in enumerate(torch.split(x_TI, sizes))])
 
     def mix(self, x_TI: torch.Tensor, linear: ExpertLinear, plan: dict, name: str) -> torch.Tensor:
         """``linear`` applied with the routing of ``plan`` to the routed tokens ``x_TI`` (token order): merged per
@@ -170,18 +244,28 @@ class LinearMoEMixer(RoutedLayer):
         y_RO = linear.sorted_forward(x_TI.index_select(0, dispatch.token_R), dispatch.counts_E)
         return routing.combine_sorted(y_RO, dispatch, r)
 
-    def _merged(self, linear: ExpertLinear, name: str, gate_GE: torch.Tensor) -> tuple:
+    def _merged(self, linear: ExpertLinear, name: str, choices: tuple[list[list[int]], torch.Tensor]) -> list:
         if self.training or torch.is_grad_enabled():
-            return linear.merged(gate_GE)
+            return linear.merged(*choices)
         # Inference: one merge per (linear, decisions) while the weights are unchanged (_version counts in-place
         # writes such as optimizer steps and load_state_dict). A static level has a handful of decisions.
-        version = (linear.weight._version, None if linear.bias is None else linear.bias._version)
-        cache_key = (name, gate_GE.detach().cpu().numpy().tobytes())
+        experts_GK, gate_GK = choices
+        version = tuple(p._version for p in (*linear.weight, *(linear.bias or ())))
+        cache_key = (name, str(experts_GK), gate_GK.detach().cpu().numpy().tobytes())
         hit = self._merge_cache.get(cache_key)
         if hit is None or hit[0] != version:
-            hit = (version, linear.merged(gate_GE))
+            hit = (version, linear.merged(experts_GK, gate_GK))
             self._merge_cache[cache_key] = hit
         return hit[1]
+
+    def _pop(self):
+        """The step's statistics, with an exact zero in the aux loss that gives the experts no call used a gradient
+        (``ExpertLinear.unused_zero``)."""
+        zeros = [z for m in self.children() if isinstance(m, ExpertLinear) for z in [m.unused_zero()] if z is not None]
+        out = super()._pop()
+        if out is None or not zeros:
+            return out
+        return (out[0] + sum(zeros), *out[1:])
 
     @property
     def num_local_experts(self) -> int:
@@ -194,9 +278,8 @@ class LinearMoEMixer(RoutedLayer):
             raise ValueError(f"only static routing levels merge into one dense layer, not {self.router.level!r}")
         x_BND = torch.zeros(1, 1, self.dim, device=self.router.weight.device)
         logits_GE, _ = self.router(x_BND, ctx)
-        gate_GE = self._group_gates(logits_GE[:1])
-        merged = {name: m.merged(gate_GE) for name, m in self.named_children() if isinstance(m, ExpertLinear)}
-        return {name: (w[0], None if b is None else b[0]) for name, (w, b) in merged.items()}
+        choices = self._group_choices(logits_GE[:1])
+        return {name: m.merged(*choices)[0] for name, m in self.named_children() if isinstance(m, ExpertLinear)}
 
 
 class LinearMoEMLP(LinearMoEMixer):

@@ -6,7 +6,11 @@ and a plain copy. Rank 0 runs image classification then masked language modellin
 micro-steps of one optimizer step, so their graphs produce gradients in different orders. The check: DeepSpeed's
 reduced gradient of every parameter (``safe_get_full_grad``) equals the all-reduced mean of the copies' gradients.
 
-    dist_check_grads.py zero2_cpu.json [--raw]
+    dist_check_grads.py zero2_cpu.json [--raw] [--linear]
+
+``--linear``: Uni-Perceiver-MoE's linear experts on attention and FFN with attribute routing, where a call touches
+only its chosen experts and the step's aux loss gives the others their zero gradient (the ranks choose different
+experts).
 
 ``--raw`` runs the micro-steps without ``MicroSteps`` (DeepSpeed's per-hook reduction, one micro-step per rank) and
 expects the mismatch: it shows the check can fail and what the trainer must not do (DeepSpeed 0.19.8).
@@ -61,12 +65,15 @@ def loss_of(model, task: str, task_id: int, rank: int) -> torch.Tensor:
 
 
 def main() -> None:
-    ds_config, raw = sys.argv[1], "--raw" in sys.argv[2:]
+    ds_config, raw, linear = sys.argv[1], "--raw" in sys.argv[2:], "--linear" in sys.argv[2:]
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     micro_steps = 1 if raw else 2
-    cfg = load_config("configs/demo.yaml", [f"deepspeed_config=ds_configs/{ds_config}", "moe.ep_size=1",
-                                            "model.drop_path_rate=0", f"run.gradient_accumulation_steps={micro_steps}"])
+    overrides = [f"deepspeed_config=ds_configs/{ds_config}", "moe.ep_size=1", "model.drop_path_rate=0",
+                 f"run.gradient_accumulation_steps={micro_steps}"]
+    if linear:
+        overrides += ["moe.expert_type=linear", "moe.routing=attribute", "moe.targets=[attn, ffn]"]
+    cfg = load_config("configs/demo.yaml", overrides)
     tasks = [("image_classification", 0), ("mlm", 1)]
     order = tasks if rank == 0 else tasks[::-1]
     if raw:
@@ -104,8 +111,8 @@ def main() -> None:
     if shutdown_distributed():
         fail("communication threads outlived the process groups")
     if rank == 0:
-        print(f"GRADS-OK {ds_config}{' raw: ' + str(len(wrong)) + ' gradients mis-reduced' if raw else ''}",
-              flush=True)
+        print(f"GRADS-OK {ds_config}{' linear' if linear else ''}"
+              f"{' raw: ' + str(len(wrong)) + ' gradients mis-reduced' if raw else ''}", flush=True)
 
 
 if __name__ == "__main__":

@@ -33,9 +33,10 @@ def distinct(layer) -> None:
     with torch.no_grad():
         for m in layer.modules():
             if isinstance(m, ExpertLinear):
-                m.weight.add_(0.3 * torch.randn_like(m.weight))
-                if m.bias is not None:
-                    m.bias.normal_()
+                for w in m.weight:
+                    w.add_(0.3 * torch.randn_like(w))
+                for b in m.bias or ():
+                    b.normal_()
         layer.router.weight.normal_()
 
 
@@ -69,10 +70,12 @@ def test_ffn_equals_the_per_token_mixture_of_both_linears(routing):
     x_TD = x.reshape(-1, DIM)
     expected = per_token_mixture(layer.fc2, F.gelu(per_token_mixture(layer.fc1, x_TD, idx, gate)), idx, gate)
     assert torch.allclose(out.reshape(-1, DIM), expected, atol=1e-5)
-    grads = torch.autograd.grad(out.square().sum(), [x, layer.fc1.weight, layer.router.weight], allow_unused=True)
-    ref = torch.autograd.grad(expected.square().sum(), [x, layer.fc1.weight, layer.router.weight], allow_unused=True)
+    inputs = [x, *layer.fc1.weight, layer.router.weight]
+    grads = torch.autograd.grad(out.square().sum(), inputs, allow_unused=True)
+    ref = torch.autograd.grad(expected.square().sum(), inputs, allow_unused=True)
     for mine, theirs in zip(grads, ref):
-        assert torch.allclose(mine, theirs, atol=1e-4)
+        assert (mine is None) == (theirs is None)  # an expert nothing chose: no gradient here (unused_zero's job)
+        assert mine is None or torch.allclose(mine, theirs, atol=1e-4)
 
 
 def test_static_groups_run_one_matmul_each_at_dense_cost():
@@ -157,7 +160,8 @@ def test_evaluation_caches_merges_until_the_weights_change():
         first, second = layer(x, ctx), layer(x, ctx)
         assert len(layer._merge_cache) == 2  # fc1 and fc2, each merged for both segments at once
         assert torch.allclose(first, training, atol=1e-6) and torch.equal(first, second)
-        layer.fc2.weight.mul_(2.0)  # an optimizer step or a load: the cache must not serve stale merges
+        for w in layer.fc2.weight:  # an optimizer step or a load: the cache must not serve stale merges
+            w.mul_(2.0)
         changed = layer(x, ctx)
     assert not torch.allclose(changed, first)
     layer.train()
@@ -292,8 +296,43 @@ def test_evaluation_loads_weights_whatever_the_mi_window():
     with_window, without = layer(4), layer(0)
     load_weights(without, with_window.state_dict())
     load_weights(with_window, without.state_dict())
-    assert torch.equal(without.fc1.weight, with_window.fc1.weight)
+    assert torch.equal(without.fc1.stacked()[0], with_window.fc1.stacked()[0])
     state = without.state_dict()
-    state.pop("fc2.bias")
+    state.pop("fc2.bias.0")
     with pytest.raises(ValueError, match="missing"):
         load_weights(with_window, state)
+
+
+def test_state_dicts_of_stacked_experts_still_load():
+    """Before one parameter per expert, a linear's experts were one [E, O, I] weight and one [E, O] bias."""
+    torch.manual_seed(0)
+    args = MoEArgs(num_experts=EXPERTS, top_k=2, routing="attribute", expert_type="linear")
+    source, target = LinearMoEMLP(DIM, HIDDEN, args=args), LinearMoEMLP(DIM, HIDDEN, args=args)
+    distinct(source)
+    old = {k: v for k, v in source.state_dict().items() if not k.startswith(("fc1.", "fc2."))}
+    for name in ("fc1", "fc2"):
+        old[f"{name}.weight"], old[f"{name}.bias"] = getattr(source, name).stacked()
+    target.load_state_dict(old, strict=True)
+    x, ctx = torch.randn(2, 6, DIM), two_segments()
+    assert torch.equal(target(x, ctx), source(x, ctx))
+
+
+def test_experts_no_group_chose_get_an_exact_zero_gradient_through_the_aux_loss():
+    """A static call reads (and differentiates) only its k experts; the step's aux loss gives the others a zero
+    gradient, so every parameter has one (data-parallel ranks reduce the same parameters)."""
+    torch.manual_seed(0)
+    layer = LinearMoEMLP(DIM, HIDDEN, args=MoEArgs(num_experts=EXPERTS, top_k=2, routing="attribute",
+                                                   expert_type="linear", balance_loss_weight=0.0))
+    distinct(layer)
+    x = torch.randn(1, 4, DIM)
+    attrs = torch.tensor(ATTRIBUTES["text_target"], dtype=torch.float32).expand(1, 4, -1)
+    out = layer(x, RoutingContext(attribute_BNA=attrs))
+    chosen = set(layer.fc1.used)
+    assert len(chosen) == 2 and layer.fc2.used == chosen  # one group, top-2, shared by both linears
+    stats = pop_moe_stats(layer)
+    (out.square().sum() + stats.aux_loss).backward()
+    for e in range(EXPERTS):
+        for p in (layer.fc1.weight[e], layer.fc1.bias[e], layer.fc2.weight[e], layer.fc2.bias[e]):
+            assert p.grad is not None
+            assert (p.grad.abs().sum() > 0) == (e in chosen), e
+    assert not layer.fc1.used  # reset for the next step

@@ -18,11 +18,14 @@ def test_split_targets_and_gathered_negatives():
     assert "COLLECTIVES-OK" in proc.stdout
 
 
-@pytest.mark.parametrize("ds_config", ["zero1_cpu.json", "zero2_cpu.json"])
-def test_ranks_on_different_tasks_reduce_the_mean_gradient(ds_config):
-    """The trainer's MicroSteps under ZeRO-1/2: classification on one rank, MLM on the other, two micro-steps."""
-    proc = run([*torchrun(2), str(REPO / "tests" / "dist_check_grads.py"), ds_config], timeout=180)
-    assert f"GRADS-OK {ds_config}" in proc.stdout
+@pytest.mark.parametrize("ds_config, experts", [("zero1_cpu.json", "mlp"), ("zero2_cpu.json", "mlp"),
+                                                ("zero2_cpu.json", "linear")])
+def test_ranks_on_different_tasks_reduce_the_mean_gradient(ds_config, experts):
+    """The trainer's MicroSteps under ZeRO-1/2: classification on one rank, MLM on the other, two micro-steps; with
+    linear experts the ranks' attribute groups also use different experts."""
+    flags = ["--linear"] if experts == "linear" else []
+    proc = run([*torchrun(2), str(REPO / "tests" / "dist_check_grads.py"), ds_config, *flags], timeout=180)
+    assert f"GRADS-OK {ds_config}{' linear' if flags else ''}" in proc.stdout
 
 
 def test_deepspeeds_own_zero2_reduction_mixes_up_gradients_of_ranks_on_different_tasks():

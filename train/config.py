@@ -178,6 +178,9 @@ class OptimConfig:
     """AdamW betas."""
     eps: float = 1e-8
     """AdamW epsilon."""
+    fused: bool = True
+    """torch's fused AdamW kernel (CPU and CUDA; one pass over each tensor). false: torch's default implementation
+    (the same update, rounded differently; about 6x slower on CPU)."""
 
     def __post_init__(self):
         _positive(self, "lr")

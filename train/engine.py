@@ -156,15 +156,16 @@ def load_ds_config(cfg: Config) -> dict:
 
 
 def create_engine(cfg: Config, model: UniPerceiver):
-    """Expert parallelism, then ``deepspeed.initialize`` with a torch AdamW (DeepSpeed's own CPU Adam would need a
-    C++ build) and a LambdaLR warmup-cosine schedule that DeepSpeed checkpoints with the engine."""
+    """Expert parallelism, then ``deepspeed.initialize`` with torch's AdamW, fused by default (DeepSpeed's own CPU Adam
+    would need a C++ build) and a LambdaLR warmup-cosine schedule that DeepSpeed checkpoints with the engine."""
     ds_config = load_ds_config(cfg)
     apply_expert_parallel(model, cfg.moe.ep_size if cfg.moe.num_experts else 1)
     groups = split_params_into_different_moe_groups_for_optimizer(param_groups(model, cfg.optim.weight_decay))
     # DeepSpeed drops empty groups from the optimizer (e.g. no decayed weight is trainable in prompt tuning); the
     # schedule must see the same groups.
     groups = [g for g in groups if g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                                  fused=cfg.optim.fused or None)
     min_ratio = cfg.optim.min_lr / cfg.optim.lr
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, cfg.optim.warmup_steps, cfg.run.max_steps, min_ratio))
