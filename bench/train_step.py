@@ -263,6 +263,20 @@ def measure(name: str, args, geo: dict, precision: str) -> dict:
     return result
 
 
+def merge_rounds(previous: dict, new: dict, args) -> dict:
+    """One model's result over the rounds so far: all timed steps, their median, and what follows from it."""
+    times = previous["times_ms"] + new["times_ms"]
+    ms = statistics.median(times)
+    merged = {**new, "times_ms": times, "ms": ms, "mean_ms": statistics.mean(times),
+              "images_per_s": args.batch_size * 1e3 / ms}
+    if "mfu" in new:
+        merged["mfu"] = new["mfu"] * new["ms"] / ms
+        merged["mfu_with_attention"] = new["mfu_with_attention"] * new["ms"] / ms
+    if new.get("peak_memory_gib") is not None:
+        merged["peak_memory_gib"] = max(previous["peak_memory_gib"], new["peak_memory_gib"])
+    return merged
+
+
 def version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
@@ -296,7 +310,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile each model")
     parser.add_argument("--warmup", type=int, default=None,
                         help="steps before timing (default: 5 on CUDA, 10 with --compile; 2 on CPU)")
-    parser.add_argument("--iters", type=int, default=None, help="timed steps (default: 20 on CUDA, 5 on CPU)")
+    parser.add_argument("--iters", type=int, default=None, help="timed steps per round (default: 20 on CUDA, 5 on CPU)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds over all models, each model timed in turn (default: 1 on CUDA, 3 on CPU)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="peak TFLOP/s for MFU (default: 989 on CUDA, an H100's dense bf16; none on CPU)")
     parser.add_argument("--json", default="bench/train_step.json")
@@ -308,7 +324,7 @@ def main() -> None:
                     dim=None if cuda else 192, depth=None if cuda else 6, batch_size=128 if cuda else 8,
                     img_size=224 if cuda else 64, classes=1000 if cuda else 100,
                     warmup=(10 if args.compile else 5) if cuda else 2,
-                    iters=20 if cuda else 5, peak_tflops=989.0 if cuda else 0.0)
+                    iters=20 if cuda else 5, rounds=1 if cuda else 3, peak_tflops=989.0 if cuda else 0.0)
     if args.size is not None:  # an explicit size keeps its own width and depth unless overridden too
         defaults.update(dim=None, depth=None)
     for key, value in defaults.items():
@@ -319,20 +335,30 @@ def main() -> None:
     geo = geometry(args)
     load_before = os.getloadavg()[0]
 
-    results = []
-    for name in args.models:
-        try:
-            results.append(measure(name, args, geo, args.precision))
-        except Exception as exc:  # e.g. out of memory: report it and go on with the other models
-            traceback.print_exc()
-            results.append({"model": name, "label": MODELS[name], "error": f"{type(exc).__name__}: {exc}"[:300]})
-        if args.compile:
-            torch._dynamo.reset()  # compiled code would keep the model alive
-        gc.collect()  # the model, its gradients and optimizer states go before the next one is built
-        if cuda:
-            torch.cuda.empty_cache()
-        row = results[-1]
-        print(f"{row['label']}: " + (row["error"] if "error" in row else f"{row['ms']:.1f} ms/step"), flush=True)
+    # Rounds: every model measured once per round, in turn, so that a drifting machine load spreads over all models
+    # instead of landing on whichever ran during it; a model's figure is the median over all its rounds' steps.
+    by_model: dict[str, dict] = {}
+    for round_index in range(args.rounds):
+        for name in args.models:
+            if "error" in by_model.get(name, {}):
+                continue
+            try:
+                row = measure(name, args, geo, args.precision)
+                if name in by_model:
+                    row = merge_rounds(by_model[name], row, args)
+                by_model[name] = row
+            except Exception as exc:  # e.g. out of memory: report it and go on with the other models
+                traceback.print_exc()
+                by_model[name] = {"model": name, "label": MODELS[name], "error": f"{type(exc).__name__}: {exc}"[:300]}
+            if args.compile:
+                torch._dynamo.reset()  # compiled code would keep the model alive
+            gc.collect()  # the model, its gradients and optimizer states go before the next one is built
+            if cuda:
+                torch.cuda.empty_cache()
+            row = by_model[name]
+            print(f"round {round_index + 1}/{args.rounds} {row['label']}: "
+                  + (row["error"] if "error" in row else f"{row['ms']:.1f} ms/step"), flush=True)
+    results = [by_model[name] for name in args.models]
 
     timm_dense = next((r for r in results if r["model"] == "timm" and "error" not in r), None)
     for row in results:
@@ -347,15 +373,15 @@ def main() -> None:
            "img_size": args.img_size, "classes": args.classes, "target_len": args.target_len,
            "vocab_size": args.vocab_size, "experts": args.experts, "top_k": args.top_k,
            "capacity_factor": args.capacity_factor, "drop_path": args.drop_path, "compile": args.compile,
-           "warmup": args.warmup, "iters": args.iters, "peak_tflops": args.peak_tflops or None,
+           "warmup": args.warmup, "iters": args.iters, "rounds": args.rounds, "peak_tflops": args.peak_tflops or None,
            "load_average_1min_before": round(load_before, 2), "load_average_1min_after": round(os.getloadavg()[0], 2)}
     precision = {"fp32": "float32", "bf16": "bfloat16 weights", "autocast-bf16": "bf16 autocast"}[args.precision]
     print(f"\n# Training step, {device_name}, {precision}{', torch.compile' if args.compile else ''}: "
           f"batch {args.batch_size} at {args.img_size} px, {args.classes} classes x {args.target_len} tokens "
           f"(Uni-Perceiver targets), dim {geo['dim']} depth {geo['depth']} heads {geo['num_heads']}, "
           f"{args.experts} experts top-{args.top_k} in blocks {list(moe_layer_indices(geo['depth']))}, "
-          f"median of {args.iters} after {args.warmup} warm-up, 1-min load {env['load_average_1min_before']} -> "
-          f"{env['load_average_1min_after']}")
+          f"median of {args.rounds} x {args.iters} after {args.warmup} warm-up, "
+          f"1-min load {env['load_average_1min_before']} -> {env['load_average_1min_after']}")
     if not cuda:
         print("# CPU (float32), not the GPU figures" if args.precision == "fp32" else "# CPU, not the GPU figures")
     print(f"| {'model':<40} | active params | tokens/step | ms/step | images/s | vs timm dense |   MFU | "
