@@ -54,7 +54,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
     # The trainer is closed before the process groups are destroyed, and both happen before the interpreter's exit
     # (train/dist.py shutdown_distributed says why the order matters).
-    with distributed() as info:
+    with distributed(cfg.run.dist_timeout_s) as info:
         _setup_logging(info.rank)
         if cfg.moe.num_experts and info.world_size % cfg.moe.ep_size:
             return _fail("condmoe-train", ValueError(f"moe.ep_size={cfg.moe.ep_size} does not divide the world size "

@@ -33,7 +33,13 @@ class RunConfig:
     keep_last: int = 3
     """Checkpoints to keep; older ones are deleted after a new one is complete."""
     resume: str = "auto"
-    """'auto' (latest checkpoint in output_dir if any), 'none', or a checkpoint directory."""
+    """'auto' (latest checkpoint in output_dir if any), 'none' (a fresh run: refused if output_dir holds a run,
+    unless run.overwrite), or a checkpoint directory."""
+    overwrite: bool = False
+    """With resume 'none': move what output_dir holds into output_dir/replaced-<time>/ and start fresh."""
+    dist_timeout_s: float = 1800.0
+    """Seconds a rank waits in a collective for the others before the job fails (a rank that hangs or was
+    stopped); checkpoint saves and evaluations on one rank count against it."""
     gradient_accumulation_steps: int = 1
     """Micro-steps per optimizer step (each draws its own task)."""
     init_from: str = ""
@@ -65,7 +71,9 @@ class RunConfig:
             raise ValueError(f"run.freeze={self.freeze!r} must be '', 'experts' or 'prompt'")
         if self.progress_bar not in ("auto", "always", "never"):
             raise ValueError(f"run.progress_bar={self.progress_bar!r} must be 'auto', 'always' or 'never'")
-        _positive(self, "eval_batch_size")
+        _positive(self, "eval_batch_size", "dist_timeout_s")
+        if self.seed < 0:
+            raise ValueError(f"run.seed={self.seed} must be >= 0")
         if self.eval_every < 0 or self.eval_every % self.save_every:
             raise ValueError(f"run.eval_every={self.eval_every} must be 0 or a multiple of run.save_every="
                              f"{self.save_every} (evaluation reads the checkpoint written at that step)")

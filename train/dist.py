@@ -57,7 +57,7 @@ def detect(environ: Mapping[str, str] | None = None) -> DistInfo:
     return DistInfo(0, 0, 1, "single")
 
 
-def init_distributed(timeout_minutes: int = 30) -> DistInfo:
+def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     """Initialises torch.distributed through DeepSpeed for any launcher and returns the layout.
 
     torchrun and the deepspeed launcher export RANK/MASTER_*; SLURM tasks get them mapped here (MASTER_ADDR and
@@ -86,7 +86,7 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     # sharing a node need not collide on 29500.
     port = int(os.environ.get("MASTER_PORT", DEFAULT_MPI_PORT))
     deepspeed.init_distributed(auto_mpi_discovery=info.source == "mpi", distributed_port=port,
-                               timeout=datetime.timedelta(minutes=timeout_minutes))
+                               timeout=datetime.timedelta(seconds=timeout_s))
     local_rank = int(os.environ.get("LOCAL_RANK", info.local_rank))  # MPI discovery sets it from the host names
     return DistInfo(deepspeed.comm.get_rank(), local_rank, deepspeed.comm.get_world_size(), info.source)
 
@@ -175,10 +175,10 @@ def live_comm_threads() -> list[str]:
 
 
 @contextlib.contextmanager
-def distributed(timeout_minutes: int = 30) -> Iterator[DistInfo]:
+def distributed(timeout_s: float = 1800.0) -> Iterator[DistInfo]:
     """``init_distributed`` for a ``with`` block that ends with ``shutdown_distributed``. Close what holds process
     groups (the trainer) inside the block."""
-    info = init_distributed(timeout_minutes)
+    info = init_distributed(timeout_s)
     yield info
     # Not on an exception: a peer may still wait in a collective with this rank, and destroying a group first waits
     # for its queued work, up to the process-group timeout; the process exits non-zero anyway, its launcher ends the

@@ -29,6 +29,7 @@ from condmoe.train.data import TaskSampler, TaskStream
 from condmoe.train.dist import DistInfo
 from condmoe.train.engine import MicroSteps, build_model, create_engine, destroy_engine, initialise_from, load_weights
 from condmoe.train.evaluate import vocabulary_targets
+from condmoe.train.run_lock import RunLock, prepare_fresh_run
 from condmoe.train.run_log import RunLog
 from condmoe.train.signals import EXIT_PREEMPTED, StopRequest
 from condmoe.train.transforms import stable_seed
@@ -55,6 +56,7 @@ class Trainer:
         self.engine = None
         self.streams: list[TaskStream] = []
         self.run_log: RunLog | None = None
+        self.lock: RunLock | None = None
         try:
             self._build(cfg, info)
         except BaseException:
@@ -67,6 +69,7 @@ class Trainer:
         self.cfg = cfg
         self.info = info
         self.output_dir = Path(cfg.run.output_dir)
+        self._claim_output_dir()
         self.tokenizer = TextTokenizer(cfg.tokenizer_dir, cfg.data.max_text_len)
         model = build_model(cfg, self.tokenizer.vocab_size, self.tokenizer.spe_id)
         if cfg.run.init_from:
@@ -198,6 +201,26 @@ class Trainer:
         if self.run_log is not None:
             self.run_log.close()
 
+    def _claim_output_dir(self) -> None:
+        """Rank 0 takes the output folder's lock (one run per folder) and, for ``run.resume=none``, makes sure the
+        folder holds no earlier run; every rank raises rank 0's error, if any."""
+        error = ""
+        if self.info.is_main:
+            try:
+                self.lock = RunLock.acquire(self.output_dir)
+                if self.cfg.run.resume == "none":
+                    moved = prepare_fresh_run(self.output_dir, self.cfg.run.overwrite)
+                    if moved is not None:
+                        log.warning("run.overwrite: the previous run in %s moved to %s", self.output_dir, moved)
+            except ValueError as exc:
+                error = str(exc)
+        if self.info.world_size > 1:
+            shared = [error]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            error = shared[0]
+        if error:
+            raise ValueError(error)
+
     def close(self) -> None:
         """Releases what this trainer owns, in order: the task streams' loader workers, tensorboard's writer, then the
         engine and the model, which hold the expert-parallel process groups. Call it (or leave the ``with`` block)
@@ -210,6 +233,9 @@ class Trainer:
             # through their attributes the process groups) in a cycle through C++ that garbage collection cannot see.
             destroy_engine(self.engine)
             self.engine = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def __enter__(self) -> "Trainer":
         return self
