@@ -41,6 +41,16 @@ def test_a_lock_from_another_host_is_stale_only_when_not_refreshed(tmp_path):
     RunLock.acquire(tmp_path, stale_s=60).release()
 
 
+def test_a_requeued_slurm_job_takes_over_its_own_lock(tmp_path, monkeypatch):
+    """After a node failure SLURM requeues the job (same job id) on another host within seconds."""
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"host": "failed-node", "pid": 1, "started": 0, "slurm_job": "77"}))
+    monkeypatch.setenv("SLURM_JOB_ID", "78")
+    with pytest.raises(ValueError, match="in use"):
+        RunLock.acquire(tmp_path)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    RunLock.acquire(tmp_path).release()
+
+
 def test_the_holder_refreshes_its_lock(tmp_path):
     lock = RunLock.acquire(tmp_path, refresh_s=0.05)
     try:

@@ -21,8 +21,8 @@ from pathlib import Path
 log = logging.getLogger("condmoe.lock")
 
 LOCK_NAME = "condmoe.lock"
-REFRESH_S = 30.0
-STALE_S = 300.0
+REFRESH_S = 20.0
+STALE_S = 90.0
 
 
 class RunLock:
@@ -42,7 +42,8 @@ class RunLock:
             raise ValueError(f"run.output_dir={folder} is a file, not a folder")
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / LOCK_NAME
-        holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
+                  "slurm_job": os.environ.get("SLURM_JOB_ID")}
         for _ in range(2):  # a second try after taking over a stale lock
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -88,6 +89,9 @@ def _stale(path: Path, holder: dict, stale_s: float) -> str | None:
         age = time.time() - path.stat().st_mtime
     except FileNotFoundError:
         return "released meanwhile"
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and holder.get("slurm_job") == job and holder.get("pid") != os.getpid():
+        return f"written by an earlier run of SLURM job {job}"
     if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
         if not _alive(holder["pid"]):
             return f"pid {holder['pid']} on this host has exited"
