@@ -444,3 +444,27 @@ def test_zero3_refuses_ranks_on_different_task_types():
     one = load_config(DEMO, ["deepspeed_config=ds_configs/zero3_dense_bf16.json", "moe.num_experts=0",
                              "tasks.1.type=image_classification", "tasks.1.name=second"])
     assert load_ds_config(one)["zero_optimization"]["stage"] == 3
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.min_lr=0.01", "optim.lr=0.001"], "optim.min_lr=0.01 is above optim.lr=0.001"),
+    (["model.img_size=33"], r"model.img_size=33 is not a multiple of model.patch_size=8 \(model.size=debug\)"),
+    (["model.size=base", "model.img_size=0", "model.patch_size=15"],
+     "model.img_size=224 is not a multiple of model.patch_size=15"),
+    (["run.seed=-1"], "run.seed=-1 must be >= 0"),
+    (["run.dist_timeout_s=0"], "run.dist_timeout_s must be > 0"),
+    (["optim.lr=[1, 2"], r"override 'optim.lr=\[1, 2': malformed YAML value"),
+])
+def test_values_that_would_change_or_break_the_run_are_one_line(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(DEMO, overrides)
+
+
+def test_malformed_yaml_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run:\n  seed: [1\n")
+    with pytest.raises(ValueError, match=rf"{bad}: malformed YAML: "):
+        load_config(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ValueError, match=rf"{bad}: a config is a mapping of sections, not a list"):
+        load_config(bad)

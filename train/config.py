@@ -124,6 +124,13 @@ class ModelConfig:
             raise ValueError(f"model.head_classes={self.head_classes} must be >= 0")
         if self.size not in SIZES:
             raise ValueError(f"model.size={self.size!r} is not one of {', '.join(SIZES)}")
+        if self.img_size < 0 or self.patch_size < 0:
+            raise ValueError("model.img_size and model.patch_size must be >= 0 (0: the size's default)")
+        img = self.img_size or SIZES[self.size].get("img_size", 224)
+        patch = self.patch_size or SIZES[self.size].get("patch_size", 16)
+        if img % patch:
+            raise ValueError(f"model.img_size={img} is not a multiple of model.patch_size={patch} (model.size="
+                             f"{self.size})")
 
 
 @dataclass
@@ -192,6 +199,8 @@ class OptimConfig:
 
     def __post_init__(self):
         _positive(self, "lr")
+        if self.min_lr > self.lr:
+            raise ValueError(f"optim.min_lr={self.min_lr} is above optim.lr={self.lr} (the cosine would climb to it)")
         if self.warmup_steps < 0 or self.min_lr < 0 or self.weight_decay < 0:
             raise ValueError("optim.warmup_steps, optim.min_lr and optim.weight_decay must be >= 0")
         self.betas = tuple(self.betas)
@@ -404,7 +413,12 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ValueError(f"_base_ cycle through {path}")
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: malformed YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config is a mapping of sections, not a {type(data).__name__}")
     base = data.pop("_base_", None)
     if base:
         data = _merge(_load_yaml(path.parent / base, (*seen, path)), data)
@@ -436,7 +450,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             elif not isinstance(node, dict):
                 raise ValueError(f"{where}: {'.'.join(key.split('.')[:depth])} is a value, not a section")
             if depth == len(path):
-                node[part] = yaml.safe_load(raw) if raw.strip() else ""  # `run.freeze=` clears a string field
+                try:
+                    node[part] = yaml.safe_load(raw) if raw.strip() else ""  # `run.freeze=` clears a string field
+                except yaml.YAMLError as exc:
+                    raise ValueError(f"override {item!r}: malformed YAML value: {' '.join(str(exc).split())}") from None
             else:
                 node = node[part] if isinstance(node, list) else node.setdefault(part, {})
     return data
