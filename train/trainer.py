@@ -245,10 +245,15 @@ class Trainer:
 
     def _train(self, stop: StopRequest) -> int:
         cfg = self.cfg
+        previous = None
         if self.info.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            previous = _read_saved_config(self.output_dir / "config.yaml")
             cfg.save(self.output_dir / "config.yaml")
         start, record = resume.resume(self.engine, self.output_dir, cfg.run.resume, self.layout)
+        if self.info.is_main:
+            for warning in resume_warnings(cfg, self.output_dir, start, previous):
+                log.warning("%s", warning)
         if record is not None:
             record.load_states(self._checkpoint_parts())
         for stream, position in zip(self.streams, self._stream_positions(start, record)):
@@ -368,3 +373,48 @@ class Trainer:
         results = {task.name: next(part[task.name] for part in gathered if task.name in part) for task in cfg.tasks}
         self.run_log.write_eval(step, results)
         log.info("eval at step %d (%.1f s):\n%s", step, time.time() - t0, format_table(results))
+
+
+# What the learning-rate schedule is made of: a resumed run that changes one follows another schedule from there on.
+SCHEDULE_KEYS = ("run.max_steps", "optim.lr", "optim.min_lr", "optim.warmup_steps")
+
+
+def _read_saved_config(path: Path) -> dict | None:
+    """The config a previous run in this folder saved (None if there is none or it does not parse)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def resume_warnings(cfg: Config, output_dir: Path, start: int, previous: dict | None) -> list[str]:
+    """What a user should hear about where the run starts: past max_steps, only torn checkpoints, a changed
+    schedule."""
+    warnings = []
+    if start > 0 and start >= cfg.run.max_steps:
+        warnings.append(f"the checkpoint is at step {start}, at or past run.max_steps={cfg.run.max_steps}: nothing to "
+                        f"train (raise run.max_steps to continue)")
+    ckpt_dir = checkpoint.checkpoint_dir(output_dir)
+    if start == 0 and cfg.run.resume == "auto" and ckpt_dir.is_dir():
+        torn = sorted(p.name for p in ckpt_dir.glob("step_*") if p.is_dir() and not checkpoint.is_complete(p))
+        if torn:
+            warnings.append(f"{ckpt_dir} holds no complete checkpoint, only unfinished ones ({', '.join(torn)}): "
+                            f"starting from step 0")
+    if start > 0 and previous is not None:
+        now = cfg.to_dict()
+        changed = [(key, _lookup(previous, key), _lookup(now, key)) for key in SCHEDULE_KEYS
+                   if _lookup(previous, key) != _lookup(now, key)]
+        if changed:
+            what = ", ".join(f"{key} {old} -> {new}" for key, old, new in changed)
+            warnings.append(f"resuming at step {start} with another learning-rate schedule ({what}): the steps from "
+                            f"{start} on follow the new one")
+    return warnings
+
+
+def _lookup(data: dict, key: str):
+    for part in key.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
