@@ -215,6 +215,8 @@ class Trainer:
             except ValueError as exc:
                 error = str(exc)
         if self.info.world_size > 1:
+            if torch.cuda.is_available():  # NCCL sends objects through the current device: this rank's own
+                torch.cuda.set_device(self.info.local_rank)
             shared = [error]
             torch.distributed.broadcast_object_list(shared, src=0)
             error = shared[0]
