@@ -1,7 +1,9 @@
-"""Console scripts: ``condmoe-train`` (under torchrun, the deepspeed launcher, srun or mpirun) and ``condmoe-eval``.
+"""Console scripts: ``condmoe-train`` (under torchrun, the deepspeed launcher, srun or mpirun), ``condmoe-eval`` and
+``condmoe-export``.
 
-Both take ``--config FILE`` and any number of ``key.sub=value`` overrides. User errors (bad config value, missing
-data or checkpoint) end with a one-line message and exit code 2.
+All take ``--config FILE`` and any number of ``key.sub=value`` overrides. Eval and export build the model from the
+run's own config.yaml and refuse overrides that change the model (``train/run_config.py``). User errors (bad config
+value, missing data or checkpoint, a checkpoint of another model) end with a one-line message and exit code 2.
 """
 
 import argparse
@@ -76,29 +78,41 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default="", help="checkpoint dir (step_N) or checkpoints folder; "
                                                          "default: the latest in run.output_dir")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--out", default="", help="metrics file; default: the run's eval.json, or "
+                                                  "eval.<overrides>.json when overrides change the evaluation")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
 
-    from condmoe.models.text_tokenizer import TextTokenizer
-    from condmoe.train.checkpoint import checkpoint_dir, load_plain_state_dict
-    from condmoe.train.config import load_config
-    from condmoe.train.engine import build_model, load_weights
     from condmoe.train.evaluate import evaluate, format_table
 
     try:
-        cfg = load_config(args.config, args.overrides)
-        tokenizer = TextTokenizer(cfg.tokenizer_dir, cfg.data.max_text_len)
-        model = build_model(cfg, tokenizer.vocab_size, tokenizer.spe_id)
-        load_weights(model, load_plain_state_dict(args.checkpoint or checkpoint_dir(cfg.run.output_dir)))
-        metrics = evaluate(model, cfg, tokenizer, args.batch_size)
+        run, model, tokenizer = load_run_model("condmoe-eval", args.config, args.overrides, args.checkpoint)
+        metrics = evaluate(model, run.cfg, tokenizer, args.batch_size)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         return _fail("condmoe-eval", exc)
     print(format_table(metrics))
     print(json.dumps(metrics))
-    out = Path(cfg.run.output_dir) / "eval.json"
-    if out.parent.is_dir():
+    out = Path(args.out) if args.out else run.result_path("eval.json")
+    if args.out or out.parent.is_dir():
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"condmoe-eval: wrote {out}", file=sys.stderr)
     return 0
+
+
+def load_run_model(prog: str, config: str, overrides: list[str], checkpoint: str = ""):
+    """The run's config with ``overrides`` (``train.run_config``: model keys refused), its tokenizer, and the model
+    with the checkpoint's weights (``checkpoint``, default the run's latest): ``(ResolvedRun, model, tokenizer)``."""
+    from condmoe.models.text_tokenizer import TextTokenizer
+    from condmoe.train.checkpoint import checkpoint_dir, load_plain_state_dict
+    from condmoe.train.engine import build_model, load_weights
+    from condmoe.train.run_config import load_run_config
+
+    run = load_run_config(prog, config, overrides, checkpoint)
+    tokenizer = TextTokenizer(run.cfg.tokenizer_dir, run.cfg.data.max_text_len)
+    model = build_model(run.cfg, tokenizer.vocab_size, tokenizer.spe_id)
+    load_weights(model, load_plain_state_dict(checkpoint or checkpoint_dir(run.run_dir)))
+    return run, model.eval(), tokenizer
 
 
 def static_groups(cfg) -> dict:
@@ -131,16 +145,10 @@ def export_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from condmoe.models.extract import merge_static, save_extracted
-    from condmoe.models.text_tokenizer import TextTokenizer
-    from condmoe.train.checkpoint import checkpoint_dir, load_plain_state_dict
-    from condmoe.train.config import load_config
-    from condmoe.train.engine import build_model, load_weights
 
     try:
-        cfg = load_config(args.config, args.overrides)
-        tokenizer = TextTokenizer(cfg.tokenizer_dir, cfg.data.max_text_len)
-        model = build_model(cfg, tokenizer.vocab_size, tokenizer.spe_id)
-        load_weights(model, load_plain_state_dict(args.checkpoint or checkpoint_dir(cfg.run.output_dir)))
+        run, model, _ = load_run_model("condmoe-export", args.config, args.overrides, args.checkpoint)
+        cfg = run.cfg
         meta = {"tasks": [t.name for t in cfg.tasks], "tokenizer": str(cfg.tokenizer_dir)}
         out = save_extracted(model, args.out, meta)
         if args.merge_static:
@@ -148,7 +156,7 @@ def export_main(argv: list[str] | None = None) -> int:
                 dense = merge_static(model.eval(), ctx)
                 print(save_extracted(dense, out / f"{cfg.moe.routing}_{group}",
                                      {**meta, "routing": cfg.moe.routing, "group": group}))
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, KeyError) as exc:
         return _fail("condmoe-export", exc)
     print(out)
     return 0

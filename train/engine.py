@@ -60,10 +60,16 @@ def _placement(num_experts: int, layers: list[int], depth: int, every: int, offs
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """A checkpoint's plain state into ``model`` for evaluation, export or analysis: every weight must match; buffers
-    that belong to the run (the MI window, ``RUN_STATE_BUFFERS``) are taken where both have them and otherwise left,
-    since they do not change what the model computes and a config may set ``mi_window`` differently."""
+    that belong to the run (the MI window, ``RUN_STATE_BUFFERS``) are taken where both have them (of one shape) and
+    otherwise left, since they do not change what the model computes and a config may set ``mi_window`` differently."""
     own = model.state_dict()
-    state = {k: v for k, v in state.items() if not k.endswith(RUN_STATE_BUFFERS) or k in own}
+    state = {k: v for k, v in state.items() if not k.endswith(RUN_STATE_BUFFERS)
+             or (k in own and v.shape == own[k].shape)}
+    for name, tensor in own.items():  # the model's order: the first mismatch, in one line (not torch's RuntimeError)
+        if name in state and state[name].shape != tensor.shape:
+            raise ValueError(f"checkpoint does not match the config's model: {name} has shape "
+                             f"{tuple(state[name].shape)} in the checkpoint, {tuple(tensor.shape)} in the model "
+                             "(a checkpoint of another model size or layout?)")
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith(RUN_STATE_BUFFERS)]
     if missing or unexpected:

@@ -26,20 +26,12 @@ from condmoe.models.extract import (
     track_usage,
 )
 from condmoe.models.text_tokenizer import TextTokenizer
-from condmoe.train.checkpoint import checkpoint_dir, load_plain_state_dict
-from condmoe.train.config import Config, load_config
+from condmoe.train.cli import load_run_model
+from condmoe.train.config import Config
 from condmoe.train.data import val_batches
-from condmoe.train.engine import build_model, load_weights
 from condmoe.train.evaluate import evaluate_task, vocabulary_targets
 
 log = logging.getLogger("condmoe.experts")
-
-
-def load_model(cfg: Config, checkpoint: str = ""):
-    tokenizer = TextTokenizer(cfg.tokenizer_dir, cfg.data.max_text_len)
-    model = build_model(cfg, tokenizer.vocab_size, tokenizer.spe_id)
-    load_weights(model, load_plain_state_dict(checkpoint or checkpoint_dir(cfg.run.output_dir)))
-    return model.eval(), tokenizer
 
 
 @torch.no_grad()
@@ -125,7 +117,8 @@ def plot(usage: dict, similarity: dict, out_dir: Path) -> list[Path]:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--checkpoint", default="", help="checkpoint dir; default: the latest in run.output_dir")
-    parser.add_argument("--out", default="", help="output folder; default: <run.output_dir>/experts")
+    parser.add_argument("--out", default="", help="output folder; default: <run.output_dir>/experts, or "
+                                                  "experts.<overrides> when overrides change the evaluation")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
 
 
@@ -163,9 +156,12 @@ def _run(args) -> int:
             print(png)
         return 0
 
-    cfg = load_config(args.config, args.overrides)
-    out_dir = Path(args.out) if args.out else Path(cfg.run.output_dir) / "experts"
-    model, tokenizer = load_model(cfg, args.checkpoint)
+    run, model, tokenizer = load_run_model(f"condmoe-experts {args.command}", args.config, args.overrides,
+                                           args.checkpoint)
+    cfg = run.cfg
+    # the run's own experts/, or experts.<overrides>/ when overrides change the evaluation (never over the run's own)
+    out_dir = Path(args.out) if args.out else run.result_path("experts")
+    print(f"condmoe-experts {args.command}: writing to {out_dir}", file=sys.stderr)
     usage = measure_usage(model, cfg, tokenizer)
     similarity = task_similarity(usage["layers"])
     out_dir.mkdir(parents=True, exist_ok=True)
