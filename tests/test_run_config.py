@@ -129,5 +129,16 @@ def test_a_checkpoint_of_another_model_is_one_line_naming_the_parameter(tool, ot
     assert "image_embed.pos_embed has shape (1, 16, 64) in the checkpoint, (1, 4, 64) in the model" in line, line
 
 
+def test_a_data_root_with_another_tokenizer_is_refused(trained, tiny_data, tmp_path, capsys):
+    """data.root names the tokenizer too (<root>/tokenizer): another vocabulary is another model."""
+    other = tmp_path / "data"
+    shutil.copytree(tiny_data / "tokenizer", other / "tokenizer")
+    vocab = sorted((other / "tokenizer").iterdir())[0]
+    vocab.write_bytes(vocab.read_bytes() + b"\n")
+    assert eval_main(["--config", str(trained / "config.yaml"), f"data.root={other}"]) == 2
+    assert f"data.root={other} (its tokenizer {other / 'tokenizer'} is not the run's" in _one_error_line(
+        capsys, "condmoe-eval")
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
