@@ -85,12 +85,66 @@ def read_json(root: str | Path, name: str) -> dict:
 
 
 def num_samples(root: str | Path, dataset: str, split: str) -> int:
-    """The split's sample count from ``sizes.json``; errors name the file and the key."""
+    """The split's sample count from ``sizes.json``: a positive integer; errors name the file and the key."""
     key = f"{dataset}/{split}"
+    path = Path(root) / SIZES
     sizes = read_json(root, SIZES)
     if key not in sizes:
-        raise ValueError(f"{Path(root) / SIZES}: no entry {key!r} (has {sorted(sizes)})")
-    return int(sizes[key])
+        raise ValueError(f"{path}: no entry {key!r} (has {sorted(sizes)}); prepare that split with condmoe-prep")
+    value = sizes[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{path}: {key!r} is {value!r}, expected a positive integer sample count")
+    return value
+
+
+def _manifest_count(path: Path, key: str, entry: Any) -> int:
+    """The sample count a manifest entry records, after checking that its shards add up to it."""
+    try:
+        total = int(entry["num_samples"])
+        in_shards = sum(int(s["num_samples"]) for s in entry["shards"])
+    except (TypeError, KeyError, ValueError):
+        raise ValueError(f"{path}: entry {key!r} is malformed (no num_samples or shards); rerun condmoe-prep") from None
+    if total != in_shards:
+        raise ValueError(f"{path}: entry {key!r} says {total} samples but its shards hold {in_shards}")
+    return total
+
+
+def _no_manifest_reason(root: Path) -> str:
+    if not (root / MANIFEST).is_file():
+        return f"no {MANIFEST}"
+    return f"{MANIFEST} unreadable or not version {MANIFEST_VERSION}"
+
+
+def check_sizes(root: str | Path, keys: Iterable[str]) -> list[str]:
+    """Check the ``sizes.json`` counts of ``keys`` (``"<dataset>/<split>"``) at start-up, reading index files only.
+
+    Each count must be a positive integer and equal the manifest entry's, whose shards must add up to it.
+
+    Returns:
+        One line per key that the manifest does not describe (checked as a positive integer only): say so, but
+        train, since the count still sizes an epoch.
+
+    Raises:
+        ValueError: One line naming the file and the key: missing, not a positive integer, or not the manifest's.
+    """
+    root = Path(root)
+    manifest = read_manifest(root)
+    datasets = manifest.get("datasets") if manifest is not None else None
+    unchecked = []
+    for key in dict.fromkeys(keys):
+        dataset, _, split = key.partition("/")
+        count = num_samples(root, dataset, split)
+        entry = datasets.get(key) if isinstance(datasets, dict) else None
+        if entry is None:
+            why = _no_manifest_reason(root) if datasets is None else f"no entry {key!r} in {MANIFEST}"
+            unchecked.append(f"{root / SIZES}: {key!r} = {count} checked as a positive integer only, not against "
+                             f"the shards ({why}; `condmoe-prep verify {root}` reads them all)")
+            continue
+        expected = _manifest_count(root / MANIFEST, key, entry)
+        if count != expected:
+            raise ValueError(f"{root / SIZES}: {key!r} is {count}, but {root / MANIFEST} lists {expected} samples; "
+                             "rerun the condmoe-prep command that wrote them")
+    return unchecked
 
 
 def read_classes(root: str | Path, missing_ok: bool = False) -> dict[str, list[str]]:

@@ -468,3 +468,101 @@ def test_malformed_yaml_names_the_file(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(ValueError, match=rf"{bad}: a config is a mapping of sections, not a list"):
         load_config(bad)
+# --------------------------------------------------------------------------------------------------------------------
+# validate_paths: sizes.json against the manifest
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def prepared(tiny_data, tmp_path) -> Path:
+    """A copy of the tiny synthetic root (shards, sizes.json, manifest.json written by condmoe-prep)."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    return root
+
+
+def _set_size(root: Path, key: str, value) -> None:
+    sizes = json.loads((root / "sizes.json").read_text())
+    if value is _MISSING:
+        del sizes[key]
+    else:
+        sizes[key] = value
+    (root / "sizes.json").write_text(json.dumps(sizes))
+
+
+_MISSING = object()
+
+
+def test_validate_paths_accepts_sizes_that_match_the_manifest(prepared, caplog):
+    caplog.set_level("WARNING", logger="condmoe.train.config")
+    load_config(DEMO, [f"data.root={prepared}"]).validate_paths()
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("value, why", [
+    (0, "is 0, expected a positive integer"),
+    (-5, "is -5, expected a positive integer"),
+    ("240", "is '240', expected a positive integer"),
+    (240.0, "is 240.0, expected a positive integer"),
+    (True, "is True, expected a positive integer"),
+    (None, "is None, expected a positive integer"),
+    (10, "is 10, but"),  # too small: every epoch would be one batch
+    (1000, "is 1000, but"),
+    (_MISSING, "no entry 'image/train'"),
+])
+def test_validate_paths_refuses_a_bad_sizes_count_in_one_line_naming_file_and_key(prepared, value, why):
+    _set_size(prepared, "image/train", value)
+    with pytest.raises(ValueError) as info:
+        load_config(DEMO, [f"data.root={prepared}"]).validate_paths()
+    message = str(info.value)
+    assert why in message and str(prepared / "sizes.json") in message and "image/train" in message
+    assert "\n" not in message
+    if value in (10, 1000):
+        assert f"{prepared / 'manifest.json'} lists 240 samples" in message
+
+
+def test_validate_paths_names_a_malformed_sizes_json(prepared):
+    (prepared / "sizes.json").write_text('{"image/train": 240,')
+    with pytest.raises(ValueError, match="sizes.json: not valid JSON") as info:
+        load_config(DEMO, [f"data.root={prepared}"]).validate_paths()
+    assert str(prepared / "sizes.json") in str(info.value)
+
+
+def test_validate_paths_refuses_a_manifest_entry_whose_shards_disagree(prepared):
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    manifest["datasets"]["image/train"]["shards"][0]["num_samples"] -= 1
+    (prepared / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="entry 'image/train' says 240 samples but its shards hold 239"):
+        load_config(DEMO, [f"data.root={prepared}"]).validate_paths()
+
+
+@pytest.mark.parametrize("damage, why", [("delete", "no manifest.json"), ("garble", "manifest.json unreadable"),
+                                         ("drop_entry", "no entry 'image/train' in manifest.json")])
+def test_validate_paths_without_a_manifest_entry_warns_once_what_it_checked(prepared, caplog, damage, why):
+    manifest_path = prepared / "manifest.json"
+    if damage == "delete":
+        manifest_path.unlink()
+    elif damage == "garble":
+        manifest_path.write_text("{")
+    else:
+        manifest = json.loads(manifest_path.read_text())
+        del manifest["datasets"]["image/train"]
+        manifest_path.write_text(json.dumps(manifest))
+    _set_size(prepared, "image/train", 10)  # not checkable: training goes on
+    caplog.set_level("WARNING", logger="condmoe.train.config")
+    load_config(DEMO, [f"data.root={prepared}"]).validate_paths()  # two tasks read image/train: one warning
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "'image/train' = 10 checked as a positive integer only, not against the shards" in message
+    assert why in message and str(prepared / "sizes.json") in message
+
+
+def test_train_cli_prints_a_bad_sizes_count_as_one_error_line(prepared, capsys):
+    from condmoe.train.cli import train_main
+
+    _set_size(prepared, "image/train", 0)
+    assert train_main(["--config", str(DEMO), f"data.root={prepared}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"condmoe-train: error: {prepared / 'sizes.json'}: 'image/train' is 0, expected a positive "
+                   "integer sample count")

@@ -7,6 +7,7 @@ clipping) live in the JSON file named by ``deepspeed_config`` and nowhere else.
 
 import dataclasses
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -16,6 +17,8 @@ import yaml
 
 from condmoe.data_prep import schema
 from condmoe.models import SIZES, TASKS, MoAArgs, MoEArgs, TaskSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -316,8 +319,15 @@ class Config:
                 shards = root / task.dataset / split
                 if not any(shards.glob("*.tar")):
                     raise FileNotFoundError(f"tasks[{task.name}].dataset: no shards in {shards}")
+        self._check_sizes(root)
         if not resolve_path(self.deepspeed_config).is_file():
             raise FileNotFoundError(f"deepspeed_config: {self.deepspeed_config} not found")
+
+    def _check_sizes(self, root: Path) -> None:
+        """sizes.json's train counts (they size every epoch) against the manifest: a one-line ``ValueError`` naming
+        the file and the key, or a warning for a split that nothing cross-checks."""
+        for line in schema.check_sizes(root, [f"{task.dataset}/train" for task in self.tasks]):
+            log.warning("warning: %s", line)
 
     @property
     def tokenizer_dir(self) -> Path:
