@@ -58,6 +58,13 @@ def split_by_rank(urls: list[str], rank: int, world_size: int) -> list[str]:
     return urls[rank::world_size]
 
 
+BAD_LABEL = "first_bad_label"  # batch entry (a str) from a worker to its stream; never reaches the trainer
+
+
+class BadLabel(ValueError):
+    """A ``.cls`` label outside the task's classes: the sample is skipped and counted like any bad sample."""
+
+
 class SkipBadSamples:
     """Webdataset handler: a bad sample or shard is logged and skipped (no sleep, unlike ``warn_and_continue``).
 
@@ -71,11 +78,17 @@ class SkipBadSamples:
         self.limit = limit
         self.in_a_row = 0
         self.unreported = 0  # skipped since the last batch left this worker
+        self.first_bad_label: str | None = None  # this pipeline's first BadLabel, until a batch carries it
+        self.bad_label_seen = False
 
     def __call__(self, exn: Exception) -> bool:
         self.in_a_row += 1
         self.unreported += 1
-        log.warning("%s: skipping bad sample: %s: %s", self.source, type(exn).__name__, exn)
+        if isinstance(exn, BadLabel):  # one warning per stream, by the stream (see TaskStream.__next__)
+            if not self.bad_label_seen:
+                self.first_bad_label, self.bad_label_seen = str(exn), True
+        else:
+            log.warning("%s: skipping bad sample: %s: %s", self.source, type(exn).__name__, exn)
         if self.in_a_row >= self.limit:
             raise ValueError(f"{self.source}: {self.limit} unusable samples in a row (last: {type(exn).__name__}: "
                              f"{exn}); are the shards readable and does the task type match the dataset?")
@@ -90,7 +103,44 @@ class SkipBadSamples:
         for batch in batches:
             batch["num_skipped"] = torch.tensor(self.unreported)
             self.unreported = 0
+            if self.first_bad_label is not None:
+                batch[BAD_LABEL] = self.first_bad_label  # popped by the stream, which warns once
+                self.first_bad_label = None
             yield batch
+
+
+def check_label(sample: dict, num_classes: int) -> dict:
+    """Pipeline stage: refuses a decoded sample whose label is not in ``[0, num_classes)`` (``classes.json``'s)."""
+    label = sample.get(schema.LABEL)
+    if isinstance(label, int) and not 0 <= label < num_classes:
+        raise BadLabel(f"{sample.get('__url__', '?')}: sample {sample.get('__key__')}: label {label} outside "
+                       f"[0, {num_classes}) ({num_classes} classes in {schema.CLASSES})")
+    return sample
+
+
+def task_num_classes(root: str | Path, task_type: str, dataset: str) -> int | None:
+    """The class count that labels are checked against: ``classes.json``'s for tasks whose targets are the classes,
+    ``None`` (no check) for the others. Errors name the file and the dataset."""
+    if task_spec(task_type).targets != "classes":
+        return None
+    classes = schema.read_classes(root)
+    if dataset not in classes:
+        raise ValueError(f"{Path(root) / schema.CLASSES}: no entry {dataset!r} (has {sorted(classes)})")
+    return len(classes[dataset])
+
+
+def label_stages(num_classes: int | None, handler) -> list:
+    return [] if num_classes is None else [wds.map(partial(check_label, num_classes=num_classes), handler=handler)]
+
+
+def pop_bad_label(batch: dict, source: str, warned: bool) -> bool:
+    """Removes a worker's bad-label note from ``batch``; warns about the first one (``warned``: already did)."""
+    note = batch.pop(BAD_LABEL, None)
+    if note is not None and not warned:
+        log.warning("%s: skipping samples with a label outside the classes (counted in bad_samples); first: %s",
+                    source, note)
+        return True
+    return warned
 
 
 def image_pixels(image: Image.Image, size: int) -> np.ndarray:
@@ -244,10 +294,12 @@ def sample_fields(task_type: str, handler) -> list:
 
 
 def build_pipeline(urls: list[str], collate: Collate, batch_size: int, shuffle_buffer: int, seed: int,
-                   batches_per_worker: int) -> wds.DataPipeline:
-    """Resampled shards -> samples -> shuffle -> decode -> batches; deterministic in ``seed`` (and worker id).
+                   batches_per_worker: int, num_classes: int | None = None) -> wds.DataPipeline:
+    """Resampled shards -> samples -> shuffle -> decode -> label check -> batches; deterministic in ``seed`` (and
+    worker id).
 
-    Each batch carries ``num_skipped``: the bad samples its worker skipped since its previous batch.
+    Each batch carries ``num_skipped``: the bad samples its worker skipped since its previous batch (labels outside
+    ``[0, num_classes)`` included, when ``num_classes`` is given).
     """
     skip = SkipBadSamples(str(Path(urls[0]).parent))
     return wds.DataPipeline(
@@ -257,6 +309,7 @@ def build_pipeline(urls: list[str], collate: Collate, batch_size: int, shuffle_b
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed)),
         # Random crops need the pixels: draft decoding only when the images are not augmented.
         wds.map(partial(decode_sample, min_side=0 if collate.augment.active else collate.img_size), handler=skip),
+        *label_stages(num_classes, skip),
         *sample_fields(collate.task_type, skip),
         wds.map(skip.reset),
         wds.batched(batch_size, collation_fn=collate, partial=False),
@@ -276,6 +329,8 @@ class TaskStream:
         self.task = task
         self.urls = split_by_rank(shard_urls(data.root, task.dataset, "train"), rank, world_size)
         num_samples = schema.num_samples(data.root, task.dataset, "train")
+        self.num_classes = task_num_classes(data.root, task.type, task.dataset)
+        self._warned_bad_label = False
         self.num_workers = data.num_workers
         # An epoch is about one pass of the dataset over all ranks; with_epoch counts per worker.
         batches = max(1, num_samples // (task.batch_size * world_size))
@@ -294,7 +349,7 @@ class TaskStream:
         seed = stable_seed(*self.seed_parts, epoch)
         self.collate.seed = seed
         pipeline = build_pipeline(self.urls, self.collate, self.task.batch_size, self.shuffle_buffer, seed,
-                                  self.batches_per_worker)
+                                  self.batches_per_worker, self.num_classes)
         if self.num_workers == 0:
             return iter(pipeline)
         loader = DataLoader(pipeline, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
@@ -322,6 +377,7 @@ class TaskStream:
         if self._iterator is None or self._remaining == 0:
             self.seek(self.position)
         batch = next(self._iterator)
+        self._warned_bad_label = pop_bad_label(batch, f"task {self.task.name}", self._warned_bad_label)
         self._remaining -= 1
         self.position += 1
         return batch
@@ -371,9 +427,13 @@ def val_batches(root: str | Path, dataset: str, img_size: int, batch_size: int, 
         wds.split_by_worker,
         partial(tar_samples, handler=skip),
         wds.map(partial(decode_sample, min_side=img_size), handler=skip),
+        *label_stages(task_num_classes(root, task_type, dataset), skip),
         *sample_fields(task_type, skip),
         wds.map(skip.reset),
         wds.batched(batch_size, collation_fn=collate, partial=True),
         skip.attach,
     )
-    yield from pipeline
+    warned = False
+    for batch in pipeline:
+        warned = pop_bad_label(batch, f"{dataset}/val", warned)
+        yield batch
