@@ -398,6 +398,81 @@ def test_wds_reindex_video_without_pyarrow_needed(videos: Path, tmp_path: Path,
     _verify_ok(out, capsys)
 
 
+def _stats_file(tar: Path, status: dict[str, int], **categories: int) -> None:
+    """``NNNNN_stats.json`` as img2dataset / video2dataset write it (logger.write_stats)."""
+    successes = status.get("success", 0)
+    stats = {"count": sum(status.values()), "successes": successes, **categories, "duration": 1.5,
+             "start_time": 1700000000.0, "end_time": 1700000001.5, "status_dict": status}
+    tar.with_name(f"{tar.stem}_stats.json").write_text(json.dumps(stats, indent=4))
+
+
+def _write_tar(path: Path, samples: list[dict[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tf:
+        for sample in samples:
+            for ext, data in sample.items():
+                if ext != "key":
+                    _add(tf, f"{sample['key'].decode()}.{ext}", data)
+
+
+def _meta(key: str, status: str, error: str | None = None) -> bytes:
+    return json.dumps({"url": f"http://x/{key}", "key": key, "status": status, "error_message": error}).encode()
+
+
+def test_wds_reindex_counts_img2dataset_failures_per_reason(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """img2dataset writes only successes to the tar; a decoding error and an HTTP 404 live in _stats.json only."""
+    root = tmp_path / "img2dataset"
+    root.mkdir()
+    samples = [{"key": f"00000000{i}".encode(), "jpg": _jpeg_bytes(i, (48, 32)), "txt": f"caption {i}".encode(),
+                "json": _meta(f"00000000{i}", "success")} for i in (0, 2)]
+    _write_tar(root / "00000.tar", samples)
+    _stats_file(root / "00000.tar", {"success": 2, "Image decoding error": 1, "HTTP Error 404: Not Found": 1},
+                failed_to_download=1, failed_to_resize=1)
+    out = tmp_path / "out"
+    printed = _prep(["wds_reindex", "--input", str(root), "--out", str(out), "--dataset", "laion", *_TINY], capsys)
+    assert "laion/train: 2 samples" in printed and "skipped 0" in printed
+    assert "upstream failures 2 (not in the input tars): failed_to_download 1, failed_to_resize 1" in printed
+    assert "upstream errors: HTTP Error 404: Not Found 1, Image decoding error 1" in printed
+    assert "stats mismatch" not in printed
+    entry = json.loads((out / "manifest.json").read_text())["datasets"]["laion/train"]
+    assert entry["notes"]["upstream_failures"] == {"failed_to_download": 1, "failed_to_resize": 1}
+    assert entry["notes"]["upstream_errors"] == {"HTTP Error 404: Not Found": 1, "Image decoding error": 1}
+    assert entry["skipped"] == {} and entry["num_samples"] == 2
+    _verify_ok(out, capsys)
+
+
+def test_wds_reindex_counts_video2dataset_failed_samples(videos: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """video2dataset writes a failed sample as .txt + .json with its status: an upstream failure, not missing_key;
+    shard 00000 has its stats file, shard 00001 none (the samples' statuses are counted then)."""
+    root = tmp_path / "video2dataset"
+    root.mkdir()
+    clip = (videos / "a.mp4").read_bytes()
+    _write_tar(root / "00000.tar", [
+        {"key": b"000000000", "mp4": clip, "txt": b"a clip", "json": _meta("000000000", "success")},
+        {"key": b"000000001", "txt": b"gone", "json": _meta("000000001", "failed_to_download", "Video unavailable")},
+    ])
+    _stats_file(root / "00000.tar", {"success": 1, "Video unavailable": 1}, failed_to_download=1,
+                failed_to_subsample=0)
+    _write_tar(root / "00001.tar", [
+        {"key": b"000010000", "txt": b"cut", "json": _meta("000010000", "failed_to_subsample", "corrupted sample")},
+        {"key": b"000010001", "mp4": clip, "txt": b"kept", "json": _meta("000010001", "success")},
+        {"key": b"000010002", "txt": b"no video, no status", "json": b"{}"},
+    ])
+    out = tmp_path / "out"
+    printed = _prep(["wds_reindex", "--input", str(root), "--out", str(out), "--dataset", "webvid", "--num-frames",
+                     "2", "--video-size", "0", "--no-progress"], capsys)
+    assert "webvid/train: 2 samples" in printed and "skipped 1: missing_key 1" in printed
+    assert "upstream failures 2 (not in the input tars): failed_to_download 1, failed_to_subsample 1" in printed
+    assert "upstream errors: Video unavailable 1, corrupted sample 1" in printed
+    assert "stats cross-check: 1 successes in the stats files, 3 samples found in 2 tar(s)" in printed
+    assert "stats mismatch" not in printed  # the failed sample of 00000.tar is not a found one
+    notes = json.loads((out / "manifest.json").read_text())["datasets"]["webvid/train"]["notes"]
+    assert notes["upstream_failures"] == {"failed_to_download": 1, "failed_to_subsample": 1}
+    assert notes["missing_stats"] == ["00001.tar"]
+    assert [e["item"] for e in _errors(out, "webvid/train")] == ["00001.tar:000010002"]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # verify, user errors, SLURM defaults
 # ---------------------------------------------------------------------------------------------------------------------
