@@ -8,23 +8,34 @@ checkpoint counts only once it is committed: after every rank finished writing, 
 ``latest`` atomically. DeepSpeed's own ``latest`` is not used: its rank 0 writes it before the other ranks are known to
 be done, so a rank killed mid-save could leave ``latest`` pointing at a torn checkpoint.
 
-``condmoe.json`` (format 2; format 1, written before the format had a number, is the same without ``format`` and
-``trainer``)::
+``condmoe.json`` (format 3; format 2 is the same without ``files``, format 1, written before the format had a number,
+also without ``format`` and ``trainer``)::
 
-    {"format": 2, "step": 6, "world_size": 2, "zero_stage": 2, "ep_size": 2, "num_experts": 4,
+    {"format": 3, "step": 6, "world_size": 2, "zero_stage": 2, "ep_size": 2, "num_experts": 4,
      "ranks": [{"ep_rank": 0, "expert_dp_rank": 0, "stream_positions": [4, 2]}, ...],   # + each rank's own states
+     "files": {"mp_rank_00_model_states.pt": {"size": 620880, "sha256": "9f2c..."}, ...},  # every file but this one
      "expert_usage_ema": {"share": ..., "started": ...}, "trainer": {"skipped_micro_steps": 0}}  # + shared states
 
 A state is kept under its part's name: in each rank's entry for the parts that differ by rank, at the top for those
 that are the same on every rank (rank 0's is written). ``Record.to_json`` and ``Record.from_json`` are the only code
 that knows these keys.
+
+Integrity: before anything loads a checkpoint, ``verify`` compares every file with its size and sha256 in ``files``
+and unpickles every ``.pt`` file with ``weights_only=True`` and ``allowed_globals`` (tensors, plain data and the three
+DeepSpeed types its files hold), so a file that would run code when unpickled is refused before DeepSpeed's loader,
+which unpickles with ``weights_only=False``, reads it. ``find`` falls back to the newest committed checkpoint that
+verifies.
 """
 
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -35,13 +46,15 @@ from deepspeed import comm as dist
 from condmoe.models.ds_moe import plain_name
 from condmoe.train.dist import on_rank0
 
+log = logging.getLogger("condmoe.checkpoint")
+
 TAG = re.compile(r"^step_(\d+)$")
 EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
 MARKER = "condmoe.json"
-FORMAT = 2  # of condmoe.json; 1 is the unnumbered format before it
+FORMAT = 3  # of condmoe.json; 2 had no checksums, 1 is the unnumbered format before it
 
-# The keys of condmoe.json that are the layout (the rest are states, under their parts' names).
-LAYOUT_KEYS = ("format", "step", "world_size", "zero_stage", "ep_size", "num_experts", "ranks")
+# The keys of condmoe.json that are the layout and the file sums (the rest are states, under their parts' names).
+LAYOUT_KEYS = ("format", "step", "world_size", "zero_stage", "ep_size", "num_experts", "ranks", "files")
 RANK_KEYS = ("ep_rank", "expert_dp_rank")
 
 
@@ -90,6 +103,14 @@ class Layout:
 
 
 @dataclass(frozen=True)
+class FileSum:
+    """A checkpoint file as committed: its size in bytes and the sha256 of its bytes (hex)."""
+
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class Record:
     """What ``condmoe.json`` holds: the step, the layout and the named states of the stateful parts."""
 
@@ -97,6 +118,7 @@ class Record:
     layout: Layout
     states: dict[str, Any] = field(default_factory=dict)  # parts that are the same on every rank (rank 0's)
     rank_states: tuple[dict[str, Any], ...] = ()  # each rank's own parts, by global rank (empty: none saved)
+    files: dict[str, FileSum] | None = None  # every file of the checkpoint but condmoe.json (None: before format 3)
 
     def __post_init__(self) -> None:
         assert not set(self.states) & set(LAYOUT_KEYS), f"state names {sorted(self.states)} shadow layout keys"
@@ -119,16 +141,18 @@ class Record:
         ranks = [{"ep_rank": r.ep_rank, "expert_dp_rank": r.expert_dp_rank} for r in layout.ranks]
         for entry, states in zip(ranks, self.rank_states):
             entry.update(states)
+        files = {} if self.files is None else {"files": {name: {"size": s.size, "sha256": s.sha256}
+                                                         for name, s in sorted(self.files.items())}}
         return {"format": FORMAT, "step": self.step, "world_size": layout.world_size, "zero_stage": layout.zero_stage,
-                "ep_size": layout.ep_size, "num_experts": layout.num_experts, "ranks": ranks, **self.states}
+                "ep_size": layout.ep_size, "num_experts": layout.num_experts, "ranks": ranks, **files, **self.states}
 
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> "Record":
-        """Reads format 2 and format 1 (which is format 2 without ``format``); raises ValueError or KeyError."""
+        """Reads formats 3, 2 (3 without ``files``) and 1 (2 without ``format``); raises ValueError or KeyError."""
         if not isinstance(record, dict):
             raise ValueError(f"a JSON object was expected, not {type(record).__name__}")
         version = record.get("format", 1)
-        if version not in (1, FORMAT):
+        if version not in range(1, FORMAT + 1) or isinstance(version, bool):
             raise ValueError(f"format {version!r} is not one this condmoe reads (1..{FORMAT}): written by a newer one?")
         ep_size, num_experts = _int(record, "ep_size"), _int(record, "num_experts")
         entries = record["ranks"]
@@ -136,9 +160,19 @@ class Record:
             raise ValueError(f"'ranks' must list world_size={record['world_size']} ranks")
         ranks = tuple(RankLayout(ep_size, num_experts, _int(e, "ep_rank"), _int(e, "expert_dp_rank")) for e in entries)
         rank_states = tuple({k: v for k, v in e.items() if k not in RANK_KEYS} for e in entries)
+        files = record.get("files")
+        if files is not None and not isinstance(files, dict):
+            raise ValueError(f"'files' must map file names to their size and sha256, not {files!r}")
         return cls(step=_int(record, "step"), layout=Layout(len(ranks), _int(record, "zero_stage"), ranks),
                    states={k: v for k, v in record.items() if k not in LAYOUT_KEYS},
-                   rank_states=rank_states if any(rank_states) else ())
+                   rank_states=rank_states if any(rank_states) else (),
+                   files=None if files is None else {name: _file_sum(name, s) for name, s in files.items()})
+
+
+def _file_sum(name: str, entry: Any) -> FileSum:
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+        raise ValueError(f"files[{name!r}] must hold a size and a sha256, not {entry!r}")
+    return FileSum(_int(entry, "size"), entry["sha256"])
 
 
 def _int(record: dict[str, Any], key: str) -> int:
@@ -174,15 +208,159 @@ def read(path: str | Path) -> Record:
         raise ValueError(f"{marker}: unreadable checkpoint record: {' '.join(reason.split())}") from exc
 
 
+def committed_tags(ckpt_dir: str | Path) -> list[str]:
+    """The committed checkpoints in ``ckpt_dir``, newest (highest step) first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    steps = sorted(((int(m.group(1)), p.name) for p in ckpt_dir.iterdir() if (m := TAG.match(p.name))
+                    and is_complete(p)), reverse=True)
+    return [tag for _, tag in steps]
+
+
 def latest_tag(ckpt_dir: str | Path) -> str | None:
-    """The tag ``latest`` names if that checkpoint is committed, else the newest committed one (None if none is)."""
+    """The tag ``latest`` names if that checkpoint is committed, else (with a warning if ``latest`` names another)
+    the newest committed one (None if none is)."""
     ckpt_dir = Path(ckpt_dir)
     latest = ckpt_dir / "latest"
-    if latest.is_file() and is_complete(ckpt_dir / latest.read_text().strip()):
-        return latest.read_text().strip()
-    committed = sorted((int(m.group(1)), p.name) for p in ckpt_dir.glob("step_*") if (m := TAG.match(p.name))
-                       and is_complete(p)) if ckpt_dir.is_dir() else []
-    return committed[-1][1] if committed else None
+    named = latest.read_text().strip() if latest.is_file() else None
+    if named and TAG.match(named) and is_complete(ckpt_dir / named):
+        return named
+    tags = committed_tags(ckpt_dir)
+    if named is not None:
+        log.warning("%s names %r, which is not a committed checkpoint: using the newest committed one, %s", latest,
+                    named, tags[0] if tags else "none")
+    return tags[0] if tags else None
+
+
+# Integrity: the files' sizes and sha256 in the record, and a weights_only=True unpickling of every .pt file.
+
+HASH_THREADS = min(8, os.cpu_count() or 1)  # hashlib and file reads release the GIL: threads read in parallel
+CHUNK = 8 << 20
+
+
+def allowed_globals() -> list[type]:
+    """The classes besides tensors and plain data that DeepSpeed's checkpoint files hold (each ZeRO-1/2 optimizer
+    shard, fp32 and bf16; the model and expert files hold none): what a ``weights_only=True`` load may construct."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    # fragment_address: the (numel, start) of each parameter's slice in the shard (param_slice_mappings);
+    # LossScaler: the static loss scaler fp32/bf16 runs save (loss_scaler); ZeroStageEnum: the stage (zero_stage).
+    return [fragment_address, LossScaler, ZeroStageEnum]
+
+
+def _one_line(exc: BaseException) -> str:
+    """What a failed torch.load says, on one line: the refused global of a weights_only error, else its first line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    refused = next((line for line in lines if "Unsupported global:" in line), None)
+    if refused:
+        name = refused.split("GLOBAL", 1)[-1].split()[0] if "GLOBAL" in refused else refused
+        return f"refused to unpickle {name} (weights_only=True allows tensors, plain data and {ALLOWED_NAMES})"
+    return lines[0]
+
+
+ALLOWED_NAMES = "DeepSpeed's fragment_address, LossScaler, ZeroStageEnum"
+
+
+def _unpickle(file: Path, mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` onto the CPU; call it inside ``safe_globals(allowed_globals())``. Raises
+    ValueError naming ``file`` if it is not a torch file or holds anything else."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(file))
+    except Exception as exc:  # a crafted or damaged pickle can raise anything: the file is bad, say which
+        raise ValueError(f"{file}: {_one_line(exc)}") from exc
+
+
+def safe_load(file: str | Path, mmap: bool = False) -> Any:
+    """A checkpoint file's contents, unpickled with ``weights_only=True`` and the allow-list: no code runs."""
+    with torch.serialization.safe_globals(allowed_globals()):
+        return _unpickle(Path(file), mmap)
+
+
+def _parallel(fn: Callable[[Path], Any], files: Iterable[Path]) -> list[Any]:
+    with ThreadPoolExecutor(HASH_THREADS) as pool:
+        return list(pool.map(fn, files))
+
+
+def _sum(file: Path) -> FileSum:
+    digest, size = hashlib.sha256(), 0
+    with file.open("rb", buffering=0) as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return FileSum(size, digest.hexdigest())
+
+
+def data_files(path: str | Path) -> list[str]:
+    """The names of a checkpoint's files: all but the record and hidden temporary files."""
+    return sorted(p.name for p in Path(path).iterdir() if p.is_file() and p.name != MARKER
+                  and not p.name.startswith("."))
+
+
+def file_sums(path: str | Path, names: Iterable[str]) -> dict[str, FileSum]:
+    """The size and sha256 of each of the files ``names`` in ``path``, hashed in parallel."""
+    names = list(names)
+    return dict(zip(names, _parallel(_sum, [Path(path) / name for name in names])))
+
+
+def verify(path: str | Path, names: Iterable[str] | None = None) -> bool:
+    """Checks a committed checkpoint before anything reads it: the files its record lists are there and no other,
+    each of ``names`` (default: all) has its recorded size and sha256, and every one of them that is a ``.pt`` file
+    unpickles with ``weights_only=True`` and the allow-list (so DeepSpeed's own loader, which unpickles anything,
+    never reads a file that would run code). Returns False if the record predates checksums (only the unpickling
+    was checked). Raises ValueError naming the first bad file, FileNotFoundError if it was never committed."""
+    path = Path(path)
+    record = read(path)
+    present = data_files(path)
+    chosen = sorted(present if names is None else set(names))
+    if record.files is not None:
+        missing = sorted(set(record.files) - set(present)) + sorted(set(chosen) - set(present))
+        if missing:
+            raise ValueError(f"{path / missing[0]}: missing (the checkpoint's {MARKER} lists it)")
+        extra = sorted(set(present) - set(record.files))
+        if extra:
+            raise ValueError(f"{path / extra[0]}: not one of the checkpoint's files ({MARKER} does not list it)")
+        for name in chosen:
+            if (size := (path / name).stat().st_size) != record.files[name].size:
+                raise ValueError(f"{path / name}: {size} bytes, {record.files[name].size} when committed (truncated "
+                                 "or overwritten)")
+        for name, got in file_sums(path, chosen).items():
+            if got.sha256 != record.files[name].sha256:
+                raise ValueError(f"{path / name}: sha256 {got.sha256[:12]}..., {record.files[name].sha256[:12]}... "
+                                 "when committed (corrupted)")
+    with torch.serialization.safe_globals(allowed_globals()):  # entered once: the allow-list is process-wide
+        _parallel(lambda file: _unpickle(file, mmap=True), [path / n for n in chosen if n.endswith(".pt")])
+    return record.files is not None
+
+
+def check(path: str | Path, names: Iterable[str] | None = None) -> None:
+    """``verify``, with one warning if the checkpoint was committed before checksums and so cannot be verified."""
+    if not verify(path, names):
+        log.warning("%s was committed without checksums (%s before format 3): its files cannot be verified, only "
+                    "their unpickling with weights_only=True was checked", path, MARKER)
+
+
+def newest_verified(ckpt_dir: str | Path) -> Path | None:
+    """The checkpoint to resume from in ``ckpt_dir``: the one ``latest`` names, else the newest committed one, that
+    verifies; each one whose files fail is skipped with a warning naming the bad file. None if none is committed; a
+    ValueError if none of those verifies or a record cannot be read."""
+    ckpt_dir = Path(ckpt_dir)
+    first = latest_tag(ckpt_dir)
+    tags = [first] + [tag for tag in committed_tags(ckpt_dir) if tag != first] if first else []
+    failures = []
+    for tag in tags:
+        read(ckpt_dir / tag)  # an unreadable record (cut short, a newer format) stops the run: it is not a bad file
+        try:
+            check(ckpt_dir / tag)
+            return ckpt_dir / tag
+        except ValueError as exc:
+            failures.append(str(exc))
+            log.warning("skipping %s: %s", tag, exc)
+    if failures:
+        raise ValueError(f"{ckpt_dir}: no committed checkpoint verifies ({'; '.join(failures)})")
+    return None
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -216,15 +394,22 @@ def save(engine, output_dir: str | Path, step: int, keep_last: int, layout: Rank
     # A torn save of this step by an earlier, killed run: never mix its files in.
     on_rank0(lambda: shutil.rmtree(path) if path.exists() else None)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
-    mine = (layout, {name: _as_json(part) for name, part in (rank_states or {}).items()})
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)  # also a barrier: every rank has written its files
+    dist.barrier()  # every rank has written its files: each now hashes its share of them
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    sums = file_sums(path, data_files(path)[rank::world_size])
+    mine = (layout, {name: _as_json(part) for name, part in (rank_states or {}).items()}, sums)
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, mine)
 
     def commit() -> None:
-        record = Record(step=step,
-                        layout=Layout(len(gathered), engine.zero_optimization_stage(), tuple(r for r, _ in gathered)),
+        hashed = {name: s for _, _, sums in gathered for name, s in sums.items()}
+        names = data_files(path)  # what rank 0 sees; a file another rank did not list yet is hashed here
+        hashed.update(file_sums(path, [name for name in names if name not in hashed]))
+        ranks = tuple(r for r, _, _ in gathered)
+        record = Record(step=step, layout=Layout(len(gathered), engine.zero_optimization_stage(), ranks),
                         states={name: _as_json(part) for name, part in (states or {}).items()},
-                        rank_states=tuple(s for _, s in gathered) if rank_states else ())
+                        rank_states=tuple(s for _, s, _ in gathered) if rank_states else (),
+                        files={name: hashed[name] for name in names})
         _write_atomic(path / MARKER, json.dumps(record.to_json(), indent=1) + "\n")
         _write_atomic(ckpt_dir / "latest", tag)
         _prune(ckpt_dir, step, keep_last)
@@ -257,25 +442,25 @@ def _prune(ckpt_dir: Path, latest_step: int, keep_last: int) -> None:
 
 
 def find(output_dir: str | Path, resume_from: str) -> Path | None:
-    """The checkpoint ``run.resume`` names: ``auto`` (the latest committed one, None if there is none), ``none``, or a
-    path to a ``step_N`` directory or to a checkpoints folder (its latest)."""
+    """The checkpoint ``run.resume`` names, verified (``verify``): ``auto`` (the latest committed one that verifies,
+    falling back to older ones with a warning; None if there is none), ``none``, a checkpoints folder (the same, in
+    that folder) or a path to a ``step_N`` directory (which must verify: no fallback for a checkpoint named)."""
     if resume_from == "none":
         return None
     if resume_from == "auto":
-        ckpt_dir = checkpoint_dir(output_dir)
-        tag = latest_tag(ckpt_dir)
-        return ckpt_dir / tag if tag else None
+        return newest_verified(checkpoint_dir(output_dir))
     path = Path(resume_from)
     if not path.is_dir():
         raise FileNotFoundError(f"run.resume={resume_from}: no such checkpoint directory")
     if not TAG.match(path.name) and not is_complete(path):
-        tag = latest_tag(path)
-        if tag is None:
+        found = newest_verified(path)
+        if found is None:
             raise FileNotFoundError(f"run.resume={resume_from}: no committed checkpoint in this folder")
-        path = path / tag
+        return found
     if not is_complete(path):
         raise FileNotFoundError(f"run.resume={resume_from}: not a complete checkpoint (no {MARKER}: its save never "
                                 "finished)")
+    check(path)
     return path
 
 
@@ -284,6 +469,7 @@ def load_plain_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
     ``path`` is a checkpoint directory (``.../step_N``) or the checkpoints folder (then ``latest`` is used). Expert
     files are stored per global expert, so the result does not depend on the ep_size the checkpoint was written with.
+    The files read are verified first and unpickled with ``weights_only=True``: a ValueError names a bad one.
     """
     path = Path(path)
     if not (path / "mp_rank_00_model_states.pt").is_file():
@@ -291,10 +477,15 @@ def load_plain_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if tag is None:
             raise FileNotFoundError(f"{path}: neither a checkpoint (mp_rank_00_model_states.pt) nor a folder with one")
         path = path / tag
-    states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    merged = dict(states["module"])
-    for file in sorted(path.iterdir()):
-        if EXPERT_FILE.match(file.name):
-            merged.update(torch.load(file, map_location="cpu", weights_only=False))
+    names = ["mp_rank_00_model_states.pt", *sorted(p.name for p in path.iterdir() if EXPERT_FILE.match(p.name))]
+    if is_complete(path):
+        check(path, names)  # ValueError naming a file that does not match its checksum
+    else:
+        log.warning("%s has no %s (not a committed condmoe checkpoint): its files cannot be verified", path, MARKER)
+    with torch.serialization.safe_globals(allowed_globals()):
+        states = _unpickle(path / names[0])
+        merged = dict(states["module"])
+        for name in names[1:]:
+            merged.update(_unpickle(path / name))
     # Expert keys already carry global expert ids; drop the DeepSpeed wrapper level everywhere.
     return {plain_name(key): value for key, value in merged.items()}

@@ -24,7 +24,7 @@ from deepspeed import comm as dist
 
 from condmoe.models.ds_moe import global_expert_name, global_parameter_names, plain_name
 from condmoe.train import checkpoint
-from condmoe.train.checkpoint import Record, load_plain_state_dict
+from condmoe.train.checkpoint import Record, load_plain_state_dict, safe_load
 from condmoe.train.dist import on_rank0
 
 log = logging.getLogger("condmoe.reshard")
@@ -56,7 +56,7 @@ def consolidate(path: str | Path) -> dict:
     pieces = defaultdict(lambda: defaultdict(list))  # name -> key -> [(partition rank, fragment)]
     optimizer_step = None
     for rank, place in enumerate(layout.ranks):
-        shard = torch.load(_zero_file(path, rank), map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        shard = safe_load(_zero_file(path, rank))["optimizer_state_dict"]
         base = shard["base_optimizer_state"]
         for i, mapping in enumerate(shard["param_slice_mappings"]):
             group = base["param_groups"][i]
@@ -88,7 +88,7 @@ def consolidate(path: str | Path) -> dict:
                                  f"{tuple(shapes[name])} has {shapes[name].numel()}")
             entry[key] = full.view(shapes[name]).clone()
         params[name] = entry
-    states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    states = safe_load(path / "mp_rank_00_model_states.pt")
     frozen = {name: {"fp32": value.float()} for name, value in plain.items() if name not in params}
     # "source" as condmoe.json has it: plain data, so that the copy loads without this module's classes
     return {"format": 1, "source": record.to_json(), "step": record.step, "params": {**params, **frozen},
@@ -162,7 +162,7 @@ def resume(engine, path: Path, record: Record, work_dir: Path) -> int:
         write_universal(path, out)
 
     on_rank0(convert)
-    step = load(engine, torch.load(out, map_location="cpu", weights_only=False, mmap=True))
+    step = load(engine, safe_load(out, mmap=True))
     dist.barrier()
     on_rank0(lambda: out.unlink(missing_ok=True))
     return step
