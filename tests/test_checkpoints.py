@@ -15,12 +15,26 @@ from condmoe.train import checkpoint
 
 
 def _fake_checkpoint(ckpt_dir: Path, step: int, committed: bool = True) -> Path:
+    """A checkpoint of a one-rank dense model: a module file and one expert file, committed with their checksums."""
+    import torch
+
     path = ckpt_dir / f"step_{step}"
     path.mkdir(parents=True)
-    (path / "mp_rank_00_model_states.pt").write_bytes(b"")
+    torch.save({"module": {"w": torch.full((64,), float(step))}}, path / "mp_rank_00_model_states.pt")
+    torch.save({"e": torch.zeros(256)}, path / "layer_0_expert_0_mp_rank_00_model_states.pt")
     if committed:
-        (path / checkpoint.MARKER).write_text(json.dumps({"step": step}))
+        _commit(path, step)
     return path
+
+
+def _commit(path: Path, step: int, files: bool = True) -> None:
+    """Writes the record as ``checkpoint.save`` does (``files=False``: as format 2 did, without checksums)."""
+    layout = checkpoint.Layout(1, 0, (checkpoint.RankLayout(1, 0, 0, 0),))
+    sums = checkpoint.file_sums(path, checkpoint.data_files(path)) if files else None
+    record = checkpoint.Record(step, layout, files=sums).to_json()
+    if not files:
+        record["format"] = 2
+    (path / checkpoint.MARKER).write_text(json.dumps(record))
 
 
 def test_latest_is_always_a_committed_checkpoint(tmp_path):
@@ -316,3 +330,147 @@ def test_shipped_deepspeed_configs_train(tiny_data, tmp_path, ds_config, overrid
     for rank in (0, 1):
         assert sorted(losses(tmp_path / "run", rank)) == [0, 1]
     assert checkpoint.is_complete(tmp_path / "run" / "checkpoints" / "step_2")
+
+
+# Integrity: sizes and sha256 in the record, weights_only=True unpickling, fallback (train/checkpoint.py verify).
+
+def _flip(file: Path, offset: int, count: int) -> None:
+    data = bytearray(file.read_bytes())
+    data[offset:offset + count] = bytes(b ^ 0xFF for b in data[offset:offset + count])
+    file.write_bytes(bytes(data))
+
+
+MODEL = "mp_rank_00_model_states.pt"
+EXPERT = "layer_0_expert_0_mp_rank_00_model_states.pt"
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda p: _flip(p / EXPERT, 600, 64), r"sha256 \w+\.\.\., \w+\.\.\. when committed \(corrupted\)"),
+    (lambda p: (p / MODEL).write_bytes((p / MODEL).read_bytes()[:300]), "bytes, .* when committed"),
+    (lambda p: (p / EXPERT).unlink(), "missing"),
+    (lambda p: (p / "layer_0_expert_1_mp_rank_00_model_states.pt").write_bytes(b"x"), "not one of the checkpoint's"),
+])
+def test_verify_names_a_damaged_file(tmp_path, damage, reason):
+    path = _fake_checkpoint(tmp_path, 3)
+    assert checkpoint.verify(path)
+    damage(path)
+    with pytest.raises(ValueError, match=reason) as error:
+        checkpoint.verify(path)
+    assert str(error.value).startswith(str(path / "layer_0_expert_")) or str(error.value).startswith(str(path / MODEL))
+    assert "\n" not in str(error.value)
+
+
+def test_auto_resume_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path, caplog):
+    ckpt = tmp_path / "run" / "checkpoints"
+    for step in (2, 4, 6):
+        _fake_checkpoint(ckpt, step)
+    (ckpt / "latest").write_text("step_6")
+    _flip(ckpt / "step_6" / MODEL, 700, 4096)
+    with caplog.at_level("WARNING", logger="condmoe.checkpoint"):
+        assert checkpoint.find(tmp_path / "run", "auto") == ckpt / "step_4"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"skipping step_6: {ckpt / 'step_6' / MODEL}: " + caplog.records[0].getMessage().split(f"{MODEL}: ")[1]]
+    assert checkpoint.find(tmp_path / "run", str(ckpt)) == ckpt / "step_4"  # a checkpoints folder: the same rule
+    # A checkpoint named explicitly: no fallback, one line naming the file.
+    with pytest.raises(ValueError, match=f"^{ckpt / 'step_6' / MODEL}: sha256 .* when committed"):
+        checkpoint.find(tmp_path / "run", str(ckpt / "step_6"))
+    # None verifies: one line.
+    for step in (2, 4):
+        (ckpt / f"step_{step}" / EXPERT).write_bytes(b"")
+    with pytest.raises(ValueError, match="no committed checkpoint verifies") as error:
+        checkpoint.find(tmp_path / "run", "auto")
+    assert "\n" not in str(error.value) and str(ckpt / "step_2" / EXPERT) in str(error.value)
+
+
+def test_latest_naming_a_missing_step_warns_once_and_uses_the_newest(tmp_path, caplog):
+    ckpt = tmp_path / "run" / "checkpoints"
+    _fake_checkpoint(ckpt, 2)
+    _fake_checkpoint(ckpt, 4)
+    (ckpt / "latest").write_text("step_9")
+    with caplog.at_level("WARNING", logger="condmoe.checkpoint"):
+        assert checkpoint.find(tmp_path / "run", "auto") == ckpt / "step_4"
+    assert len(caplog.records) == 1 and "'step_9', which is not a committed checkpoint" in caplog.text
+
+
+def test_a_checkpoint_without_checksums_loads_with_one_warning(tmp_path, caplog):
+    path = _fake_checkpoint(tmp_path / "checkpoints", 2, committed=False)
+    _commit(path, 2, files=False)  # format 2
+    assert checkpoint.read(path).files is None and not checkpoint.verify(path)
+    with caplog.at_level("WARNING", logger="condmoe.checkpoint"):
+        assert checkpoint.find(tmp_path, "auto") == path
+        assert checkpoint.load_plain_state_dict(path)["w"][0] == 2
+    assert [r.getMessage().split(" was ")[1][:24] for r in caplog.records] == ["committed without checks"] * 2
+    (path / MODEL).write_bytes(b"PK\x03\x04 cut short")  # unverifiable, yet still refused unread
+    with pytest.raises(ValueError, match=f"^{path / MODEL}: "):
+        checkpoint.find(tmp_path, str(path))
+
+
+class RunsCode:
+    """What a hostile checkpoint holds: unpickling it runs a shell command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def _hostile(path: Path, name: str, marker: Path) -> None:
+    """Replaces a checkpoint file with one whose pickle runs code, and re-commits so its checksum matches (a whole
+    checkpoint handed over by someone else)."""
+    import torch
+
+    record = json.loads((path / checkpoint.MARKER).read_text())
+    torch.save({"module": {}, "optimizer_state_dict": RunsCode(marker)}, path / name)
+    record["files"][name] = {"size": (path / name).stat().st_size, "sha256": checkpoint.file_sums(path, [name])[name]
+                             .sha256}
+    (path / checkpoint.MARKER).write_text(json.dumps(record))
+
+
+def test_a_checkpoint_file_whose_pickle_runs_code_is_refused_unexecuted(tmp_path):
+    marker = tmp_path / "pwned"
+    path = _fake_checkpoint(tmp_path / "checkpoints", 2)
+    _hostile(path, MODEL, marker)
+    assert checkpoint.verify(path.parent / "step_2", []) is True  # checksums alone pass: the record was rewritten
+    message = f"^{path / MODEL}: refused to unpickle posix.system "
+    for load in (checkpoint.verify, checkpoint.load_plain_state_dict, lambda p: checkpoint.safe_load(p / MODEL),
+                 lambda p: checkpoint.find(tmp_path, str(p))):
+        with pytest.raises(ValueError, match=message):
+            load(path)
+    assert not marker.exists()
+
+
+def test_condmoe_ckpt_verify_prints_a_line_per_checkpoint(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    from condmoe.train import ckpt_cli
+
+    def verify(target: Path) -> tuple[int, list[str], str]:
+        code = ckpt_cli.main(["verify", str(target)])
+        out = capsys.readouterr()
+        return code, out.out.splitlines(), out.err
+
+    ckpt = tmp_path / "run" / "checkpoints"
+    for step in (2, 4):
+        _fake_checkpoint(ckpt, step)
+    _fake_checkpoint(ckpt, 6, committed=False)
+    code, lines, _ = verify(tmp_path / "run")
+    assert code == 0 and len(lines) == 3, lines
+    assert lines[0].startswith(f"{ckpt / 'step_2'}: ok (2 files, ") and "sha256 and weights_only" in lines[0]
+    assert lines[2].startswith(f"{ckpt / 'step_6'}: incomplete")
+    _flip(ckpt / "step_4" / EXPERT, 900, 64)
+    code, lines, _ = verify(ckpt)
+    assert code == 1 and lines[1].startswith(f"{ckpt / 'step_4'}: FAILED: {ckpt / 'step_4' / EXPERT}: sha256")
+    code, lines, _ = verify(ckpt / "step_2")
+    assert code == 0 and len(lines) == 1 and lines[0].startswith(f"{ckpt / 'step_2'}: ok (")
+    code, _, err = verify(tmp_path / "nowhere")
+    assert code == 2 and err.startswith("condmoe-ckpt: error: ")
+    # As a command (condmoe-ckpt once installed: setup.cfg console_scripts).
+    proc = subprocess.run([sys.executable, "-m", "condmoe.train.ckpt_cli", "verify", str(ckpt / "step_4")], cwd=REPO,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout.startswith(f"{ckpt / 'step_4'}: FAILED: "), proc.stdout + proc.stderr

@@ -252,16 +252,19 @@ def allowed_globals() -> list[type]:
 
 
 def _one_line(exc: BaseException) -> str:
-    """What a failed torch.load says, on one line: the refused global of a weights_only error, else its first line."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-    refused = next((line for line in lines if "Unsupported global:" in line), None)
+    """What a failed torch.load says, on one line: the global a weights_only load refused, else its first line."""
+    text = str(exc)
+    lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(exc).__name__]
+    if not lines[0].startswith("Weights only load failed"):
+        return lines[0]
+    refused = re.search(r"GLOBAL ([\w.]+)", text)
     if refused:
-        name = refused.split("GLOBAL", 1)[-1].split()[0] if "GLOBAL" in refused else refused
-        return f"refused to unpickle {name} (weights_only=True allows tensors, plain data and {ALLOWED_NAMES})"
-    return lines[0]
+        return f"refused to unpickle {refused.group(1)} (a checkpoint may hold tensors, plain data and {ALLOWED_NAMES})"
+    detail = next((line for line in lines[1:] if not line.startswith("Check the documentation")), "")
+    return f"refused by weights_only=True: {detail}"
 
 
-ALLOWED_NAMES = "DeepSpeed's fragment_address, LossScaler, ZeroStageEnum"
+ALLOWED_NAMES = "DeepSpeed's fragment_address, LossScaler, ZeroStageEnum"  # allowed_globals(), for messages
 
 
 def _unpickle(file: Path, mmap: bool = False) -> Any:
