@@ -13,6 +13,10 @@ from test_distributed import losses, small_config
 
 from condmoe.train import checkpoint
 
+MODEL = "mp_rank_00_model_states.pt"
+EXPERT = "layer_0_expert_0_mp_rank_00_model_states.pt"
+SHARD_1 = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+
 
 def _fake_checkpoint(ckpt_dir: Path, step: int, committed: bool = True) -> Path:
     """A checkpoint of a one-rank dense model: a module file and one expert file, committed with their checksums."""
@@ -279,6 +283,7 @@ def test_resharding_zero1_and_bf16_checkpoints(tiny_data, tmp_path, ds_config):
     run([*torchrun(2), "-m", "condmoe.train", "--config", str(cfg), f"run.output_dir={tmp_path / 'run'}"])
     source = tmp_path / "run" / "checkpoints" / "step_3"
     assert (source / f"{'bf16_' if 'bf16' in ds_config else ''}zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
+    assert checkpoint.verify(source) is True  # sha256 recorded; each file unpickles with weights_only + allow-list
     proc = run([*torchrun(1), str(REPO / "tests" / "dist_check_reshard.py"), str(cfg), str(source),
                 str(tmp_path / "one"), "moe.ep_size=1"])
     assert "RESHARD-OK" in proc.stdout
@@ -290,11 +295,16 @@ def test_a_bad_shard_found_by_rank_0_while_resharding_ends_every_rank(reference,
     in a collective)."""
     import shutil
 
+    import torch
+
     cfg, full = reference
     source = tmp_path / "source"
     shutil.copytree(full / "checkpoints" / "step_3", source)
-    shard = source / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
-    shard.write_bytes(shard.read_bytes()[:1000])
+    # A shard that verifies (its checksum re-committed) but lacks what resharding reads: a KeyError on rank 0.
+    torch.save({"optimizer_state_dict": {}}, source / SHARD_1)
+    record = json.loads((source / checkpoint.MARKER).read_text())
+    record["files"][SHARD_1] = vars(checkpoint.file_sums(source, [SHARD_1])[SHARD_1])
+    (source / checkpoint.MARKER).write_text(json.dumps(record))
     proc = run([*torchrun(2), "-m", "condmoe.train", "--config", str(cfg), f"run.output_dir={tmp_path / 'run'}",
                 "moe.ep_size=1", f"run.resume={source}"], timeout=120, check=False)
     assert proc.returncode != 0
@@ -338,10 +348,6 @@ def _flip(file: Path, offset: int, count: int) -> None:
     data = bytearray(file.read_bytes())
     data[offset:offset + count] = bytes(b ^ 0xFF for b in data[offset:offset + count])
     file.write_bytes(bytes(data))
-
-
-MODEL = "mp_rank_00_model_states.pt"
-EXPERT = "layer_0_expert_0_mp_rank_00_model_states.pt"
 
 
 @pytest.mark.parametrize("damage, reason", [
@@ -474,3 +480,80 @@ def test_condmoe_ckpt_verify_prints_a_line_per_checkpoint(tmp_path, capsys):
     proc = subprocess.run([sys.executable, "-m", "condmoe.train.ckpt_cli", "verify", str(ckpt / "step_4")], cwd=REPO,
                           env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stdout.startswith(f"{ckpt / 'step_4'}: FAILED: "), proc.stdout + proc.stderr
+
+
+# The same on real checkpoints (the reference run: 2 ranks, ep_size 2, ZeRO-2, checkpoints at steps 3 and 6).
+
+@pytest.mark.slow
+def test_real_checkpoint_files_hold_only_allowed_types(reference):
+    """What DeepSpeed writes (module, experts, ZeRO shards) unpickles with weights_only=True and the allow-list, and
+    every allowed type is needed (ZeRO-1 and bf16 shards: test_resharding_zero1_and_bf16_checkpoints)."""
+    import torch
+
+    _, full = reference
+    path = full / "checkpoints" / "step_6"
+    assert checkpoint.verify(path) is True
+    needed = set().union(*(torch.serialization.get_unsafe_globals_in_checkpoint(path / name)
+                           for name in checkpoint.data_files(path)))
+    assert needed == {f"{t.__module__}.{t.__qualname__}" for t in checkpoint.allowed_globals()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["4 KiB flipped in rank 1's ZeRO shard", "the module file cut short"])
+def test_a_damaged_checkpoint_resumes_from_the_previous_one(reference, tmp_path, damage):
+    """It used to load silently (the flipped shard: diverging losses) or crash with a PytorchStreamReader traceback
+    (the cut file)."""
+    import shutil
+
+    cfg, full = reference
+    copy = tmp_path / "run"
+    shutil.copytree(full, copy)
+    bad = copy / "checkpoints" / "step_6" / (SHARD_1 if "ZeRO" in damage else MODEL)
+    if "flipped" in damage:
+        _flip(bad, bad.stat().st_size // 2, 4096)
+    else:
+        bad.write_bytes(bad.read_bytes()[:bad.stat().st_size // 2])
+    proc = run([*torchrun(2), "-m", "condmoe.train", "--config", str(cfg), f"run.output_dir={copy}"])
+    assert proc.stderr.count(f"skipping step_6: {bad}: ") == 1, proc.stderr[-3000:]
+    for rank in (0, 1):
+        assert len((copy / f"train_rank{rank}.jsonl").read_text().splitlines()) == 6 + 3  # steps 3-5 again
+        assert losses(copy, rank) == losses(full, rank)  # the rerun's (later lines win): the uninterrupted losses
+    assert checkpoint.verify(copy / "checkpoints" / "step_6")  # written again
+
+
+@pytest.mark.slow
+def test_a_damaged_checkpoint_named_explicitly_is_a_one_line_error(reference, tmp_path, capsys):
+    import shutil
+
+    from condmoe.train.cli import eval_main
+
+    cfg, full = reference
+    source = tmp_path / "step_6"
+    shutil.copytree(full / "checkpoints" / "step_6", source)
+    _flip(source / MODEL, 50_000, 64)  # inside a weight tensor: condmoe-eval reported a wrong accuracy, exit 0
+    proc = run([*torchrun(2), "-m", "condmoe.train", "--config", str(cfg), f"run.output_dir={tmp_path / 'run'}",
+                f"run.resume={source}"], timeout=120, check=False)
+    message = f"condmoe-train: error: {source / MODEL}: sha256 "
+    assert proc.returncode != 0 and proc.stderr.count(message) == 2, proc.stderr[-3000:]  # each rank's
+    assert eval_main(["--config", str(cfg), "--checkpoint", str(source)]) == 2
+    assert capsys.readouterr().err.startswith(f"condmoe-eval: error: {source / MODEL}: sha256 ")
+    proc = run([*torchrun(1), "-m", "condmoe.train", "--config", str(cfg), f"run.output_dir={tmp_path / 'init'}",
+                "moe.ep_size=1", f"run.init_from={source}"], timeout=120, check=False)
+    assert f"condmoe-train: error: {source / MODEL}: sha256 " in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_whose_pickle_runs_code_is_refused_before_deepspeed_reads_it(reference, tmp_path):
+    """DeepSpeed's loader unpickles with weights_only=False: the verification's weights_only=True pass refuses the
+    file first (it used to run the code)."""
+    import shutil
+
+    cfg, full = reference
+    source, marker = tmp_path / "step_3", tmp_path / "pwned"
+    shutil.copytree(full / "checkpoints" / "step_3", source)
+    _hostile(source, SHARD_1, marker)  # the checksums match: a whole checkpoint someone handed over
+    proc = run([*torchrun(2), "-m", "condmoe.train", "--config", str(cfg), f"run.output_dir={tmp_path / 'run'}",
+                f"run.resume={source}"], timeout=120, check=False)
+    message = f"condmoe-train: error: {source / SHARD_1}: refused to unpickle posix.system "
+    assert proc.returncode != 0 and proc.stderr.count(message) == 2, proc.stderr[-3000:]
+    assert not marker.exists()
