@@ -240,8 +240,8 @@ CHUNK = 8 << 20
 
 
 def allowed_globals() -> list[type]:
-    """The classes besides tensors and plain data that DeepSpeed's checkpoint files hold (each ZeRO-1/2 optimizer
-    shard, fp32 and bf16; the model and expert files hold none): what a ``weights_only=True`` load may construct."""
+    """The classes besides tensors and plain data that DeepSpeed's checkpoint files hold (its optimizer shards of
+    ZeRO-1/2/3, fp32 and bf16; module and expert files hold none): what a ``weights_only=True`` load may construct."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -259,12 +259,10 @@ def _one_line(exc: BaseException) -> str:
         return lines[0]
     refused = re.search(r"GLOBAL ([\w.]+)", text)
     if refused:
-        return f"refused to unpickle {refused.group(1)} (a checkpoint may hold tensors, plain data and {ALLOWED_NAMES})"
+        allowed = ", ".join(t.__qualname__ for t in allowed_globals())
+        return f"refused to unpickle {refused.group(1)} (a checkpoint may hold tensors, plain data and {allowed})"
     detail = next((line for line in lines[1:] if not line.startswith("Check the documentation")), "")
     return f"refused by weights_only=True: {detail}"
-
-
-ALLOWED_NAMES = "DeepSpeed's fragment_address, LossScaler, ZeroStageEnum"  # allowed_globals(), for messages
 
 
 def _unpickle(file: Path, mmap: bool = False) -> Any:
