@@ -336,9 +336,14 @@ def verify(path: str | Path, names: Iterable[str] | None = None) -> bool:
     return record.files is not None
 
 
+_UNVERIFIABLE: set[Path] = set()  # checkpoints without checksums this process has warned about
+
+
 def check(path: str | Path, names: Iterable[str] | None = None) -> None:
-    """``verify``, with one warning if the checkpoint was committed before checksums and so cannot be verified."""
-    if not verify(path, names):
+    """``verify``, with one warning (once per checkpoint and process: a reshard or an evaluation reads it again) if
+    the checkpoint was committed before checksums and so cannot be verified."""
+    if not verify(path, names) and (resolved := Path(path).resolve()) not in _UNVERIFIABLE:
+        _UNVERIFIABLE.add(resolved)
         log.warning("%s was committed without checksums (%s before format 3): its files cannot be verified, only "
                     "their unpickling with weights_only=True was checked", path, MARKER)
 
