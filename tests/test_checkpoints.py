@@ -355,7 +355,7 @@ def _flip(file: Path, offset: int, count: int) -> None:
     (lambda p: (p / MODEL).write_bytes((p / MODEL).read_bytes()[:300]), "bytes, .* when committed"),
     (lambda p: (p / EXPERT).unlink(), "missing"),
     (lambda p: (p / "layer_0_expert_1_mp_rank_00_model_states.pt").write_bytes(b"x"), "not one of the checkpoint's"),
-])
+], ids=["64 bytes flipped", "cut short", "missing", "not recorded"])
 def test_verify_names_a_damaged_file(tmp_path, damage, reason):
     path = _fake_checkpoint(tmp_path, 3)
     assert checkpoint.verify(path)
