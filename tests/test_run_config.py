@@ -60,18 +60,22 @@ def test_export_builds_the_runs_own_model_not_the_config_files(trained, tiny_dat
     assert "eval_capacity_factor" in capsys.readouterr().err  # the note: --config differs there and is ignored
 
 
+def _run_tool(tool: str, args: list[str], tmp_path) -> tuple[int, str]:
+    """Runs condmoe-eval, condmoe-export or condmoe-experts usage in this process: (exit code, program name)."""
+    if tool == "eval":
+        return eval_main(args), "condmoe-eval"
+    if tool == "export":
+        return export_main([*args, "--out", str(tmp_path / "export")]), "condmoe-export"
+    return experts_main(["usage", *args]), "condmoe-experts usage"
+
+
 @pytest.mark.parametrize("tool", ["eval", "export", "experts"])
 def test_overrides_that_change_the_model_are_refused_in_one_line(tool, trained, tiny_data, tmp_path, capsys):
     (trained / "eval.json").write_text(SENTINEL)
     (trained / "experts").mkdir(exist_ok=True)
     (trained / "experts" / "expert_usage.json").write_text(SENTINEL)
     args = _args(trained, tiny_data, "moe.top_k=1", "tasks.1.type=image_classification", "run.max_steps=7")
-    if tool == "eval":
-        code, prog = eval_main(args), "condmoe-eval"
-    elif tool == "export":
-        code, prog = export_main([*args, "--out", str(tmp_path / "export")]), "condmoe-export"
-    else:
-        code, prog = experts_main(["usage", *args]), "condmoe-experts usage"
+    code, prog = _run_tool(tool, args, tmp_path)
     assert code == 2
     line = _one_error_line(capsys, prog)
     assert "moe.top_k=1 (the run has 2)" in line and "tasks.1.type=image_classification" in line, line
@@ -118,12 +122,7 @@ def other_size(trained, tmp_path):
 def test_a_checkpoint_of_another_model_is_one_line_naming_the_parameter(tool, other_size, tiny_data, tmp_path,
                                                                          capsys):
     args = ["--config", str(other_size / "config.yaml"), f"data.root={tiny_data}"]
-    if tool == "eval":
-        code, prog = eval_main(args), "condmoe-eval"
-    elif tool == "export":
-        code, prog = export_main([*args, "--out", str(tmp_path / "export")]), "condmoe-export"
-    else:
-        code, prog = experts_main(["usage", *args]), "condmoe-experts usage"
+    code, prog = _run_tool(tool, args, tmp_path)
     assert code == 2
     line = _one_error_line(capsys, prog)
     assert "image_embed.pos_embed has shape (1, 16, 64) in the checkpoint, (1, 4, 64) in the model" in line, line
