@@ -29,6 +29,7 @@ from condmoe.train.data import TaskSampler, TaskStream
 from condmoe.train.dist import DistInfo
 from condmoe.train.engine import MicroSteps, build_model, create_engine, destroy_engine, initialise_from, load_weights
 from condmoe.train.evaluate import vocabulary_targets
+from condmoe.train.run_config import flatten
 from condmoe.train.run_lock import RunLock, prepare_fresh_run
 from condmoe.train.run_log import RunLog
 from condmoe.train.signals import EXIT_PREEMPTED, StopRequest
@@ -406,17 +407,10 @@ def resume_warnings(cfg: Config, output_dir: Path, start: int, previous: dict | 
             warnings.append(f"{ckpt_dir} holds no complete checkpoint, only unfinished ones ({', '.join(torn)}): "
                             f"starting from step 0")
     if start > 0 and previous is not None:
-        now = cfg.to_dict()
-        changed = [(key, _lookup(previous, key), _lookup(now, key)) for key in SCHEDULE_KEYS
-                   if _lookup(previous, key) != _lookup(now, key)]
+        before, now = flatten(previous), flatten(cfg.to_dict())
+        changed = [(key, before.get(key), now.get(key)) for key in SCHEDULE_KEYS if before.get(key) != now.get(key)]
         if changed:
             what = ", ".join(f"{key} {old} -> {new}" for key, old, new in changed)
             warnings.append(f"resuming at step {start} with another learning-rate schedule ({what}): the steps from "
                             f"{start} on follow the new one")
     return warnings
-
-
-def _lookup(data: dict, key: str):
-    for part in key.split("."):
-        data = data.get(part) if isinstance(data, dict) else None
-    return data
