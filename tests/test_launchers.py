@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port, run, subprocess_env
+from conftest import REPO, free_port, run, subprocess_env, torchrun
 from test_distributed import losses, small_config
 
 from condmoe.train.dist import DEFAULT_MPI_PORT, DistInfo, describe, detect, dry_run, layout_problems, main
@@ -228,3 +228,51 @@ def test_deepspeed_launcher_per_node_hostfile_form(tmp_path):
         ranks = sorted(re.findall(r"condmoe-layout rank=(\d) world_size=4 local_rank=(\d) source=env "
                                   rf"master=127\.0\.0\.1:{port}", output))
         assert ranks == [(str(2 * node), "0"), (str(2 * node + 1), "1")], output
+
+
+# --- condmoe-launch: the launcher's status for requeue scripts ---------------------------------------------------
+
+
+@pytest.mark.parametrize("launcher_status, records, expected", [
+    (0, [], 0),
+    (1, [{"pid": 10, "local_world_size": 2, "status": 75}, {"pid": 11, "local_world_size": 2, "status": 75}], 75),
+    (1, [{"pid": 10, "local_world_size": 2, "status": 75}], 1),  # the other rank never committed its stop
+    (1, [{"pid": 10, "local_world_size": 2, "status": 75}, {"pid": 11, "local_world_size": 2, "status": None}], 1),
+    (1, [{"pid": 10, "local_world_size": None, "status": 75}], 75),  # a launcher that does not say the node's size
+    (1, [], 1),
+    (-9, [], 137),  # the launcher itself was killed: the shell's convention
+])
+def test_wrapper_status_is_75_only_when_every_rank_of_the_node_committed_its_stop(launcher_status, records, expected):
+    from condmoe.train.launch import exit_status
+
+    status, why = exit_status(launcher_status, records)
+    assert status == expected and bool(why) == (expected == 75 != launcher_status)
+
+
+@pytest.mark.slow
+def test_sigterm_to_condmoe_launch_reaches_the_ranks_not_torchrun_and_the_wrapper_exits_75(tiny_data, tmp_path):
+    """torchrun alone exits 1 on SIGTERM and SIGKILLs ranks 30 s after forwarding it; under condmoe-launch the ranks
+    get the signal directly, checkpoint, and the wrapper exits 75; the run then resumes."""
+    cfg = small_config(tmp_path, tiny_data, **{"run.max_steps": 10000, "run.save_every": 10000})
+    out = tmp_path / "run"
+    wrapper = [str(VENV_BIN / "condmoe-launch"), *torchrun(2), "-m", "condmoe.train", "--config", str(cfg)]
+    proc = subprocess.Popen(wrapper, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "train_rank1.jsonl").is_file():
+            time.sleep(0.5)
+        assert (out / "train_rank1.jsonl").is_file(), "training did not start"
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, output[-3000:]
+    assert "committed their stop checkpoint" in output and "death signal" not in output, output[-3000:]
+    stopped_at = int((out / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
+    for rank in (0, 1):
+        assert max(losses(out, rank)) == stopped_at - 1
+    run([str(VENV_BIN / "condmoe-launch"), *torchrun(2), "-m", "condmoe.train", "--config", str(cfg),
+         f"run.max_steps={stopped_at + 1}"])
+    assert sorted(losses(out, 0))[-1] == stopped_at

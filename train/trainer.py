@@ -21,7 +21,7 @@ from condmoe.models import pop_moe_stats
 from condmoe.models.ds_moe import expert_layout
 from condmoe.models.extract import freeze_for_prompt_tuning, freeze_for_transfer
 from condmoe.models.text_tokenizer import TextTokenizer
-from condmoe.train import checkpoint, resume
+from condmoe.train import checkpoint, launch, resume
 from condmoe.train.checkpoint import RankLayout, Record, Stateful
 from condmoe.train.collectives import DataParallelCollectives
 from condmoe.train.config import Config
@@ -190,8 +190,12 @@ class Trainer:
     def train(self) -> int:
         """Runs to ``max_steps`` (exit code 0) or until a stop signal (checkpoint, then ``EXIT_PREEMPTED``)."""
         stop = StopRequest(self.engine.device).install()
+        launch.announce()  # from here a stop signal checkpoints (condmoe-launch forwards its signals to this pid)
         try:
-            return self._train(stop)
+            status = self._train(stop)
+            if status == EXIT_PREEMPTED:
+                launch.announce(status)  # the stop checkpoint is committed on every rank
+            return status
         finally:
             stop.uninstall()
             self._close_streams()
