@@ -236,7 +236,6 @@ def latest_tag(ckpt_dir: str | Path) -> str | None:
 # Integrity: the files' sizes and sha256 in the record, and a weights_only=True unpickling of every .pt file.
 
 HASH_THREADS = min(8, os.cpu_count() or 1)  # hashlib and file reads release the GIL: threads read in parallel
-CHUNK = 8 << 20
 
 
 def allowed_globals() -> list[type]:
@@ -286,12 +285,9 @@ def _parallel(fn: Callable[[Path], Any], files: Iterable[Path]) -> list[Any]:
 
 
 def _sum(file: Path) -> FileSum:
-    digest, size = hashlib.sha256(), 0
     with file.open("rb", buffering=0) as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return FileSum(size, digest.hexdigest())
+        digest = hashlib.file_digest(f, "sha256")  # reads to the end: the position is the size that was hashed
+        return FileSum(f.tell(), digest.hexdigest())
 
 
 def data_files(path: str | Path) -> list[str]:
@@ -470,12 +466,13 @@ def find(output_dir: str | Path, resume_from: str) -> Path | None:
     return path
 
 
-def load_plain_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def load_plain_state_dict(path: str | Path, verify: bool = True) -> dict[str, torch.Tensor]:
     """A DeepSpeed MoE checkpoint as the state dict of the plain model (all experts, no DeepSpeed needed).
 
     ``path`` is a checkpoint directory (``.../step_N``) or the checkpoints folder (then ``latest`` is used). Expert
     files are stored per global expert, so the result does not depend on the ep_size the checkpoint was written with.
-    The files read are verified first and unpickled with ``weights_only=True``: a ValueError names a bad one.
+    The files read are verified first (unless ``verify`` is false: the caller committed them a moment ago) and
+    unpickled with ``weights_only=True``: a ValueError names a bad one.
     """
     path = Path(path)
     if not (path / "mp_rank_00_model_states.pt").is_file():
@@ -484,9 +481,9 @@ def load_plain_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise FileNotFoundError(f"{path}: neither a checkpoint (mp_rank_00_model_states.pt) nor a folder with one")
         path = path / tag
     names = ["mp_rank_00_model_states.pt", *sorted(p.name for p in path.iterdir() if EXPERT_FILE.match(p.name))]
-    if is_complete(path):
+    if verify and is_complete(path):
         check(path, names)  # ValueError naming a file that does not match its checksum
-    else:
+    elif verify:
         log.warning("%s has no %s (not a committed condmoe checkpoint): its files cannot be verified", path, MARKER)
     with torch.serialization.safe_globals(allowed_globals()):
         states = _unpickle(path / names[0])

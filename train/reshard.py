@@ -41,16 +41,17 @@ def _zero_file(path: Path, rank: int) -> Path:
     raise FileNotFoundError(f"{path}: rank {rank}'s ZeRO shard is missing")
 
 
-def consolidate(path: str | Path) -> dict:
+def consolidate(path: str | Path, verify: bool = True) -> dict:
     """The checkpoint at ``path`` without its layout: ``params`` maps each plain parameter name to its fp32 weight and
-    Adam moments; also the step, the optimizer's step count, the LR schedule and the source layout."""
+    Adam moments; also the step, the optimizer's step count, the LR schedule and the source layout. ``verify=False``
+    skips the module files' checksums (for a caller that has just verified the checkpoint)."""
     path = Path(path)
     record = checkpoint.read(path)
     layout = record.layout
     if layout.zero_stage not in (1, 2):
         raise ValueError(f"{path}: resuming on another world size or ep_size needs a ZeRO-1/2 checkpoint, this one is "
                          f"ZeRO-{layout.zero_stage}")
-    plain = load_plain_state_dict(path)
+    plain = load_plain_state_dict(path, verify)
     shapes = {name: value.shape for name, value in plain.items()}
     num_local = layout.num_experts // layout.ep_size if layout.num_experts else 1
     pieces = defaultdict(lambda: defaultdict(list))  # name -> key -> [(partition rank, fragment)]
@@ -97,12 +98,12 @@ def consolidate(path: str | Path) -> dict:
             "global_samples": states.get("global_samples", 0)}
 
 
-def write_universal(path: str | Path, out: str | Path) -> Path:
+def write_universal(path: str | Path, out: str | Path, verify: bool = True) -> Path:
     """The layout-free copy of the checkpoint at ``path``, written to the file ``out`` (atomically)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    torch.save(consolidate(path), tmp)
+    torch.save(consolidate(path, verify), tmp)
     tmp.replace(out)
     return out
 
@@ -159,7 +160,7 @@ def resume(engine, path: Path, record: Record, work_dir: Path) -> int:
     def convert() -> None:
         log.info("%s was written by %d ranks with ep_size %d; resharding for %d ranks", path,
                  record.layout.world_size, record.layout.ep_size, dist.get_world_size())
-        write_universal(path, out)
+        write_universal(path, out, verify=False)  # checkpoint.find verified every file of it
 
     on_rank0(convert)
     step = load(engine, safe_load(out, mmap=True))

