@@ -8,10 +8,23 @@ Layout of a prepared root::
     ROOT/classes.json                         {"<dataset>": ["class name", ...], ...}
     ROOT/manifest.json                        every shard with its size, sha256 and sample count (written last)
     ROOT/tokenizer/tokenizer.json             the BPE tokenizer
+    ROOT/dense.json                           {"<dataset>": {"<label>": {"member", "encoding", ...}}} (dense labels)
     ROOT/<dataset>/<split>/errors.jsonl       the inputs prep skipped, one JSON object per line (real sources)
 
 Members of a sample: ``jpg`` (an image), ``cls`` (the class index, ASCII), ``txt`` (captions, one per line), a video
 as frames ``f00.jpg ... fNN.jpg`` or as one ``mp4``, and optional ``json`` metadata.
+
+Dense labels (multi-task dense prediction: PASCAL-Context, NYUD-v2, Taskonomy, the synthetic ``dense`` dataset) are
+PNG members of the image's sample, one per label map, at the image's resolution; ``dense.json`` says for each dataset
+which labels it has and how each is encoded (``DENSE_ENCODINGS``):
+
+- ``index``: uint8 (or uint16) class index per pixel; ``num_classes`` classes, ``ignore`` (255) unlabelled, optional
+  ``names``. Semantic segmentation, human parts.
+- ``binary``: uint8 0 / 255, a pixel is positive when its value is >= 128. Saliency, edges.
+- ``normal``: uint8 RGB, the unit normal is ``2 * v / 255 - 1`` per channel (x right, y up, z towards the camera);
+  a pixel (0, 0, 0) is unlabelled.
+- ``scalar``: uint8 or uint16 grey; ``value * scale`` is the quantity (depth in metres: ``scale`` 0.001 for
+  millimetres), a pixel equal to ``invalid`` is unlabelled.
 
 The writers are here too, so that every index file of data_prep/ is written one way: through a temporary file that
 is fsynced and renamed over the old one, so readers see the old file or the complete new one, never a torn one.
@@ -39,6 +52,16 @@ TEXT = "txt"
 VIDEO = "mp4"
 META = "json"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # image members train/ decodes (frames included)
+DENSE = "dense.json"
+DENSE_ENCODINGS = {  # encoding -> the fields its spec must have besides ``member``
+    "index": ("num_classes", "ignore"),
+    "binary": (),
+    "normal": (),
+    "scalar": ("scale", "invalid"),
+}
+# The usual member of each dense label (datasets may name others in dense.json)
+DENSE_MEMBERS = {"semseg": "semseg.png", "human_parts": "parts.png", "saliency": "sal.png", "normals": "normals.png",
+                 "edge": "edge.png", "depth": "depth.png"}
 
 MAX_FRAMES = 100  # frame members are named f00..f99
 FRAME_MEMBER = re.compile(r"f\d{2}\.jpg")
@@ -165,6 +188,40 @@ def read_classes(root: str | Path, missing_ok: bool = False) -> dict[str, list[s
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ValueError(f"{Path(root) / CLASSES}: entry {dataset!r} is not a list of class names")
     return classes
+
+
+def check_dense_spec(path: str | Path, dataset: str, label: str, spec: Any) -> dict[str, Any]:
+    """One label's entry of ``dense.json``, checked: a ValueError names the file, the dataset and the label."""
+    where = f"{path}: {dataset}/{label}"
+    if not isinstance(spec, dict) or not isinstance(spec.get("member"), str) or not spec["member"].endswith(".png"):
+        raise ValueError(f"{where}: expected an object with a 'member' ending in .png, got {spec!r}")
+    encoding = spec.get("encoding")
+    if encoding not in DENSE_ENCODINGS:
+        raise ValueError(f"{where}: encoding {encoding!r} is not one of {sorted(DENSE_ENCODINGS)}")
+    missing = [key for key in DENSE_ENCODINGS[encoding] if key not in spec]
+    if missing:
+        raise ValueError(f"{where}: a {encoding} label needs {missing}")
+    if encoding == "index" and (not isinstance(spec["num_classes"], int) or spec["num_classes"] < 2):
+        raise ValueError(f"{where}: num_classes must be an integer >= 2, got {spec['num_classes']!r}")
+    return spec
+
+
+def read_dense(root: str | Path, missing_ok: bool = False) -> dict[str, dict[str, dict[str, Any]]]:
+    """``dense.json``: per dataset, its dense labels' specs (checked with :func:`check_dense_spec`).
+
+    Raises:
+        FileNotFoundError: If the file is missing (and not ``missing_ok``: then ``{}``).
+        ValueError: One line naming the file, the dataset and the label.
+    """
+    if missing_ok and not (Path(root) / DENSE).is_file():
+        return {}
+    dense = read_json(root, DENSE)
+    for dataset, labels in dense.items():
+        if not isinstance(labels, dict) or not labels:
+            raise ValueError(f"{Path(root) / DENSE}: entry {dataset!r} is not an object of label specs")
+        for label, spec in labels.items():
+            check_dense_spec(Path(root) / DENSE, dataset, label, spec)
+    return dense
 
 
 def read_manifest(root: str | Path) -> dict[str, Any] | None:
