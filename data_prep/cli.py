@@ -48,9 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = SyntheticConfig()
     syn = sub.add_parser(
         "synthetic",
-        help="generate the embedded synthetic image+video dataset (no download)",
+        help="generate the embedded synthetic image, video and dense dataset (no download)",
         description="Generate the embedded synthetic multi-task dataset (shape images with captions, moving-shape "
-        "videos) as webdataset shards, plus classes.json, sizes.json, manifest.json and a BPE tokenizer.",
+        "videos, scenes with dense label maps) as webdataset shards, plus classes.json, dense.json, sizes.json, "
+        "manifest.json and a BPE tokenizer.",
     )
     d = " (default: %(default)s)"
     syn.add_argument("--out", type=Path, required=True, help="output directory (created if missing)")
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                 default=getattr(defaults, f"num_{split}_{plural}"),
                 help=f"{kind}s in {kind}/{split}" + d,
             )
+    for split in ("train", "val"):
+        syn.add_argument(f"--num-{split}-dense", type=non_negative_int, default=getattr(defaults, f"num_{split}_dense"),
+                         help=f"scenes with dense label maps in dense/{split} (0 for both: none)" + d)
     syn.add_argument("--shard-size", type=positive_int, default=defaults.shard_size, help="max images per shard" + d)
     syn.add_argument(
         "--video-shard-size", type=positive_int, default=defaults.video_shard_size, help="max clips per shard" + d
@@ -111,6 +115,8 @@ def _run_synthetic(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         num_val_images=args.num_val_images,
         num_train_videos=args.num_train_videos,
         num_val_videos=args.num_val_videos,
+        num_train_dense=args.num_train_dense,
+        num_val_dense=args.num_val_dense,
         shard_size=args.shard_size,
         video_shard_size=args.video_shard_size,
         vocab_size=args.vocab_size,

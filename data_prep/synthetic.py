@@ -27,6 +27,7 @@ from typing import Any
 from PIL import Image
 
 from condmoe.data_prep import schema
+from condmoe.data_prep.dense_scenes import DENSE_LABELS, render_dense
 from condmoe.data_prep.index import iter_train_texts, prune_split, verify_manifest
 from condmoe.data_prep.progress import PROGRESS_DIR
 from condmoe.data_prep.runner import PrepOptions, write_part
@@ -103,6 +104,21 @@ def image_sample(seed: int, split: str, index: int, image_size: int = 64) -> dic
     }
 
 
+def _png(array) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def dense_sample(seed: int, split: str, index: int, image_size: int = 64) -> dict[str, bytes]:
+    """The encoded members of one ``dense`` sample: ``jpg``, one PNG per label map (``DENSE_LABELS``), ``json``."""
+    img, maps, meta = render_dense(seed, split, index, image_size)
+    sample = {schema.IMAGE: _jpeg(img), schema.META: _json_bytes(meta)}
+    for name, array in maps.items():
+        sample[DENSE_LABELS[name]["member"]] = _png(array)
+    return sample
+
+
 def video_sample(seed: int, split: str, index: int, video_size: int = 32, num_frames: int = 8) -> dict[str, bytes]:
     """The encoded members of one video sample: ``f00.jpg`` .. ``fNN.jpg`` plus ``cls``, ``txt`` and ``json``.
 
@@ -138,6 +154,8 @@ class SyntheticConfig:
     num_val_images: int = 500
     num_train_videos: int = 400
     num_val_videos: int = 100
+    num_train_dense: int = 1000
+    num_val_dense: int = 200
     shard_size: int = 1000
     video_shard_size: int = 200
     vocab_size: int = 1000
@@ -162,6 +180,9 @@ class SyntheticConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.num_train_dense < 0 or self.num_val_dense < 0 or (self.num_train_dense > 0) != (self.num_val_dense > 0):
+            raise ValueError(f"num_train_dense and num_val_dense must both be positive (or both 0: no dense dataset), "
+                             f"got {self.num_train_dense} and {self.num_val_dense}")
         if self.tokenizer and self.vocab_size < 256 + 6:
             raise ValueError(f"vocab_size must be >= 262 (256 bytes + 6 special tokens), got {self.vocab_size}")
 
@@ -172,6 +193,7 @@ class SyntheticConfig:
             "image/val": self.num_val_images,
             "video/train": self.num_train_videos,
             "video/val": self.num_val_videos,
+            **({"dense/train": self.num_train_dense, "dense/val": self.num_val_dense} if self.num_train_dense else {}),
         }
 
     def params(self) -> dict[str, Any]:
@@ -233,6 +255,8 @@ class SyntheticSource(Source):
     def plan(self, existing_classes: list[str] | None) -> SourcePlan:
         """The sample indices; the classes are the generator's own (``existing_classes`` is not used)."""
         count = self.config.split_sizes()[f"{self.dataset}/{self.split}"]
+        if self.dataset == "dense":  # label maps, no class label (dense.json describes them)
+            return SourcePlan(items=list(range(count)))
         classes = IMAGE_CLASSES if self.dataset == "image" else VIDEO_CLASSES
         return SourcePlan(items=list(range(count)), classes=list(classes))
 
@@ -245,6 +269,8 @@ class SyntheticSource(Source):
         c = self.config
         if self.dataset == "image":
             return image_sample(c.seed, self.split, item, c.image_size)
+        if self.dataset == "dense":
+            return dense_sample(c.seed, self.split, item, c.image_size)
         return video_sample(c.seed, self.split, item, c.video_size, c.num_frames)
 
 
@@ -258,6 +284,8 @@ def write_synthetic_dataset(
     num_val_images: int = 500,
     num_train_videos: int = 400,
     num_val_videos: int = 100,
+    num_train_dense: int = 1000,
+    num_val_dense: int = 200,
     shard_size: int = 1000,
     video_shard_size: int = 200,
     vocab_size: int = 1000,
@@ -282,6 +310,9 @@ def write_synthetic_dataset(
         num_val_images: Images in ``image/val``.
         num_train_videos: Clips in ``video/train``.
         num_val_videos: Clips in ``video/val``.
+        num_train_dense: Scenes with label maps in ``dense/train`` (``data_prep.dense_scenes``; 0 with
+            ``num_val_dense`` 0: no dense dataset).
+        num_val_dense: Scenes in ``dense/val``.
         shard_size: Maximum images per shard.
         video_shard_size: Maximum clips per shard.
         vocab_size: BPE vocabulary size (an upper bound: the captions may support fewer merges).
@@ -305,6 +336,8 @@ def write_synthetic_dataset(
         num_val_images=num_val_images,
         num_train_videos=num_train_videos,
         num_val_videos=num_val_videos,
+        num_train_dense=num_train_dense,
+        num_val_dense=num_val_dense,
         shard_size=shard_size,
         video_shard_size=video_shard_size,
         vocab_size=vocab_size,
@@ -324,6 +357,10 @@ def write_synthetic_dataset(
         (out / name).unlink(missing_ok=True)
     classes = {"image": list(IMAGE_CLASSES), "video": list(VIDEO_CLASSES)}
     schema.write_json(out / schema.CLASSES, classes)
+    if config.num_train_dense:
+        schema.write_json(out / schema.DENSE, {"dense": DENSE_LABELS})
+    else:
+        (out / schema.DENSE).unlink(missing_ok=True)
 
     start = time.perf_counter()
     datasets: dict[str, dict[str, Any]] = {}
@@ -333,7 +370,7 @@ def write_synthetic_dataset(
             out=out,
             dataset=dataset,
             split=split,
-            shard_size=shard_size if dataset == "image" else video_shard_size,
+            shard_size=video_shard_size if dataset == "video" else shard_size,
             shard_bytes=_SHARD_BYTES,
             overwrite=True,  # progress of other parameters is stale; progress of these same ones is resumed
             progress=progress,

@@ -106,22 +106,30 @@ def _slice_router(router_state: dict[str, torch.Tensor], level: str, task_id: in
     return state
 
 
-def extract_task_model(model: UniPerceiver, task_id: int, keep: dict[str, list[int]]) -> UniPerceiver:
-    """A single-task model holding only the kept experts of each routed layer and the task's router.
+def extract_task_model(model: UniPerceiver, task_id: int, keep: dict[str, list[int]],
+                       task_name: str = "") -> UniPerceiver:
+    """A single-task model holding only the kept experts of each routed layer, the task's router, its task embedding
+    and (a dense task) its own head.
 
     Args:
         model: the full (plain, one-process) model.
         task_id: the task to keep; the extracted model runs it as task 0.
         keep: layer name (``blocks.<i>.mlp`` / ``blocks.<i>.attn``) -> global expert ids to keep.
+        task_name: the task's name: the dense head it keeps (every other dense head is dropped).
     """
     moe_kept, moa_kept = dict(model.args.moe_kept), dict(model.args.moa_kept)
     for name, experts in keep.items():
         block = int(name.split(".")[1])
         (moe_kept if name.endswith(".mlp") else moa_kept)[block] = sorted(experts)
-    small = UniPerceiver(dataclasses.replace(model.args, num_tasks=1, moe_kept=moe_kept, moa_kept=moa_kept))
+    heads = {k: v for k, v in model.args.dense_heads.items() if k == task_name}
+    small = UniPerceiver(dataclasses.replace(model.args, num_tasks=1, moe_kept=moe_kept, moa_kept=moa_kept,
+                                             dense_heads=heads))
 
     full_state = model.state_dict()
-    state = {k: v for k, v in full_state.items() if not _in_routed_layer(k, keep)}
+    state = {k: v for k, v in full_state.items() if not _in_routed_layer(k, keep)
+             and not (k.startswith("dense_heads.") and k.split(".")[1] not in heads)}
+    if "task_embed" in full_state:
+        state["task_embed"] = full_state["task_embed"][task_id:task_id + 1]
     for name, layer in routed_layers_by_name(model).items():
         kept = sorted(keep[name]) if name in keep else list(range(layer.num_experts))
         prefix = name + "."

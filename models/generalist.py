@@ -24,6 +24,7 @@ from timm.layers import Mlp, trunc_normal_
 from timm.models.vision_transformer import Block
 
 from condmoe.models.captioning import caption_loss
+from condmoe.models.dense import EDGE_POS_WEIGHT, HEAD_KINDS, dense_loss, make_head
 from condmoe.models.embeddings import ImageEmbed, TextEmbed
 from condmoe.models.linear_moe import ExpertLinear, LinearMoEAttention, LinearMoEMixer, LinearMoEMLP
 from condmoe.models.losses import (
@@ -36,7 +37,7 @@ from condmoe.models.losses import (
 from condmoe.models.moa import MoAArgs, MoAttention
 from condmoe.models.moe import MoEArgs, MoEMLP, RoutedLayer, recomputing
 from condmoe.models.router import RoutingContext, routing_context
-from condmoe.models.tasks import TASK_TYPES, task_spec
+from condmoe.models.tasks import DENSE_KINDS, TASK_TYPES, task_spec
 
 
 @dataclass
@@ -96,6 +97,12 @@ class UniPerceiverArgs:
             (``models/timm_compat.py`` loads timm ViT weights into such a model).
         num_prompts: learned prompt tokens per block and side (inputs, targets) for prompt tuning (0: none).
         head_classes: classes of the zero-initialised prompt-tuning head (0: none).
+        dense_heads: per dense task (by task name), its head's output: ``{"family": ..., "channels": C}``
+            (``models/tasks.py`` DENSE_KINDS; C classes for segmentation, 1 for saliency, edges and depth, 3 for
+            normals).
+        dense_head: the dense heads' form: ``linear`` (Mod-Squad's Taskonomy decoder: one linear map per patch
+            token to its p x p pixels) or ``uphead`` (M3ViT's convolutional up-sampling head, PASCAL-Context).
+        task_embedding: a learned embedding per task added to the tokens before every block (Mod-Squad).
     """
 
     vocab_size: int
@@ -120,6 +127,9 @@ class UniPerceiverArgs:
     embed_norm: bool = True
     num_prompts: int = 0
     head_classes: int = 0
+    dense_heads: dict[str, dict] = field(default_factory=dict)
+    dense_head: str = "linear"
+    task_embedding: bool = False
 
     def __post_init__(self):
         self.moe_layers, self.moa_layers = tuple(self.moe_layers), tuple(self.moa_layers)
@@ -128,6 +138,12 @@ class UniPerceiverArgs:
         for name, layers in (("moe_layers", self.moe_layers), ("moa_layers", self.moa_layers)):
             if any(not 0 <= i < self.depth for i in layers):
                 raise ValueError(f"{name} {list(layers)} must index blocks in [0, {self.depth})")
+        if self.dense_head not in HEAD_KINDS:
+            raise ValueError(f"dense_head={self.dense_head!r} must be one of {', '.join(HEAD_KINDS)}")
+        for name, head in self.dense_heads.items():
+            if head.get("family") not in DENSE_KINDS or not int(head.get("channels", 0)) >= 1:
+                raise ValueError(f"dense_heads[{name!r}]={head!r}: needs a family in {sorted(DENSE_KINDS)} and "
+                                 "channels >= 1")
         both = sorted(set(self.moe_layers) & set(self.moa_layers))
         if "attn" in self.moe.targets and both:
             raise ValueError(f"blocks {both} would get both a linear-MoE attention (moe.targets has attn) and MoA")
@@ -186,6 +202,11 @@ class UniPerceiver(nn.Module):
         # Uni-Perceiver's prompt-tuning head (fc_prompt): a zero-initialised linear map of the input feature whose
         # output is added to the classification logits (the similarity to the class names).
         self.class_head = nn.Linear(dim, args.head_classes) if args.head_classes else None
+        # Dense prediction: one head per dense task on the patch tokens, and Mod-Squad's task embedding.
+        self.dense_heads = nn.ModuleDict({
+            name: make_head(args.dense_head, dim, args.patch_size, int(head["channels"]))
+            for name, head in args.dense_heads.items()}) if args.dense_heads else None
+        self.task_embed = nn.Parameter(torch.zeros(args.num_tasks, dim)) if args.task_embedding else None
         self.grad_checkpointing = False
         self.init_weights()
 
@@ -204,6 +225,13 @@ class UniPerceiver(nn.Module):
         if self.class_head is not None:
             nn.init.zeros_(self.class_head.weight)
             nn.init.zeros_(self.class_head.bias)
+        if self.task_embed is not None:
+            trunc_normal_(self.task_embed, std=0.02)
+        if self.dense_heads is not None:  # timm's ViT head init (the linear decoder's as in Mod-Squad)
+            for m in self.dense_heads.modules():
+                if isinstance(m, nn.Linear):
+                    trunc_normal_(m.weight, std=0.02)
+                    nn.init.zeros_(m.bias)
         for m in self.modules():
             if isinstance(m, RoutedLayer):
                 m.init_weights()
@@ -212,7 +240,8 @@ class UniPerceiver(nn.Module):
         """Parameter names excluded from weight decay besides biases and norms (which have ndim < 2)."""
         names = {"image_embed.pos_embed", "image_embed.temporal_embed", "image_embed.type_embed",
                  "text_embed.pos_embed", "text_embed.type_embed", "logit_scale"}
-        return names | ({"prompts"} if self.prompts is not None else set())
+        return (names | ({"prompts"} if self.prompts is not None else set())
+                | ({"task_embed"} if self.task_embed is not None else set()))
 
     # ---------------------------------------------------------------------------------------------------- encoder
     def encode_hidden(self, x_BND: torch.Tensor, pad_mask_BN: torch.Tensor | None = None,
@@ -226,14 +255,18 @@ class UniPerceiver(nn.Module):
             attn_mask = torch.zeros(pad_mask_BN.shape, dtype=x_BND.dtype, device=x_BND.device)
             attn_mask = attn_mask.masked_fill(~pad_mask_BN, torch.finfo(x_BND.dtype).min)[:, None, None, :]
         x_BND = self.embed_norm(x_BND)
+        task_D = None
+        if self.task_embed is not None:  # Mod-Squad: the pass's task embedding is added before every block
+            task_D = self.task_embed[ctx.task_id if ctx is not None else 0].to(x_BND.dtype)
         if self.prompts is None:
             for block in self.blocks:
-                x_BND = self._run_block(block, x_BND, attn_mask, ctx)
+                x_BND = self._run_block(block, x_BND if task_D is None else x_BND + task_D, attn_mask, ctx)
             return x_BND
         num = self.prompts.shape[2]
         attn_mask, ctx = _prefix_mask(attn_mask, num, x_BND), _prefix_context(ctx, num)
         for i, block in enumerate(self.blocks):
             prompts = self.prompts[prompt_side, i].to(x_BND.dtype).expand(x_BND.shape[0], -1, -1)
+            x_BND = x_BND if task_D is None else x_BND + task_D
             x_BND = self._run_block(block, torch.cat([prompts, x_BND], dim=1), attn_mask, ctx)[:, num:]
         return x_BND
 
@@ -283,8 +316,9 @@ class UniPerceiver(nn.Module):
         return self.encode(x_BND, mask_BL, routing_context(x_BND, "text", attribute, task_id, mask_BL), side)
 
     # ------------------------------------------------------------------------------------------------------ tasks
-    def forward(self, task_type: str, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0,
-                task_id: int = 0, split_targets: bool = False, gather_negatives: bool = False) -> TaskOutput:
+    def forward(self, task_type: str | tuple[str, ...], batch: dict[str, torch.Tensor], label_smoothing: float = 0.0,
+                task_id: int | tuple[int, ...] = 0, split_targets: bool = False, gather_negatives: bool = False,
+                head: str | tuple[str, ...] = "") -> TaskOutput:
         """One task step; ``task_id`` (the task's index in the run) feeds task-conditioned routing. ``batch`` keys:
 
         * ``image_classification`` / ``video_classification``: ``images`` [B,3,H,W] or ``videos`` [B,T,3,H,W],
@@ -294,16 +328,28 @@ class UniPerceiver(nn.Module):
         * ``mlm``: ``text_ids``/``text_mask`` (masked), ``mlm_labels`` [B, L] (token ids, -100 where not predicted),
           ``target_ids``/``target_mask`` [V, L] (every vocabulary token as a one-token sentence, row v = token v).
         * ``captioning``: ``images``, ``text_ids``/``text_mask`` (the caption), and the vocabulary targets as for MLM.
+        * dense types (``semseg``, ``saliency``, ``normals``, ``edge``, ``depth`` ...): ``images`` and the label map
+          ``target.<head>`` of the task's head ``head`` (``models/dense.py`` says each family's encoding).
+
+        A group (Mod-Squad's step: ``task_type``, ``task_id`` and ``head`` tuples of one entry per task) encodes the
+        same ``images`` once per task, each pass with its own task id (task router, task embedding), and returns the
+        tasks' losses stacked ``[T]`` (logits None); routing statistics accumulate over all passes, so the
+        mutual-information loss sees every task of the step.
 
         Each makes exactly two encoder passes: its inputs, then its targets. ``split_targets``: each rank encodes
         1/world of the target set (class names, vocabulary) and the encodings are all-gathered with gradients.
         ``gather_negatives``: retrieval against every rank's pairs. Both are collectives: every rank must run the same
         task at the same step (``run.task_sampling=synchronized``).
         """
+        if isinstance(task_type, tuple):
+            losses = [self(t, batch, label_smoothing, i, split_targets, gather_negatives, h).loss
+                      for t, i, h in zip(task_type, task_id, head, strict=True)]
+            return TaskOutput(torch.stack(losses), None)
         spec = task_spec(task_type)
         loss_fn = getattr(self, spec.loss)  # the task table names each type's loss method
+        options = {"head": head} if spec.targets == "pixels" else {}
         out = loss_fn(task_type, batch, label_smoothing=label_smoothing, task_id=task_id, split_targets=split_targets,
-                      gather_negatives=gather_negatives)
+                      gather_negatives=gather_negatives, **options)
         if self.class_head is not None and spec.targets != "classes":
             # exact-zero gradient: every parameter gets one whatever the task (ZeRO); classification uses the head
             out = TaskOutput(out.loss + 0.0 * sum(p.sum() for p in self.class_head.parameters()), out.logits)
@@ -388,6 +434,28 @@ class UniPerceiver(nn.Module):
         return TaskOutput(*caption_loss(self, batch["images"], batch["text_ids"], batch["text_mask"], vocab_VD,
                                         task_id, label_smoothing))
 
+    def dense_prediction(self, task_type: str, batch: dict[str, torch.Tensor], *, label_smoothing: float = 0.0,
+                         task_id: int = 0, split_targets: bool = False, gather_negatives: bool = False,
+                         head: str = "") -> TaskOutput:
+        """A dense task: the head's map ``[B, C, H, W]`` of the images' patch tokens against ``target.<head>``."""
+        pred = self.dense_predict(batch["images"], task_id, head)
+        loss = dense_family_loss(task_spec(task_type).dense, pred, batch[f"target.{head}"])
+        # The other tasks' heads get an exact-zero gradient: every parameter has one whatever the task (ZeRO).
+        others = [p for name, m in self.dense_heads.items() if name != head for p in m.parameters()]
+        if others:
+            loss = loss + 0.0 * sum(p.sum() for p in others)
+        return TaskOutput(loss, pred)
+
+    def dense_predict(self, images: torch.Tensor, task_id: int, head: str) -> torch.Tensor:
+        """The dense head ``head``'s output ``[B, C, H, W]`` for images ``[B, 3, H, W]`` (raw: logits for
+        segmentation, saliency and edges, unnormalised normals, depth)."""
+        if self.dense_heads is None or head not in self.dense_heads:
+            raise ValueError(f"the model has no dense head {head!r} (has {sorted(self.dense_heads or {})})")
+        x_BND, ctx = self.visual_tokens(images, task_id)
+        hidden_BND = self.encode_hidden(x_BND, ctx=ctx)
+        grid = self.image_embed.patch_embed.grid_size
+        return self.dense_heads[head](hidden_BND[:, 1:], grid).float()  # each head normalises its tokens
+
     def caption_scale(self) -> torch.Tensor:
         return self.logit_scale[TASK_TYPES.index("captioning")]
 
@@ -406,6 +474,17 @@ class UniPerceiver(nn.Module):
                                      for lin in m.children() if isinstance(lin, ExpertLinear))
                     total -= per_expert * (m.num_local_experts - (1 if m.router.is_static else m.top_k))
         return total
+
+
+def dense_family_loss(family: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A dense family's loss on targets as ``train/data.py`` decodes them (unlabelled: 255 for segmentation, NaN
+    for saliency, edges and depth, a zero normal): cross-entropy, balanced BCE (saliency), BCE weighting edges 0.95
+    (Multi-Task-Learning-PyTorch's edge_w), 1 - cosine, L1 (``models/dense.py``)."""
+    encoding = DENSE_KINDS[family]
+    if encoding == "binary":
+        pos_weight = EDGE_POS_WEIGHT if family == "edge" else None
+        return dense_loss(encoding, pred, target, torch.isfinite(target), pos_weight=pos_weight)
+    return dense_loss(encoding, pred, target)
 
 
 def _recompute_contexts():

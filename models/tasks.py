@@ -1,13 +1,17 @@
-"""The task table: what each task type is in the Uni-Perceiver formulation (every task compares encoded inputs with
-encoded targets). Data, trainer, evaluation, expert analysis and config read a task type's entry instead of testing
-its name, so a new task type is one ``TaskSpec`` here plus its functions (a loss method on ``UniPerceiver``, a
-metric in ``train/evaluate.py``).
+"""The task table: what each task type is. Uni-Perceiver's tasks compare encoded inputs with encoded targets; the
+dense-prediction tasks of Mod-Squad (segmentation, saliency, normals, edges, depth) predict a map per pixel through a
+per-task head. Data, trainer, evaluation, expert analysis and config read a task type's entry instead of testing its
+name, so a new task type is one ``TaskSpec`` here plus its functions (a loss method on ``UniPerceiver``, a metric in
+``train/evaluate.py``).
 """
 
 from dataclasses import dataclass
 
 INPUTS = ("image", "video", "text")
-TARGETS = ("classes", "captions", "vocabulary")
+TARGETS = ("classes", "captions", "vocabulary", "pixels")
+# Dense task families: how a dense task's head output is read, its loss and its metric (models/dense.py,
+# train/dense_metrics.py); each reads label maps of one encoding of data_prep/schema.py.
+DENSE_KINDS = {"segmentation": "index", "saliency": "binary", "edge": "binary", "normals": "normal", "depth": "scalar"}
 
 
 @dataclass(frozen=True)
@@ -17,13 +21,17 @@ class TaskSpec:
     Args:
         inputs: what a sample's input is: ``image``, ``video`` (frames) or ``text``.
         targets: what the inputs are compared with: ``classes`` (the dataset's class names, encoded every step),
-            ``captions`` (each sample's own caption: retrieval in the batch) or ``vocabulary`` (every token as a
-            one-token sentence: masked tokens, next caption tokens).
+            ``captions`` (each sample's own caption: retrieval in the batch), ``vocabulary`` (every token as a
+            one-token sentence: masked tokens, next caption tokens) or ``pixels`` (a label map: dense prediction).
         loss: the ``UniPerceiver`` method that computes the task's loss and logits.
         metric: how ``train/evaluate.py`` scores the val split: ``topk`` (top-1/top-5), ``recall`` (R@1/5/10 both
-            ways), ``caption`` (beam search, BLEU-4 and CIDEr-D) or ``token_accuracy`` (masked tokens).
+            ways), ``caption`` (beam search, BLEU-4 and CIDEr-D), ``token_accuracy`` (masked tokens) or ``dense``
+            (the dense family's meter: mIoU, maxF, angular error, edge F, depth RMSE).
         reads_caption: samples carry a caption the task uses (retrieval pairs, captioning's teacher forcing).
         mixup: timm's Mixup/CutMix applies (image classification only).
+        dense: the dense family (``DENSE_KINDS``) of a ``pixels`` task; its label map is ``label`` in the dataset's
+            ``dense.json`` unless the task config names another.
+        label: the dense label a task of this type reads by default.
     """
 
     inputs: str
@@ -32,14 +40,22 @@ class TaskSpec:
     metric: str
     reads_caption: bool = False
     mixup: bool = False
+    dense: str | None = None
+    label: str | None = None
 
     def __post_init__(self):
         assert self.inputs in INPUTS and self.targets in TARGETS, self
+        assert (self.targets == "pixels") == (self.dense in DENSE_KINDS), self
+
+    @property
+    def encoding(self) -> str | None:
+        """The label encoding (data_prep/schema.py) a dense task reads; None for the others."""
+        return DENSE_KINDS.get(self.dense)
 
     @property
     def target_set(self) -> bool:
         """Targets are a set shared by every sample (class names, vocabulary) that ``split_targets`` can split."""
-        return self.targets != "captions"
+        return self.targets in ("classes", "vocabulary")
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -49,8 +65,17 @@ TASKS: dict[str, TaskSpec] = {
     "video_text_retrieval": TaskSpec("video", "captions", "retrieval", "recall", reads_caption=True),
     "mlm": TaskSpec("text", "vocabulary", "masked_language_modelling", "token_accuracy"),
     "captioning": TaskSpec("image", "vocabulary", "captioning", "caption", reads_caption=True),
+    # Dense prediction (Mod-Squad, M3ViT; PASCAL-Context, NYUD-v2, Taskonomy): a per-task head on the patch tokens.
+    "semseg": TaskSpec("image", "pixels", "dense_prediction", "dense", dense="segmentation", label="semseg"),
+    "human_parts": TaskSpec("image", "pixels", "dense_prediction", "dense", dense="segmentation", label="human_parts"),
+    "saliency": TaskSpec("image", "pixels", "dense_prediction", "dense", dense="saliency", label="saliency"),
+    "normals": TaskSpec("image", "pixels", "dense_prediction", "dense", dense="normals", label="normals"),
+    "edge": TaskSpec("image", "pixels", "dense_prediction", "dense", dense="edge", label="edge"),
+    "depth": TaskSpec("image", "pixels", "dense_prediction", "dense", dense="depth", label="depth"),
 }
-TASK_TYPES = tuple(TASKS)  # order matters: it indexes the per-task-type temperatures (logit_scale)
+# The similarity task types, in order: it indexes the per-task-type temperatures (logit_scale). Dense types have none.
+TASK_TYPES = tuple(name for name, spec in TASKS.items() if spec.targets != "pixels")
+DENSE_TYPES = tuple(name for name, spec in TASKS.items() if spec.targets == "pixels")
 
 
 def task_spec(task_type: str) -> TaskSpec:

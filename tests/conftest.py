@@ -20,7 +20,7 @@ def tiny_data(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("data") / "synthetic"
     write_synthetic_dataset(out, seed=0, num_train_images=240, num_val_images=60, num_train_videos=8,
-                            num_val_videos=4, shard_size=100)
+                            num_val_videos=4, num_train_dense=48, num_val_dense=16, shard_size=100)
     return out
 
 

@@ -35,11 +35,14 @@ SMALL = dict(
     num_val_images=10,
     num_train_videos=8,
     num_val_videos=4,
+    num_train_dense=8,
+    num_val_dense=4,
     shard_size=16,
     video_shard_size=4,
     vocab_size=400,
 )
-EXPECTED_SIZES = {"image/train": 40, "image/val": 10, "video/train": 8, "video/val": 4}
+EXPECTED_SIZES = {"image/train": 40, "image/val": 10, "video/train": 8, "video/val": 4, "dense/train": 8,
+                  "dense/val": 4}
 FRAME_EXTS = [f"f{t:02d}.jpg" for t in range(8)]
 
 
@@ -217,7 +220,7 @@ def test_interrupted_run_resumes_to_the_same_bytes(dataset: Path, tmp_path: Path
     calls.clear()
     monkeypatch.setattr(SyntheticSource, "make_sample", lambda self, item: calls.append(self.split) or real(self, item))
     write_synthetic_dataset(out, seed=0, **SMALL)
-    assert "train" not in calls[:10] and calls.count("val") == 10 + 4  # image/train was resumed, not redone
+    assert "train" not in calls[:10] and calls.count("val") == 10 + 4 + 4  # image/train was resumed, not redone
     assert _tree_digest(out) == _tree_digest(dataset)  # no progress files left, the same bytes as one clean run
     assert cli.main(["verify", str(out)]) == 0
 
@@ -290,6 +293,10 @@ _CLI_SMALL = [
     "4",
     "--num-val-videos",
     "2",
+    "--num-train-dense",
+    "0",
+    "--num-val-dense",
+    "0",
     "--shard-size",
     "5",
     "--no-tokenizer",
@@ -301,7 +308,7 @@ def test_cli_runs_and_is_idempotent(tmp_path: Path, capsys: pytest.CaptureFixtur
     out = tmp_path / "cli"
     assert cli.main(["synthetic", "--out", str(out), "--seed", "3", *_CLI_SMALL]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split(":")[0] for line in lines[:4]] == list(EXPECTED_SIZES)
+    assert [line.split(":")[0] for line in lines[:4]] == list(EXPECTED_SIZES)[:4]  # no dense split asked for
     assert lines[0].startswith("image/train: 12 samples in 3 shard(s)")
     assert lines[-1].startswith("total: 21 samples")
     assert json.loads((out / "sizes.json").read_text()) == {

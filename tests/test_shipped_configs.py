@@ -13,7 +13,7 @@ from condmoe.models import pop_moe_stats
 from condmoe.models.router import STATIC_LEVELS
 from condmoe.models.text_tokenizer import TextTokenizer
 from condmoe.train.config import load_config
-from condmoe.train.data import val_batches
+from condmoe.train.data import dense_targets, val_batches
 from condmoe.train.engine import build_model
 from condmoe.train.evaluate import vocabulary_targets
 
@@ -29,8 +29,9 @@ def demo_batches(cfg, tokenizer: TextTokenizer, img_size: int):
     """One val batch of every task, with the targets the trainer adds."""
     classes = schema.read_classes(cfg.data.root)
     for task_id, task in enumerate(cfg.tasks):
+        dense = dense_targets(cfg.data.root, [task]) if task.spec.targets == "pixels" else None
         batch = next(iter(val_batches(cfg.data.root, task.dataset, img_size, 8, tokenizer, task_type=task.type,
-                                      num_frames=cfg.data.num_frames)))
+                                      num_frames=cfg.data.num_frames, dense=dense)))
         batch.pop("num_skipped", None)
         if task.spec.targets == "classes":
             batch["target_ids"], batch["target_mask"] = tokenizer(classes[task.dataset])
@@ -74,7 +75,7 @@ def test_shipped_config_builds_and_drops_nothing_where_dropless(name, tiny_data)
     dropped = []
     with torch.no_grad():
         for task, task_id, batch in batches:
-            model(task.type, batch, task_id=task_id)
+            model(task.type, batch, task_id=task_id, head=task.name if task.spec.targets == "pixels" else "")
             stats = pop_moe_stats(model)
             if stats is not None:
                 dropped.append(stats.dropped_fraction.item())

@@ -3,11 +3,12 @@
 import pytest
 
 from condmoe.models import TASK_TYPES, TASKS, UniPerceiver, task_spec
+from condmoe.models.tasks import DENSE_TYPES
 from condmoe.train.config import AugmentConfig, TaskConfig
 from condmoe.train.evaluate import METRICS
 
 
-@pytest.mark.parametrize("task_type", TASK_TYPES)
+@pytest.mark.parametrize("task_type", list(TASKS))
 def test_every_task_type_has_its_functions(task_type):
     """A new task type is one entry plus its functions: the loss method and the metric it names must exist."""
     spec = task_spec(task_type)
@@ -25,13 +26,18 @@ def test_unknown_task_types_are_refused_with_the_known_ones():
 
 def test_config_rules_follow_the_table():
     """gather_negatives needs caption targets, split_targets a target set, mixup the table's mixup flag."""
+    assert set(TASK_TYPES) | set(DENSE_TYPES) == set(TASKS) and not set(TASK_TYPES) & set(DENSE_TYPES)
     for task_type, spec in TASKS.items():
         if spec.targets == "captions":
             TaskConfig(name="t", type=task_type, gather_negatives=True)
             with pytest.raises(ValueError, match="split_targets"):
                 TaskConfig(name="t", type=task_type, split_targets=True)
         else:
-            TaskConfig(name="t", type=task_type, split_targets=True)
+            if spec.target_set:
+                TaskConfig(name="t", type=task_type, split_targets=True)
+            else:  # dense: no target set to split
+                with pytest.raises(ValueError, match="split_targets"):
+                    TaskConfig(name="t", type=task_type, split_targets=True)
             with pytest.raises(ValueError, match="gather_negatives"):
                 TaskConfig(name="t", type=task_type, gather_negatives=True)
         if not spec.mixup:

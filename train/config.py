@@ -121,10 +121,17 @@ class ModelConfig:
     grad_checkpointing: bool = False
     """Activation checkpointing per block: recompute activations in the backward pass (less memory, ~1/3 more
     compute). The loss is unchanged."""
+    dense_head: str = "linear"
+    """Heads of dense tasks: ``linear`` (Mod-Squad's Taskonomy decoder, one linear map per patch token to its pixels)
+    or ``uphead`` (M3ViT's convolutional up-sampling head, used for PASCAL-Context)."""
+    task_embedding: bool = False
+    """A learned embedding per task added to the tokens before every block (Mod-Squad's task embedding)."""
 
     def __post_init__(self):
         if self.head_classes < 0:
             raise ValueError(f"model.head_classes={self.head_classes} must be >= 0")
+        if self.dense_head not in ("linear", "uphead"):
+            raise ValueError(f"model.dense_head={self.dense_head!r} must be 'linear' or 'uphead'")
         if self.size not in SIZES:
             raise ValueError(f"model.size={self.size!r} is not one of {', '.join(SIZES)}")
         if self.img_size < 0 or self.patch_size < 0:
@@ -260,6 +267,12 @@ class TaskConfig:
     """Each rank encodes 1/world of the target set (class names, vocabulary), all-gathered with gradients."""
     gather_negatives: bool = False
     """Retrieval against the pairs of every rank (negatives gathered with gradients, CLIP-style)."""
+    group: str = ""
+    """Tasks with the same group run together on the same batch at every step they are drawn (Mod-Squad's
+    multi-task step: one encoder pass per task, each with its own task id, and the weighted sum of their losses).
+    Members share ``dataset``, ``batch_size``, ``weight`` and ``augment``; the group's stream is its first task's."""
+    label: str = ""
+    """Dense tasks: the label map in the dataset's dense.json (default: the task type's, e.g. ``semseg``)."""
 
     def __post_init__(self):
         if not self.name:
@@ -276,11 +289,39 @@ class TaskConfig:
             raise ValueError(f"tasks[{self.name}].weight and .batch_size must be > 0")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"tasks[{self.name}].label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.label and self.spec.targets != "pixels":
+            raise ValueError(f"tasks[{self.name}].label names a dense label map: only dense task types read one")
+        if self.spec.targets == "pixels" and self.label_smoothing:
+            raise ValueError(f"tasks[{self.name}].label_smoothing does not apply to dense tasks")
+        if self.spec.targets == "pixels" and self.augment.rand_augment:
+            raise ValueError(f"tasks[{self.name}].augment.rand_augment: its geometric ops would move the pixels away "
+                             "from their label maps (dense tasks take random_resized_crop and hflip)")
+
+    @property
+    def dense_label(self) -> str:
+        """The dense.json label this task reads (dense tasks only)."""
+        return self.label or (self.spec.label or "")
 
     @property
     def spec(self) -> TaskSpec:
         """The task type's entry in the task table (inputs, targets, loss, metric)."""
         return TASKS[self.type]
+
+
+def dense_label_spec(dense: dict, root: str | Path, task: TaskConfig) -> dict:
+    """The dense.json spec of ``task``'s label map; a ValueError names the file, the dataset and the label."""
+    where = f"{Path(root) / schema.DENSE}"
+    labels = dense.get(task.dataset)
+    if labels is None:
+        raise ValueError(f"{where}: no entry {task.dataset!r} for tasks[{task.name}] (has {sorted(dense)})")
+    spec = labels.get(task.dense_label)
+    if spec is None:
+        raise ValueError(f"{where}: dataset {task.dataset!r} has no label {task.dense_label!r} for tasks[{task.name}] "
+                         f"(has {sorted(labels)}; tasks[].label picks another)")
+    if spec["encoding"] != task.spec.encoding:
+        raise ValueError(f"{where}: {task.dataset}/{task.dense_label} is encoded {spec['encoding']!r}, a "
+                         f"{task.type} task reads {task.spec.encoding!r} labels")
+    return spec
 
 
 @dataclass
@@ -303,10 +344,46 @@ class Config:
             raise ValueError(f"tasks: names must be unique, got {names}")
         if self.run.freeze == "prompt" and not self.model.num_prompts:
             raise ValueError("run.freeze=prompt needs model.num_prompts > 0")
+        self._check_groups()
         collective = [t.name for t in self.tasks if t.split_targets or t.gather_negatives]
         if collective and len(self.tasks) > 1 and self.run.task_sampling != "synchronized":
             raise ValueError(f"run.task_sampling must be 'synchronized' when tasks use split_targets or "
                              f"gather_negatives ({', '.join(collective)}): those are collectives across ranks")
+
+    def _check_groups(self) -> None:
+        for unit in self.units():
+            first = self.tasks[unit[0]]
+            for i in unit[1:]:
+                task = self.tasks[i]
+                for key in ("dataset", "batch_size", "weight", "augment"):
+                    if getattr(task, key) != getattr(first, key):
+                        raise ValueError(f"tasks[{task.name}].{key}={getattr(task, key)!r} differs from "
+                                         f"tasks[{first.name}].{key}={getattr(first, key)!r}: tasks of group "
+                                         f"{first.group!r} share one batch")
+            if len(unit) > 1 and any(self.tasks[i].spec.inputs != "image" for i in unit):
+                raise ValueError(f"group {first.group!r}: only image tasks can share a batch")
+        # Encoder passes per step: a similarity task makes two (inputs, targets), a dense task one, a group the sum.
+        # Under expert parallelism every pass is an all-to-all in each MoE layer, so ranks must make equally many.
+        passes = {sum(1 if self.tasks[i].spec.targets == "pixels" else 2 for i in unit) for unit in self.units()}
+        if len(passes) > 1 and self.run.task_sampling != "synchronized" and self.moe.num_experts and \
+                self.moe.ep_size > 1:
+            raise ValueError("run.task_sampling must be 'synchronized' with expert parallelism (moe.ep_size="
+                             f"{self.moe.ep_size}) when the units a step draws make different numbers of encoder "
+                             f"passes ({sorted(passes)}: one per dense task, two per other task): ranks on different "
+                             "units would not pair their expert exchanges")
+
+    def units(self) -> list[list[int]]:
+        """What a step draws: task indices, one list per group (in order of first appearance) or ungrouped task."""
+        units, by_group = [], {}
+        for i, task in enumerate(self.tasks):
+            if not task.group:
+                units.append([i])
+            elif task.group in by_group:
+                by_group[task.group].append(i)
+            else:
+                by_group[task.group] = [i]
+                units.append(by_group[task.group])
+        return units
 
     def validate_paths(self) -> None:
         """Checks what must exist on disk before training (separate so configs can be built without data)."""

@@ -15,6 +15,7 @@ import io
 import logging
 import random
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -33,10 +34,10 @@ from condmoe.data_prep import schema
 from condmoe.data_prep.schema import shard_urls
 from condmoe.models.tasks import task_spec
 from condmoe.models.text_tokenizer import TextTokenizer
-from condmoe.train.config import DataConfig, TaskConfig
+from condmoe.train.config import DataConfig, TaskConfig, dense_label_spec
 from condmoe.train.masking import IGNORE, mask_whole_words, word_starts
 from condmoe.train.tarstream import tar_samples
-from condmoe.train.transforms import Augment, augment_image, stable_seed
+from condmoe.train.transforms import Augment, augment_dense, augment_image, stable_seed
 from condmoe.train.video import video_frames
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def split_by_rank(urls: list[str], rank: int, world_size: int) -> list[str]:
     return urls[rank::world_size]
 
 
+DENSE_IGNORE = 255  # unlabelled pixels of a segmentation target (the losses' and meters' ignore index)
 BAD_LABEL = "first_bad_label"  # batch entry (a str) from a worker to its stream; never reaches the trainer
 
 
@@ -168,8 +170,10 @@ class Collate:
     per sample from ``seed`` and the sample key) and normalised, captions tokenised, MLM inputs masked."""
 
     def __init__(self, task_type: str, img_size: int, tokenizer: TextTokenizer, augment: Augment | None = None,
-                 seed: int = 0, random_caption: bool = True, num_frames: int = 4):
+                 seed: int = 0, random_caption: bool = True, num_frames: int = 4,
+                 dense: dict[str, "DenseTarget"] | None = None):
         self.task_type = task_type
+        self.dense = dense or {}
         self.num_frames = num_frames
         self.img_size = img_size
         self.tokenizer = tokenizer
@@ -186,6 +190,8 @@ class Collate:
         spec = task_spec(self.task_type)
         if spec.inputs == "text":
             return self.mlm(samples)
+        if spec.targets == "pixels":
+            return self.dense_batch(samples)
         keys, visuals, labels, captions = zip(*samples)
         if spec.inputs == "video":
             batch = {"videos": normalise(np.stack([self.video(k, frames) for k, frames in zip(keys, visuals)]))}
@@ -196,6 +202,23 @@ class Collate:
             # Several captions per image (one per line, e.g. COCO): the sample's seed picks one.
             texts = [_pick_caption(str(c), self.seed, k, self.random_caption) for k, c in zip(keys, captions)]
             batch["text_ids"], batch["text_mask"] = self.tokenizer(texts)
+        return batch
+
+    def dense_batch(self, samples: Sequence[tuple]) -> dict[str, torch.Tensor]:
+        """Images and, per dense task, its target ``target.<task>`` (``DenseTarget.decode``), all through the same
+        crop and flip per sample."""
+        images, targets = [], {name: [] for name in self.dense}
+        normals = frozenset(name for name, target in self.dense.items() if target.family == "normals")
+        for key, image, maps in samples:
+            rng = random.Random(stable_seed(self.seed, key)) if self.augment.active else None
+            image, maps = augment_dense(image, maps, self.img_size, self.augment, rng, normals)
+            images.append(np.asarray(image))
+            for name, array in maps.items():
+                targets[name].append(array)
+        batch = {"images": normalise(np.stack(images))}
+        for name, arrays in targets.items():
+            target = torch.from_numpy(np.stack(arrays))
+            batch[f"target.{name}"] = target.movedim(-1, 1).contiguous() if target.dim() == 4 else target
         return batch
 
     def video(self, key: str, frames: list[Image.Image]) -> np.ndarray:
@@ -230,6 +253,71 @@ def _pick_caption(text: str, seed: int, key: str, randomly: bool) -> str:
     return lines[random.Random(stable_seed(seed, key, "caption")).randrange(len(lines))]
 
 
+@dataclass(frozen=True)
+class DenseTarget:
+    """How one dense task's target is read from a sample: its member and ``dense.json`` spec (``data_prep/schema``'s
+    encodings), decoded to what ``models/dense.py``'s losses take:
+
+    - segmentation (``index``): int64 ``[H, W]`` class indices, 255 unlabelled (the spec's ``ignore`` value, and a
+      sample without the member, e.g. a PASCAL image without human parts);
+    - saliency, edge (``binary``): float32 ``[H, W]`` in {0, 1}, NaN unlabelled (no member);
+    - normals (``normal``): float32 ``[H, W, 3]`` unit vectors, zero unlabelled;
+    - depth (``scalar``): float32 ``[H, W]`` (value * scale), NaN where the value is the spec's ``invalid``.
+
+    A class index outside ``[0, num_classes)`` other than the ignore value is a ``BadLabel``: the sample is skipped and
+    counted, like a bad ``.cls``.
+    """
+
+    member: str
+    family: str
+    spec: dict
+
+    def decode(self, data: bytes | None, size: tuple[int, int]) -> np.ndarray:
+        encoding, width_height = self.spec["encoding"], size
+        if data is None:
+            shape = (width_height[1], width_height[0])
+            if encoding == "index":
+                return np.full(shape, DENSE_IGNORE, dtype=np.int64)
+            return np.zeros((*shape, 3), np.float32) if encoding == "normal" else np.full(shape, np.nan, np.float32)
+        with Image.open(io.BytesIO(data)) as image:
+            if image.size != width_height:
+                raise ValueError(f"{self.member} is {image.size[0]}x{image.size[1]}, its image {size[0]}x{size[1]}")
+            if encoding == "normal":
+                array = np.asarray(image.convert("RGB"))
+            elif image.mode in ("RGB", "RGBA", "LA"):
+                array = np.asarray(image.convert("L"))
+            else:  # L, P (palette indices), I;16, I
+                array = np.asarray(image)
+        if encoding == "index":
+            labels = array.astype(np.int64)
+            ignored = labels == int(self.spec["ignore"])
+            bad = ~ignored & ((labels < 0) | (labels >= int(self.spec["num_classes"])))
+            if bad.any():
+                raise BadLabel(f"{self.member}: class {int(labels[bad][0])} outside [0, {self.spec['num_classes']}) "
+                               f"(ignore {self.spec['ignore']})")
+            labels[ignored] = DENSE_IGNORE
+            return labels
+        if encoding == "binary":
+            return (array >= 128).astype(np.float32)
+        if encoding == "normal":
+            normals = array.astype(np.float32) * (2 / 255) - 1
+            normals[(array == 0).all(axis=-1)] = 0.0
+            return normals
+        values = array.astype(np.float32) * float(self.spec["scale"])
+        values[array == self.spec["invalid"]] = np.nan
+        return values
+
+
+def dense_targets(root: str | Path, tasks: Sequence[TaskConfig]) -> dict[str, DenseTarget]:
+    """The dense tasks' targets by task name, from the dataset's ``dense.json`` (one-line errors name the file)."""
+    dense = schema.read_dense(root)
+    targets = {}
+    for task in tasks:
+        spec = dense_label_spec(dense, root, task)
+        targets[task.name] = DenseTarget(spec["member"], task.spec.dense, spec)
+    return targets
+
+
 def _decode_image(data: bytes, min_side: int) -> Image.Image:
     if min_side and simplejpeg is not None and simplejpeg.is_jpeg(data):
         try:  # libjpeg-turbo with DCT scaling, no Python marker parsing: about 3x faster than PIL's draft mode
@@ -243,16 +331,17 @@ def _decode_image(data: bytes, min_side: int) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_sample(sample: dict, min_side: int = 0) -> dict:
+def decode_sample(sample: dict, min_side: int = 0, raw: frozenset[str] = frozenset()) -> dict:
     """Decodes what the tasks read: images (``.jpg``, frames ``f00.jpg``...) to PIL, ``.cls`` to int, ``.txt`` to
     str; other members (``.json``, ``.mp4``) stay bytes until needed.
 
     With ``min_side``, JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides at least
     ``min_side`` pixels (simplejpeg, else PIL's draft mode): a 64 px JPEG for a 32 px input costs a quarter of the IDCT.
+    Members named in ``raw`` (dense label maps, which need their exact pixel values) stay bytes.
     """
     out = {}
     for key, value in sample.items():
-        if key.startswith("__") or not isinstance(value, bytes):
+        if key.startswith("__") or not isinstance(value, bytes) or key in raw:
             out[key] = value
             continue
         extension = key.rsplit(".", 1)[-1].lower()
@@ -281,8 +370,16 @@ def _worker_id() -> int:
     return 0 if info is None else info.id
 
 
-def sample_fields(task_type: str, handler) -> list:
+def sample_fields(task_type: str, handler, dense: dict[str, DenseTarget] | None = None) -> list:
     """Pipeline stages picking what a task type reads from a decoded sample."""
+    if task_spec(task_type).targets == "pixels":
+        dense = dense or {}
+
+        def pick_dense(sample):  # decoded here, where a bad label map is skipped and counted
+            image = sample[schema.IMAGE]
+            return sample["__key__"], image, {name: target.decode(sample.get(target.member), image.size)
+                                              for name, target in dense.items()}
+        return [wds.map(pick_dense, handler=handler)]
     inputs = task_spec(task_type).inputs
     if inputs == "text":
         return [wds.to_tuple("__key__", schema.TEXT, handler=handler)]
@@ -291,6 +388,10 @@ def sample_fields(task_type: str, handler) -> list:
             return sample["__key__"], video_frames(sample), sample[schema.LABEL], sample.get(schema.TEXT, "")
         return [wds.map(pick, handler=handler)]
     return [wds.to_tuple("__key__", schema.IMAGE, schema.LABEL, schema.TEXT, handler=handler)]
+
+
+def _raw_members(dense: dict[str, DenseTarget]) -> frozenset[str]:
+    return frozenset(target.member for target in dense.values())
 
 
 def build_pipeline(urls: list[str], collate: Collate, batch_size: int, shuffle_buffer: int, seed: int,
@@ -308,9 +409,10 @@ def build_pipeline(urls: list[str], collate: Collate, batch_size: int, shuffle_b
         partial(tar_samples, handler=skip),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed)),
         # Random crops need the pixels: draft decoding only when the images are not augmented.
-        wds.map(partial(decode_sample, min_side=0 if collate.augment.active else collate.img_size), handler=skip),
+        wds.map(partial(decode_sample, min_side=0 if collate.augment.active or collate.dense else collate.img_size,
+                        raw=_raw_members(collate.dense)), handler=skip),
         *label_stages(num_classes, skip),
-        *sample_fields(collate.task_type, skip),
+        *sample_fields(collate.task_type, skip, collate.dense),
         wds.map(skip.reset),
         wds.batched(batch_size, collation_fn=collate, partial=False),
         skip.attach,
@@ -325,8 +427,8 @@ class TaskStream:
     """
 
     def __init__(self, task: TaskConfig, task_index: int, data: DataConfig, tokenizer: TextTokenizer, img_size: int,
-                 rank: int, world_size: int, seed: int):
-        self.task = task
+                 rank: int, world_size: int, seed: int, group: Sequence[TaskConfig] = ()):
+        self.task = task  # a group's stream is its first task's, and its batches carry every member's target
         self.urls = split_by_rank(shard_urls(data.root, task.dataset, "train"), rank, world_size)
         num_samples = schema.num_samples(data.root, task.dataset, "train")
         self.num_classes = task_num_classes(data.root, task.type, task.dataset)
@@ -338,7 +440,8 @@ class TaskStream:
         self.batches_per_epoch = self.batches_per_worker * max(1, self.num_workers)
         augment = Augment(task.augment.random_resized_crop, task.augment.crop_scale_min, task.augment.hflip,
                           task.augment.rand_augment)
-        self.collate = Collate(task.type, img_size, tokenizer, augment, num_frames=data.num_frames)
+        dense = dense_targets(data.root, group or [task]) if task.spec.targets == "pixels" else None
+        self.collate = Collate(task.type, img_size, tokenizer, augment, num_frames=data.num_frames, dense=dense)
         self.shuffle_buffer = data.shuffle_buffer
         self.seed_parts = (seed, rank, task_index)
         self.position = 0
@@ -410,15 +513,17 @@ class TaskSampler:
 
 def val_batches(root: str | Path, dataset: str, img_size: int, batch_size: int, tokenizer: TextTokenizer,
                 rank: int = 0, world_size: int = 1, task_type: str = "image_text_retrieval",
-                num_frames: int = 4) -> Iterator[dict[str, torch.Tensor]]:
+                num_frames: int = 4, dense: dict[str, DenseTarget] | None = None,
+                split: str = "val") -> Iterator[dict[str, torch.Tensor]]:
     """Every val sample exactly once, in shard order, collated for ``task_type`` (first caption of each sample; MLM
-    masks seeded by the sample key).
+    masks seeded by the sample key; dense tasks' ``target.<task>`` for the tasks in ``dense``). ``split`` reads another
+    split the same way (expert selection reads train).
 
     With ``world_size > 1`` each rank reads every ``world_size``-th shard (an exact split: evaluation must see each
     sample once; ranks may get different batch counts, so gather results rather than step in lock-step).
     """
-    collate = Collate(task_type, img_size, tokenizer, random_caption=False, num_frames=num_frames)
-    urls = shard_urls(root, dataset, "val")[rank::world_size]
+    collate = Collate(task_type, img_size, tokenizer, random_caption=False, num_frames=num_frames, dense=dense)
+    urls = shard_urls(root, dataset, split)[rank::world_size]
     if not urls:
         return
     skip = SkipBadSamples(str(Path(urls[0]).parent))
@@ -426,14 +531,15 @@ def val_batches(root: str | Path, dataset: str, img_size: int, batch_size: int, 
         wds.SimpleShardList(urls),
         wds.split_by_worker,
         partial(tar_samples, handler=skip),
-        wds.map(partial(decode_sample, min_side=img_size), handler=skip),
+        wds.map(partial(decode_sample, min_side=0 if dense else img_size, raw=_raw_members(collate.dense)),
+                handler=skip),
         *label_stages(task_num_classes(root, task_type, dataset), skip),
-        *sample_fields(task_type, skip),
+        *sample_fields(task_type, skip, collate.dense),
         wds.map(skip.reset),
         wds.batched(batch_size, collation_fn=collate, partial=True),
         skip.attach,
     )
     warned = False
     for batch in pipeline:
-        warned = pop_bad_label(batch, f"{dataset}/val", warned)
+        warned = pop_bad_label(batch, f"{dataset}/{split}", warned)
         yield batch

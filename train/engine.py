@@ -12,10 +12,11 @@ import deepspeed
 import torch
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
+from condmoe.data_prep import schema
 from condmoe.models import SIZES, UniPerceiver, create_model, moe_layer_indices
 from condmoe.models.ds_moe import apply_expert_parallel, plain_name
 from condmoe.models.moe import RUN_STATE_BUFFERS
-from condmoe.train.config import Config, resolve_path
+from condmoe.train.config import Config, dense_label_spec, resolve_path
 
 log = logging.getLogger("condmoe.engine")
 
@@ -33,6 +34,11 @@ def build_model(cfg: Config, vocab_size: int, spe_token_id: int) -> UniPerceiver
         overrides["num_prompts"] = cfg.model.num_prompts
     if cfg.model.head_classes:
         overrides["head_classes"] = cfg.model.head_classes
+    heads = dense_heads(cfg)
+    if heads:
+        overrides.update(dense_heads=heads, dense_head=cfg.model.dense_head)
+    if cfg.model.task_embedding:
+        overrides["task_embedding"] = True
     depth = SIZES[cfg.model.size]["depth"]
     moe, moa = cfg.moe, cfg.moa
     torch.manual_seed(cfg.run.seed)
@@ -44,6 +50,25 @@ def build_model(cfg: Config, vocab_size: int, spe_token_id: int) -> UniPerceiver
                          moa=moa.layer_args(), **overrides)
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
     return model
+
+
+# Output channels of a dense head by family; segmentation has one per class of its label map.
+DENSE_CHANNELS = {"saliency": 1, "edge": 1, "depth": 1, "normals": 3}
+
+
+def dense_heads(cfg: Config) -> dict[str, dict]:
+    """Each dense task's head (``UniPerceiverArgs.dense_heads``); segmentation's classes come from the dataset's
+    ``dense.json``, whose entry for the task's label must have the encoding the task type reads."""
+    tasks = [t for t in cfg.tasks if t.spec.targets == "pixels"]
+    if not tasks:
+        return {}
+    dense = schema.read_dense(cfg.data.root)
+    heads = {}
+    for task in tasks:
+        spec = dense_label_spec(dense, cfg.data.root, task)
+        channels = spec["num_classes"] if task.spec.dense == "segmentation" else DENSE_CHANNELS[task.spec.dense]
+        heads[task.name] = {"family": task.spec.dense, "channels": int(channels)}
+    return heads
 
 
 def _placement(num_experts: int, layers: list[int], depth: int, every: int, offset: int, name: str) -> tuple:

@@ -14,7 +14,7 @@ from condmoe.models import UniPerceiver
 from condmoe.models.captioning import generate
 from condmoe.models.text_tokenizer import TextTokenizer
 from condmoe.train.config import Config
-from condmoe.train.data import val_batches
+from condmoe.train.data import dense_targets, val_batches
 from condmoe.train.metrics import corpus_bleu, corpus_cider
 
 
@@ -35,9 +35,10 @@ def evaluate_task(model: UniPerceiver, cfg: Config, task_index: int, tokenizer: 
     task_id = task_index if model_task_id is None else model_task_id
     img_size = model.image_embed.patch_embed.img_size[0]
     device = next(model.parameters()).device
+    dense = dense_targets(cfg.data.root, [task]) if task.spec.targets == "pixels" else None
     batches = ({k: v.to(device) for k, v in batch.items()} for batch in
                val_batches(cfg.data.root, task.dataset, img_size, batch_size, tokenizer, task_type=task.type,
-                           num_frames=cfg.data.num_frames))
+                           num_frames=cfg.data.num_frames, dense=dense))
     return METRICS[task.spec.metric](model, cfg, task, batches, tokenizer, task_id)
 
 
@@ -105,9 +106,35 @@ def evaluate_captioning(model: UniPerceiver, cfg: Config, task, batches, tokeniz
             "cider": corpus_cider(hypotheses, references), "example": example}
 
 
+def evaluate_dense(model: UniPerceiver, cfg: Config, task, batches, tokenizer: TextTokenizer,
+                   task_id: int) -> dict[str, float]:
+    """The dense family's meter over the val split at the model's input resolution (label maps resized with
+    nearest neighbours, as the training targets are): ``train/dense_metrics.py`` says what each metric counts.
+    ``headline`` names the metric the task is summarised by (Delta_m, extraction)."""
+    from condmoe.train.dense_metrics import create_meter
+
+    family, spec = task.spec.dense, dense_targets(cfg.data.root, [task])[task.name].spec
+    meter = create_meter(family, spec)  # by family first (edges), then by the label's encoding
+    total = 0
+    for batch in batches:
+        pred = model.dense_predict(batch["images"], task_id, task.name)
+        target = batch[f"target.{task.name}"]
+        meter.update(pred, target, torch.isfinite(target) if target.is_floating_point() and target.dim() == 3 else None)
+        total += len(batch["images"])
+    _require(total, task)
+    return {"num_samples": total, **meter.compute(), "headline": dense_headline(task.spec)}
+
+
+def dense_headline(spec) -> str:
+    """The metric a dense task type is summarised by (Delta_m, extraction): mIoU, maxF, odsF, mErr or rmse."""
+    from condmoe.train.dense_metrics import dense_metric
+
+    return dense_metric(spec.dense, spec.encoding).headline
+
+
 # TaskSpec.metric -> its scorer: (model, cfg, task, val batches, tokenizer, task id) -> metrics
 METRICS = {"topk": evaluate_topk, "recall": evaluate_recall, "token_accuracy": evaluate_token_accuracy,
-           "caption": evaluate_captioning}
+           "caption": evaluate_captioning, "dense": evaluate_dense}
 
 
 def evaluate(model: UniPerceiver, cfg: Config, tokenizer: TextTokenizer, batch_size: int = 128) -> dict[str, dict]:

@@ -28,36 +28,54 @@ from condmoe.models.extract import (
 from condmoe.models.text_tokenizer import TextTokenizer
 from condmoe.train.cli import load_run_model
 from condmoe.train.config import Config
-from condmoe.train.data import val_batches
-from condmoe.train.evaluate import evaluate_task, vocabulary_targets
+from condmoe.train.data import dense_targets, val_batches
+from condmoe.train.evaluate import dense_headline, evaluate_task, vocabulary_targets
 
 log = logging.getLogger("condmoe.experts")
 
 
 @torch.no_grad()
-def measure_usage(model, cfg: Config, tokenizer: TextTokenizer, batch_size: int = 128) -> dict:
-    """Exact per-task expert usage: each task's two encoder passes over its dataset's val split, with its task id."""
+def measure_usage(model, cfg: Config, tokenizer: TextTokenizer, batch_size: int = 128, split: str = "val",
+                  max_samples: int = 0) -> dict:
+    """Exact per-task expert usage: each task's encoder passes (two, one for a dense task) over ``split`` of its
+    dataset (the first ``max_samples`` samples in shard order, 0: all), with its task id."""
     track_usage(model)
     img_size = model.image_embed.patch_embed.img_size[0]
+    seen = {}
     for task_id, task in enumerate(cfg.tasks):
-        targets = {}
+        targets, options = {}, {}
         if task.spec.targets == "classes":
             targets = dict(zip(("target_ids", "target_mask"),
                                tokenizer(schema.read_classes(cfg.data.root)[task.dataset])))
         elif task.spec.targets == "vocabulary":
             targets = dict(zip(("target_ids", "target_mask"), vocabulary_targets(tokenizer)))
+        elif task.spec.targets == "pixels":
+            options = {"head": task.name}
+        count = 0
         for batch in val_batches(cfg.data.root, task.dataset, img_size, batch_size, tokenizer, task_type=task.type,
-                                 num_frames=cfg.data.num_frames):
+                                 num_frames=cfg.data.num_frames, split=split,
+                                 dense=dense_targets(cfg.data.root, [task]) if options else None):
             batch.pop("num_skipped", None)
-            model(task.type, {**batch, **targets}, task_id=task_id)
+            if max_samples:
+                keep = max_samples - count
+                batch = {k: v[:keep] if k not in targets else v for k, v in batch.items()}
+            model(task.type, {**batch, **targets}, task_id=task_id, **options)
+            count += len(batch.get("images", batch.get("videos", batch.get("text_ids"))))
+            if max_samples and count >= max_samples:
+                break
+        seen[task.name] = count
     usage = collect_usage(model)
     track_usage(model, False)
-    return {"tasks": [t.name for t in cfg.tasks], "layers": usage}
+    return {"tasks": [t.name for t in cfg.tasks], "split": split, "samples": seen, "layers": usage}
 
 
 def task_metric(model, cfg: Config, tokenizer: TextTokenizer, task_index: int, model_task_id: int) -> float:
-    """The task's headline val metric in percent: top-1, mean of both R@1, or masked-token accuracy."""
+    """The task's headline val metric: top-1, mean of both R@1, BLEU-4 or masked-token accuracy in percent; a dense
+    task's headline metric as its meter reports it (``train/dense_metrics.py``: mIoU, maxF, odsF in percent, mean
+    angular error in degrees, depth RMSE)."""
     metrics = evaluate_task(model, cfg, task_index, tokenizer, model_task_id)
+    if "headline" in metrics:
+        return metrics[metrics["headline"]]
     if "top1" in metrics:
         return 100 * metrics["top1"]
     if "i2t_r1" in metrics:
@@ -136,6 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     p_extract.add_argument("--threshold", type=float, default=3.0,
                            help="keep experts with usage share > threshold / k percent (0: every expert used)")
     p_extract.add_argument("--no-eval", action="store_true", help="skip the val metric of full vs extracted")
+    p_extract.add_argument("--select-split", default="train",
+                           help="split whose expert usage chooses the experts (default train; the metric is val's)")
+    p_extract.add_argument("--select-samples", type=int, default=2000,
+                           help="samples of --select-split per task that measure the usage (0: all)")
+    p_extract.add_argument("--sweep", default="",
+                           help="comma-separated thresholds: the performance-vs-parameters curve of --task "
+                                "(extract_<task>_sweep.json and .png), instead of one extracted model")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     try:
@@ -162,12 +187,12 @@ def _run(args) -> int:
     # the run's own experts/, or experts.<overrides>/ when overrides change the evaluation (never over the run's own)
     out_dir = Path(args.out) if args.out else run.result_path("experts")
     print(f"condmoe-experts {args.command}: writing to {out_dir}", file=sys.stderr)
-    usage = measure_usage(model, cfg, tokenizer)
-    similarity = task_similarity(usage["layers"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "expert_usage.json").write_text(json.dumps(usage, indent=1))
-    (out_dir / "task_similarity.json").write_text(json.dumps({"tasks": usage["tasks"], **similarity}, indent=1))
     if args.command == "usage":
+        usage = measure_usage(model, cfg, tokenizer)
+        similarity = task_similarity(usage["layers"])
+        (out_dir / "expert_usage.json").write_text(json.dumps(usage, indent=1))
+        (out_dir / "task_similarity.json").write_text(json.dumps({"tasks": usage["tasks"], **similarity}, indent=1))
         print(json.dumps({"usage": str(out_dir / "expert_usage.json"), "similarity": similarity}))
         return 0
 
@@ -175,10 +200,22 @@ def _run(args) -> int:
     if args.task not in names:
         raise ValueError(f"--task {args.task!r} is not a task of the config ({', '.join(names)})")
     task_index = names.index(args.task)
+    # Experts are chosen on --select-split (train by default) and judged on val: choosing and judging on the same
+    # samples would flatter the extracted model.
+    usage = measure_usage(model, cfg, tokenizer, split=args.select_split, max_samples=args.select_samples)
+    (out_dir / f"expert_usage_{args.select_split}.json").write_text(json.dumps(usage, indent=1))
+    if args.sweep:
+        thresholds = sorted({float(t) for t in args.sweep.split(",") if t.strip()})
+        curve = sweep(model, cfg, tokenizer, usage, task_index, thresholds)
+        stem = out_dir / f"extract_{args.task}_sweep"
+        stem.with_suffix(".json").write_text(json.dumps(curve, indent=2))
+        plot_sweep(curve, stem.with_suffix(".png"))
+        print(json.dumps(curve))
+        return 0
     keep = experts_to_keep(usage["layers"], task_index, args.threshold)
-    small = extract_task_model(model, task_index, keep).eval()
+    small = extract_task_model(model, task_index, keep, args.task).eval()
     report = {
-        "task": args.task, "threshold": args.threshold,
+        "task": args.task, "threshold": args.threshold, "selected_on": {args.select_split: usage["samples"]},
         "kept": keep,
         "params": {"full": model.num_params(), "extracted": small.num_params()},
         "flops_per_token": {"full": estimate_flops_per_token(model), "extracted": estimate_flops_per_token(small)},
@@ -191,6 +228,59 @@ def _run(args) -> int:
     (target / "report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report))
     return 0
+
+
+def sweep(model, cfg: Config, tokenizer: TextTokenizer, usage: dict, task_index: int,
+          thresholds: list[float]) -> dict:
+    """The performance-vs-parameters curve of one task: for each threshold, the extracted model's parameters and its
+    val metric (experts chosen from ``usage``), beside the full model's."""
+    task = cfg.tasks[task_index]
+    points = []
+    for threshold in thresholds:
+        keep = experts_to_keep(usage["layers"], task_index, threshold)
+        small = extract_task_model(model, task_index, keep, task.name).eval()
+        points.append({"threshold": threshold, "params": small.num_params(),
+                       "experts_kept": sum(len(v) for v in keep.values()),
+                       "metric": task_metric(small, cfg, tokenizer, task_index, 0)})
+    return {"task": task.name, "selected_on": {usage["split"]: usage["samples"][task.name]},
+            "metric_name": _metric_name(model, cfg, tokenizer, task_index),
+            "full": {"params": model.num_params(), "metric": task_metric(model, cfg, tokenizer, task_index,
+                                                                         task_index)},
+            "points": points}
+
+
+def _metric_name(model, cfg: Config, tokenizer: TextTokenizer, task_index: int) -> str:
+    spec = cfg.tasks[task_index].spec
+    if spec.targets == "pixels":
+        return dense_headline(spec)
+    return {"topk": "top-1 (%)", "recall": "mean R@1 (%)", "caption": "BLEU-4 (%)",
+            "token_accuracy": "accuracy (%)"}[spec.metric]
+
+
+def plot_sweep(curve: dict, path: Path) -> Path:
+    """The sweep's curve: the extracted models' metric against their parameters, the full model as a reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = curve["points"]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.plot([p["params"] / 1e6 for p in points], [p["metric"] for p in points], "o-", label="extracted")
+    for p in points:
+        ax.annotate(f"t={p['threshold']:g}", (p["params"] / 1e6, p["metric"]), fontsize=7,
+                    textcoords="offset points", xytext=(3, 3))
+    ax.scatter([curve["full"]["params"] / 1e6], [curve["full"]["metric"]], marker="*", s=120, color="C3",
+               label="full model")
+    ax.set_xlabel("parameters (M)")
+    ax.set_ylabel(curve["metric_name"])
+    ax.set_title(f"{curve['task']}: metric vs parameters (experts chosen on {next(iter(curve['selected_on']))})",
+                 fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

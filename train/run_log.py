@@ -72,13 +72,17 @@ class RunLog:
         self.task_losses[task_index, 0] += task_loss.detach().float()
         self.task_losses[task_index, 1] += 1
         if layer_stats_LS is not None:
-            stats = layer_stats_LS.detach().float()
-            self.layer_stats = stats if self.layer_stats is None else self.layer_stats + stats
-            self.layer_steps += 1
+            self.add_layer_stats(layer_stats_LS)
         if expert_counts_LE is not None:
             if self.usage_counts is None:
                 self.usage_counts = torch.zeros(len(self.cfg.tasks), *expert_counts_LE.shape)
             self.usage_counts[task_index] += expert_counts_LE.detach().float().cpu()
+
+    def add_layer_stats(self, layer_stats_LS: torch.Tensor) -> None:
+        """Each routed layer's routing health of a micro-step (``MoEStats.layer_stats_LS``)."""
+        stats = layer_stats_LS.detach().float()
+        self.layer_stats = stats if self.layer_stats is None else self.layer_stats + stats
+        self.layer_steps += 1
 
     def state_dict(self) -> dict:
         """What checkpoints carry of this log: the expert-usage EMA (the same on every rank: its counts are summed

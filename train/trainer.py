@@ -87,11 +87,15 @@ class Trainer:
         self.engine = create_engine(cfg, model)
         self.input_dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
         self.layout = RankLayout(**expert_layout(self.model))  # this rank's place in expert parallelism
-        self.sampler = TaskSampler(cfg.tasks, cfg.run.seed, info.rank, cfg.run.task_sampling == "synchronized")
+        # A step draws a unit: one task, or a group of tasks that share its batch (TaskConfig.group).
+        self.units = cfg.units()
+        self.sampler = TaskSampler([cfg.tasks[unit[0]] for unit in self.units], cfg.run.seed, info.rank,
+                                   cfg.run.task_sampling == "synchronized")
         if info.world_size > 1:
             self.model.collectives = DataParallelCollectives()
-        self.streams = [TaskStream(task, i, cfg.data, self.tokenizer, self.img_size, info.rank, info.world_size,
-                                   cfg.run.seed) for i, task in enumerate(cfg.tasks)]
+        self.streams = [TaskStream(cfg.tasks[unit[0]], unit[0], cfg.data, self.tokenizer, self.img_size, info.rank,
+                                   info.world_size, cfg.run.seed, group=[cfg.tasks[i] for i in unit])
+                        for unit in self.units]
         # Class-name targets of each classification dataset: tokenised once, encoded every step (with gradients).
         classes = schema.read_classes(cfg.data.root)
         self.class_targets = {t.dataset: self.tokenizer(classes[t.dataset]) for t in cfg.tasks
@@ -121,9 +125,11 @@ class Trainer:
         micro_steps = MicroSteps(self.engine, cfg.run.gradient_accumulation_steps)
         with micro_steps:
             for micro in range(cfg.run.gradient_accumulation_steps):
-                index = self.sampler(step, micro)
+                unit = self.sampler(step, micro)
+                members = self.units[unit]
+                index = members[0]
                 task = cfg.tasks[index]
-                batch = next(self.streams[index])
+                batch = next(self.streams[unit])
                 self.run_log.add_bad_samples(int(batch.pop("num_skipped")))
                 # Dropout, drop-path, gate noise and mixup draw from generators seeded by (seed, rank, step, micro): a
                 # resumed run replays them exactly without saving RNG states.
@@ -138,13 +144,21 @@ class Trainer:
                     if index in self.mixups:
                         batch["images"], batch["soft_labels"] = self.mixups[index](batch["images"], batch["labels"])
                         smoothing = 0.0  # already in the mixed targets
-                samples += len(batch["labels"]) if "labels" in batch else len(batch["text_ids"])
-                tokens += self._count_tokens(batch)
+                samples += len(batch["labels"] if "labels" in batch else batch.get("images", batch.get("text_ids")))
+                tokens += self._count_tokens(batch) * len(members)
                 batch = {k: self._to_device(k, v) for k, v in batch.items()}
-                out = self.engine(task.type, batch, label_smoothing=smoothing, task_id=index,
-                                  split_targets=task.split_targets, gather_negatives=task.gather_negatives)
+                if len(members) > 1:  # a group: one pass per task on the same batch, the losses stacked [T]
+                    group = [cfg.tasks[i] for i in members]
+                    out = self.engine(tuple(t.type for t in group), batch, task_id=tuple(members),
+                                      head=tuple(t.name for t in group))
+                    weights = torch.tensor([t.loss_weight for t in group], device=out.loss.device)
+                    task_loss = (weights * out.loss).sum()
+                else:
+                    out = self.engine(task.type, batch, label_smoothing=smoothing, task_id=index,
+                                      split_targets=task.split_targets, gather_negatives=task.gather_negatives,
+                                      head=task.name if task.spec.targets == "pixels" else "")
+                    task_loss = task.loss_weight * out.loss
                 stats = pop_moe_stats(self.model)
-                task_loss = task.loss_weight * out.loss
                 aux = stats.aux_loss if stats is not None else task_loss.new_zeros(())
                 loss = task_loss + aux
                 # Non-finite guard: every rank learns whether any rank's loss is NaN/inf (one tiny all-reduce) and
@@ -161,11 +175,19 @@ class Trainer:
                 total = total + loss.detach()
                 task_total = task_total + task_loss.detach()
                 aux_total = aux_total + aux.detach()
-                self.run_log.add_micro_step(index, out.loss, *((stats.expert_counts_LE, stats.layer_stats_LS)
-                                                                if stats is not None else (None, None)))
+                if len(members) > 1:
+                    # Expert counts are the group's (all passes together): per-task usage of a group comes from
+                    # `condmoe-experts usage`, which runs one task at a time.
+                    for i, loss_i in zip(members, out.loss):
+                        self.run_log.add_micro_step(i, loss_i, None)
+                    if stats is not None:
+                        self.run_log.add_layer_stats(stats.layer_stats_LS)
+                else:
+                    self.run_log.add_micro_step(index, out.loss, *((stats.expert_counts_LE, stats.layer_stats_LS)
+                                                                    if stats is not None else (None, None)))
                 if stats is not None:
                     counts = stats.expert_counts_LE if counts is None else counts + stats.expert_counts_LE
-                names.append(task.name)
+                names.append(task.group if len(members) > 1 else task.name)
         micro_steps.step()
         return StepRecord(step, "+".join(names), total, task_total, aux_total, counts, samples, tokens)
 

@@ -72,3 +72,36 @@ def augment_image(image: Image.Image, size: int, augment: Augment, rng: random.R
     if image.size != (size, size):
         image = image.resize((size, size), Image.BICUBIC)
     return image
+
+
+def resize_nearest(array_HW: np.ndarray, size: int) -> np.ndarray:
+    """Nearest-neighbour resize of the first two axes to ``size`` x ``size`` (pixel centres), for label maps of any
+    dtype: class indices and NaN stay exact."""
+    h, w = array_HW.shape[:2]
+    rows = np.minimum(((np.arange(size) + 0.5) * h / size).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(size) + 0.5) * w / size).astype(np.int64), w - 1)
+    return array_HW[rows[:, None], cols[None, :]]
+
+
+def augment_dense(image: Image.Image, maps: dict[str, np.ndarray], size: int, augment: Augment,
+                  rng: random.Random | None, normals: frozenset[str] = frozenset()) -> tuple[Image.Image, dict]:
+    """The same crop and flip for an image and its label maps (``[H, W]`` or ``[H, W, C]`` arrays at the image's
+    resolution), then the image resized (bicubic) and the maps resized (nearest) to ``size``. A horizontal flip
+    negates the x component of the maps named in ``normals`` (Mod-Squad's Taskonomy loader flipped normals without
+    it, which turns the flipped half of the data into wrong labels). RandAugment does not apply: its geometric ops
+    would move the pixels away from their labels (the config refuses it for dense tasks)."""
+    image = image.convert("RGB")
+    if rng is not None and augment.random_resized_crop:
+        left, top, right, bottom = random_resized_crop_box(*image.size, rng, augment.crop_scale_min)
+        image = image.crop((left, top, right, bottom))
+        maps = {k: v[top:bottom, left:right] for k, v in maps.items()}
+    if rng is not None and augment.hflip > 0 and rng.random() < augment.hflip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        maps = {k: v[:, ::-1] for k, v in maps.items()}
+        for k in normals & maps.keys():
+            flipped = maps[k].copy()
+            flipped[..., 0] = -flipped[..., 0]
+            maps[k] = flipped
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BICUBIC)
+    return image, {k: np.ascontiguousarray(resize_nearest(v, size)) for k, v in maps.items()}
