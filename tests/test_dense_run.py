@@ -49,7 +49,7 @@ def test_two_rank_dense_modsquad_run_resumes_exactly(dense_runs):
 
 
 def test_dense_checkpoint_evaluates_every_task_with_its_meter(dense_runs, tmp_path):
-    data, full, _ = dense_runs
+    _, full, _ = dense_runs
     out = tmp_path / "eval.json"
     run([str(BIN / "condmoe-eval"), "--config", str(full / "config.yaml"), "--out", str(out),
          "--batch-size", "16"])
@@ -58,10 +58,16 @@ def test_dense_checkpoint_evaluates_every_task_with_its_meter(dense_runs, tmp_pa
                       ("normals", "mErr"), ("depth", "rmse")):
         assert key in metrics[task] and metrics[task]["headline"] == key, (task, metrics[task])
         assert metrics[task]["num_samples"] > 0
+    # Delta_m against "single-task" results equal to this run's own: exactly 0
+    again = tmp_path / "eval_delta.json"
+    run([str(BIN / "condmoe-eval"), "--config", str(full / "config.yaml"), "--out", str(again), "--batch-size", "16",
+         "--single-task", str(out)])
+    delta = json.loads(again.read_text())["delta_m"]
+    assert delta["value"] == 0.0 and len(delta["metrics"]) == 6
 
 
 def test_dense_extraction_selects_on_train_sweeps_and_exports_a_standalone_model(dense_runs, tmp_path):
-    data, full, _ = dense_runs
+    _, full, _ = dense_runs
     experts = [str(BIN / "condmoe-experts"), "extract", "--config", str(full / "config.yaml"),
                "--task", "normals", "--out", str(tmp_path)]
     proc = run([*experts, "--sweep", "0,3,30"], timeout=600)

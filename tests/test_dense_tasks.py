@@ -158,3 +158,20 @@ def test_synthetic_dense_scenes_are_exact_by_construction():
     assert np.allclose(normals[~shape], expected, atol=0.01) and np.allclose(normals[shape], [0, 0, 1], atol=0.01)
     again = render_dense(0, "train", 5, 64)
     assert all((again[1][k] == maps[k]).all() for k in maps) and again[2] == meta  # deterministic in the seed
+
+
+def test_multi_task_delta_reads_single_task_eval_files_by_task_name(tmp_path):
+    import json
+
+    from condmoe.train.evaluate import multi_task_delta
+
+    metrics = {"semseg": {"mIoU": 60.0, "headline": "mIoU"}, "normals": {"mErr": 18.0, "headline": "mErr"},
+               "cls": {"top1": 0.5}}
+    (tmp_path / "seg.json").write_text(json.dumps({"semseg": {"mIoU": 50.0, "headline": "mIoU"}}))
+    (tmp_path / "nrm.json").write_text(json.dumps({"normals": {"mErr": 20.0, "headline": "mErr"}}))
+    out = multi_task_delta(metrics, [str(tmp_path / "seg.json"), str(tmp_path / "nrm.json")])
+    # semseg +20 % (higher is better), normals +10 % (lower error is better): mean +15 %
+    assert out["value"] == pytest.approx(15.0) and out["metrics"] == {"semseg": "mIoU", "normals": "mErr"}
+    (tmp_path / "other.json").write_text(json.dumps({"depth": {"rmse": 1.0}}))
+    with pytest.raises(ValueError, match="other.json: none of this run's dense tasks"):
+        multi_task_delta(metrics, [str(tmp_path / "other.json")])

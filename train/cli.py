@@ -80,14 +80,19 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--out", default="", help="metrics file; default: the run's eval.json, or "
                                                   "eval.<overrides>.json when overrides change the evaluation")
+    parser.add_argument("--single-task", nargs="+", default=[], metavar="EVAL_JSON",
+                        help="eval.json files of single-task runs: adds the multi-task delta Delta_m of the dense "
+                             "tasks they share with this run (by task name, on each task's headline metric)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
 
-    from condmoe.train.evaluate import evaluate, format_table
+    from condmoe.train.evaluate import evaluate, format_table, multi_task_delta
 
     try:
         run, model, tokenizer = load_run_model("condmoe-eval", args.config, args.overrides, args.checkpoint)
         metrics = evaluate(model, run.cfg, tokenizer, args.batch_size)
+        if args.single_task:
+            metrics["delta_m"] = multi_task_delta(metrics, args.single_task)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         return _fail("condmoe-eval", exc)
     print(format_table(metrics))

@@ -125,6 +125,33 @@ def evaluate_dense(model: UniPerceiver, cfg: Config, task, batches, tokenizer: T
     return {"num_samples": total, **meter.compute(), "headline": dense_headline(task.spec)}
 
 
+def multi_task_delta(metrics: dict[str, dict], single_task_files: list[str]) -> dict:
+    """Delta_m (percent, positive when the multi-task model is better; ``train/dense_metrics.py`` ``delta_m``) of the
+    dense tasks in ``metrics`` that the single-task runs' eval.json files also hold, on each task's headline metric.
+    A ValueError names a file that is unreadable or holds no such task."""
+    import json
+    from pathlib import Path
+
+    from condmoe.train.dense_metrics import LOWER_IS_BETTER, delta_m
+
+    mine = {task: values for task, values in metrics.items() if isinstance(values, dict) and "headline" in values}
+    single = {}
+    for name in single_task_files:
+        try:
+            data = json.loads(Path(name).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--single-task {name}: cannot read it ({exc})") from None
+        shared = [task for task in data if task in mine]
+        if not shared:
+            raise ValueError(f"--single-task {name}: none of this run's dense tasks ({', '.join(mine)}) in it")
+        for task in shared:
+            single[task] = data[task][mine[task]["headline"]]
+    heads = {task: mine[task]["headline"] for task in single}
+    lower = {t: LOWER_IS_BETTER[h] for t, h in heads.items()}
+    value = delta_m({t: mine[t][h] for t, h in heads.items()}, single, lower)
+    return {"value": value, "metrics": heads, "single_task": single}
+
+
 def dense_headline(spec) -> str:
     """The metric a dense task type is summarised by (Delta_m, extraction): mIoU, maxF, odsF, mErr or rmse."""
     from condmoe.train.dense_metrics import dense_metric
