@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"scenes with dense label maps in dense/{split} (0 for both: none)" + d)
     syn.add_argument("--shard-size", type=positive_int, default=defaults.shard_size, help="max images per shard" + d)
     syn.add_argument(
-        "--video-shard-size", type=positive_int, default=defaults.video_shard_size, help="max clips per shard" + d
+        "--video-shard-size", type=positive_int, default=defaults.video_shard_size,
+        help="max clips (and dense scenes) per shard" + d,
     )
     syn.add_argument("--vocab-size", type=positive_int, default=defaults.vocab_size, help="max BPE vocabulary" + d)
     syn.add_argument("--no-tokenizer", action="store_true", help="do not train the BPE tokenizer")

@@ -314,7 +314,7 @@ def write_synthetic_dataset(
             ``num_val_dense`` 0: no dense dataset).
         num_val_dense: Scenes in ``dense/val``.
         shard_size: Maximum images per shard.
-        video_shard_size: Maximum clips per shard.
+        video_shard_size: Maximum clips (and dense scenes) per shard.
         vocab_size: BPE vocabulary size (an upper bound: the captions may support fewer merges).
         tokenizer: Train and save the BPE tokenizer under ``out/tokenizer``.
         overwrite: Regenerate even if a complete dataset with the same parameters exists.
@@ -370,7 +370,7 @@ def write_synthetic_dataset(
             out=out,
             dataset=dataset,
             split=split,
-            shard_size=video_shard_size if dataset == "video" else shard_size,
+            shard_size=video_shard_size if dataset in ("video", "dense") else shard_size,
             shard_bytes=_SHARD_BYTES,
             overwrite=True,  # progress of other parameters is stale; progress of these same ones is resumed
             progress=progress,
