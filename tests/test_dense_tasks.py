@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from condmoe.train.config import REPO_ROOT, load_config
-from condmoe.train.data import DENSE_IGNORE, BadLabel, DenseTarget
+from condmoe.train.dense_data import DENSE_IGNORE, BadLabel, DenseTarget
 from condmoe.train.transforms import Augment, augment_dense, resize_nearest
 
 MODSQUAD = REPO_ROOT / "configs" / "demo_dense_modsquad.yaml"
