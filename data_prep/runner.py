@@ -31,7 +31,14 @@ from tqdm import tqdm
 
 from condmoe.data_prep import schema
 from condmoe.data_prep.errors import ErrorItem, SkipSample, UserError, error_record
-from condmoe.data_prep.index import SplitSummary, drop_entry, finalize_split, read_classes, verify_manifest
+from condmoe.data_prep.index import (
+    SplitSummary,
+    drop_entry,
+    finalize_split,
+    index_lock,
+    read_classes,
+    verify_manifest,
+)
 from condmoe.data_prep.plan import SliceTask, fingerprint, num_slices, part_slices, slice_bounds
 from condmoe.data_prep.progress import PROGRESS_DIR, PartLog, SliceRecord, list_part_files, read_part_header
 from condmoe.data_prep.shard_writer import SliceWriter, remove_shard_files
@@ -275,6 +282,28 @@ def _already_complete(options: PrepOptions, name: str, digest: str) -> bool:
     return not options.train_bpe or (options.out / schema.TOKENIZER_DIR / "tokenizer.json").is_file()
 
 
+def _write_dense(options: PrepOptions, labels: dict[str, dict[str, Any]]) -> None:
+    """Add this run's labels to the dataset's ``dense.json`` entry (the labels of its other splits stay).
+
+    Raises:
+        UserError: If a label is already there with another spec (another split prepared with other options), unless
+            ``overwrite``; or if ``dense.json`` is damaged.
+    """
+    path = options.out / schema.DENSE
+    try:
+        with index_lock(options.out):
+            entry = schema.read_dense(options.out, missing_ok=True).get(options.dataset, {})
+            clash = [label for label, spec in labels.items() if label in entry and entry[label] != spec]
+            if clash and not options.overwrite:
+                label = clash[0]
+                raise UserError(f"{path}: {options.dataset}/{label} is {entry[label]}, this run's is {labels[label]} "
+                                "(another split was prepared with other label options); use the same options, or "
+                                "--overwrite to replace it")
+            schema.write_dense(options.out, options.dataset, {**entry, **labels})
+    except ValueError as e:
+        raise UserError(f"{e}; repair or delete {path}") from None
+
+
 def run_part(source: Source, options: PrepOptions) -> PartResult:
     """Prepare (or finish preparing) one part of ``OUT/<dataset>/<split>``; a single-part job is then indexed.
 
@@ -301,7 +330,8 @@ def run_part(source: Source, options: PrepOptions) -> PartResult:
 
 
 def write_part(source: Source, options: PrepOptions) -> PartResult:
-    """Write (or finish writing) the shards of one part and record them in its progress file; no index.
+    """Write (or finish writing) the shards of one part and record them in its progress file; no index (but the
+    dataset's ``dense.json`` entry, for a source with dense labels, is written first).
 
     Args:
         source: The input source.
@@ -317,6 +347,9 @@ def write_part(source: Source, options: PrepOptions) -> PartResult:
     name = f"{options.dataset}/{options.split}"
     split_dir = options.out / options.dataset / options.split
     plan = source.plan(read_classes(options.out).get(options.dataset))
+    dense = source.dense_labels()
+    if dense is not None:
+        _write_dense(options, dense)
     items = plan.items
     params = source.params()
     digest = fingerprint(

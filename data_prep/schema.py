@@ -224,6 +224,29 @@ def read_dense(root: str | Path, missing_ok: bool = False) -> dict[str, dict[str
     return dense
 
 
+def write_dense(root: str | Path, dataset: str, labels: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Set ``dataset``'s entry of ``ROOT/dense.json`` to ``labels`` (other datasets kept), atomically.
+
+    Each spec is checked with :func:`check_dense_spec` first. Several processes writing the same root must hold
+    :func:`data_prep.index.index_lock` around the call (as for ``classes.json``), or one may drop the other's entry.
+
+    Returns:
+        The whole ``dense.json`` as written.
+
+    Raises:
+        ValueError: A bad spec (naming the dataset and the label), or an existing ``dense.json`` that is damaged
+            (rather than overwrite the other datasets' entries with nothing).
+    """
+    path = Path(root) / DENSE
+    if not labels:
+        raise ValueError(f"{path}: {dataset}: no labels to write")
+    entry = {label: dict(check_dense_spec(path, dataset, label, dict(spec))) for label, spec in labels.items()}
+    dense = read_dense(root, missing_ok=True)
+    dense[dataset] = entry
+    write_json(path, dense)
+    return dense
+
+
 def read_manifest(root: str | Path) -> dict[str, Any] | None:
     """``manifest.json``; ``None`` if it is missing, unreadable or of another version (the split must be redone)."""
     try:

@@ -91,6 +91,8 @@ def test_binary_normal_and_scalar_maps_decode_to_the_losses_conventions():
     depth = DenseTarget("depth.png", "depth", {"encoding": "scalar", "scale": 0.001, "invalid": 0})
     values = depth.decode(_png(np.array([[0, 1500]], np.uint16)), (2, 1))
     assert np.isnan(values[0, 0]) and values[0, 1] == pytest.approx(1.5)
+    keypoints = DenseTarget("keypoints2d.png", "depth", {"encoding": "scalar", "scale": 1 / 65535, "invalid": None})
+    assert np.isfinite(keypoints.decode(_png(np.array([[0, 65535]], np.uint16)), (2, 1))).all()  # null: all labels
 
 
 def test_a_label_map_of_another_size_than_its_image_is_refused():

@@ -72,7 +72,8 @@ class DenseTarget:
             normals[(array == 0).all(axis=-1)] = 0.0
             return normals
         values = array.astype(np.float32) * float(self.spec["scale"])
-        values[array == self.spec["invalid"]] = np.nan
+        if self.spec["invalid"] is not None:  # null: every value is a label (Taskonomy's edges, keypoints ...)
+            values[array == self.spec["invalid"]] = np.nan
         return values
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 from condmoe.data_prep.sources.base import CommandSource, Source, SourcePlan
 from condmoe.data_prep.sources.coco import CocoSource
 from condmoe.data_prep.sources.imagefolder import ImageFolderSource
+from condmoe.data_prep.sources.nyud import NyudSource
+from condmoe.data_prep.sources.pascal_mt import PascalMtSource
+from condmoe.data_prep.sources.taskonomy import TaskonomySource
 from condmoe.data_prep.sources.text import TextSource
 from condmoe.data_prep.sources.video_csv import VideoCsvSource
 from condmoe.data_prep.sources.wds_reindex import WdsReindexSource
@@ -12,5 +15,15 @@ from condmoe.data_prep.sources.wds_reindex import WdsReindexSource
 __all__ = ["SOURCES", "CommandSource", "Source", "SourcePlan"]
 
 SOURCES: dict[str, type[CommandSource]] = {
-    cls.name: cls for cls in (ImageFolderSource, CocoSource, VideoCsvSource, TextSource, WdsReindexSource)
+    cls.name: cls
+    for cls in (
+        ImageFolderSource,
+        CocoSource,
+        VideoCsvSource,
+        TextSource,
+        WdsReindexSource,
+        PascalMtSource,
+        NyudSource,
+        TaskonomySource,
+    )
 }

@@ -62,6 +62,11 @@ class Source(abc.ABC):
                 file, classes that contradict ``classes.json``).
         """
 
+    def dense_labels(self) -> dict[str, dict[str, Any]] | None:
+        """The dataset's ``dense.json`` entry (label name -> spec, :mod:`data_prep.schema`) if its samples carry dense
+        label maps, else ``None``; the runner writes it before the shards."""
+        return None
+
     @abc.abstractmethod
     def item_id(self, item: Any) -> str:
         """Short description of an item for ``errors.jsonl``."""
