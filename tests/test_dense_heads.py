@@ -47,6 +47,21 @@ def test_uphead_native_resolution_is_two_to_the_num_convs():
     assert head(x, (2, 3)).shape == (1, 2, 32, 48)
 
 
+
+def test_uphead_equals_m3vits_order_of_operations():
+    """M3ViT: conv, norm, ReLU, 2x after each of the 4 blocks (the last 2x after the 1x1 conv). Resizing once after
+    the 1x1 conv gives the same map: both are linear per pixel and bilinear weights sum to one."""
+    torch.manual_seed(0)
+    head = UpHead(dim=8, out_channels=3, patch_size=16, channels=8, num_convs=4, num_groups=2)
+    x = torch.randn(2, 2 * 3, 8)
+    y = head.norm(x).transpose(1, 2).reshape(2, 8, 2, 3)
+    for i, block in enumerate(head.convs):
+        y = block(y)
+        if i < 3:
+            y = F.interpolate(y, scale_factor=2.0, mode="bilinear", align_corners=False)
+    y = F.interpolate(head.classifier(y), scale_factor=2.0, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(head(x, (2, 3)), y)
+
 def test_linear_head_puts_each_token_in_its_own_patch():
     """Token n = (row gi, col gj) fills rows gi*p..gi*p+p-1 and cols gj*p..; its features are ordered (j, k, c)."""
     gh, gw, p, c = 2, 3, 2, 2

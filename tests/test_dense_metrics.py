@@ -240,3 +240,16 @@ def test_lower_is_better_table_and_metric_registry():
     assert isinstance(seg, ConfusionMeter) and seg.num_classes == 21
     with pytest.raises(ValueError, match="no metric"):
         dense_metric("x", "rgb")
+
+
+def test_threshold_ties_follow_the_references():
+    """Saliency counts a pixel salient above t (MTL-PyTorch ``pred > thres``); edges at or above t (BSDS
+    ``pb >= thresh``)."""
+    gt = torch.tensor([[[1.0, 0.0]]])
+    prob = torch.tensor([[[0.5, 0.25]]])
+    sal = SaliencyMeter(thresholds=(0.5,), from_logits=False)
+    sal.update(prob, gt)
+    assert sal.compute()["maxF"] == 0.0  # 0.5 is not > 0.5: nothing predicted
+    edge = EdgeMeter(thresholds=(0.5,), tolerance=0, from_logits=False)
+    edge.update(prob, gt)
+    assert edge.compute()["odsF"] == pytest.approx(100.0)  # 0.5 >= 0.5: the edge pixel found
