@@ -96,7 +96,11 @@ def test_experts_tool_on_a_trained_mod_squad_checkpoint(tiny_data, tmp_path):
     assert report["metric"]["extracted"] == pytest.approx(report["metric"]["full"], abs=1e-6)  # keeps every used one
     assert report["params"]["extracted"] <= report["params"]["full"]
     assert (out / "experts" / "extracted_shapes_classification" / "model.safetensors").is_file()
+    chosen_on = json.loads((out / "experts" / "expert_usage_train.json").read_text())  # extract chooses on train
+    assert chosen_on["split"] == "train" and report["selected_on"] == {"train": chosen_on["samples"]}
+    run([script("condmoe-experts"), "usage", "--config", config, *overrides])  # val usage and task similarity
     usage = json.loads((out / "experts" / "expert_usage.json").read_text())
+    assert usage["split"] == "val" and (out / "experts" / "task_similarity.json").is_file()
     assert usage["tasks"] == ["shapes_classification", "shapes_caption_retrieval"] and len(usage["layers"]) == 4
     run([script("condmoe-experts"), "plot", "--usage", str(out / "experts" / "expert_usage.json")])
     assert (out / "experts" / "expert_usage.png").stat().st_size > 10_000
