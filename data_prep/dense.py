@@ -23,11 +23,13 @@ __all__ = [
     "LabelError",
     "binary_spec",
     "check_label",
+    "encode_npy",
     "encode_png",
     "index_spec",
     "normal_spec",
     "resize_nearest",
     "scalar_spec",
+    "soft_spec",
 ]
 
 
@@ -60,6 +62,18 @@ def scalar_spec(member: str, scale: float, invalid: int | None) -> dict[str, Any
     return {"member": member, "encoding": "scalar", "scale": scale, "invalid": invalid}
 
 
+def soft_spec(member: str, num_classes: int) -> dict[str, Any]:
+    """A ``soft`` label's spec: a per-image distribution over ``num_classes`` classes, stored as ``.npy``."""
+    return {"member": member, "encoding": "soft", "num_classes": num_classes}
+
+
+def encode_npy(vector: np.ndarray) -> bytes:
+    """A soft label as ``.npy`` bytes (float32, 1-D); the same vector always gives the same bytes."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(vector, dtype=np.float32).reshape(-1), allow_pickle=False)
+    return buf.getvalue()
+
+
 def encode_png(array: np.ndarray) -> bytes:
     """A label map as PNG: uint8 HxW (grey), uint16 HxW (16-bit grey) or uint8 HxWx3 (RGB); the same array always
     gives the same bytes."""
@@ -84,8 +98,14 @@ def resize_nearest(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def check_label(array: np.ndarray, spec: dict[str, Any]) -> str | None:
-    """Whether a stored label map fits its spec: the problem as text, or ``None``."""
+    """Whether a stored label map (or soft vector) fits its spec: the problem as text, or ``None``."""
     encoding = spec["encoding"]
+    if encoding == "soft":
+        if array.ndim != 1 or array.shape[0] != spec["num_classes"]:
+            return f"expected {spec['num_classes']} class scores, got an array of shape {array.shape}"
+        if not np.isfinite(array).all() or (array < 0).any():
+            return "class scores must be finite and non-negative"
+        return None
     if encoding == "normal":
         if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
             return f"expected an RGB map, got {array.dtype} of shape {array.shape}"
@@ -267,6 +287,16 @@ def read_green_png(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]
     return _rgb_channel(path, 1)
 
 
+def read_soft_npy(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
+    """A per-image class distribution (Taskonomy's ``class_object`` / ``class_scene`` ``.npy``) as float32 ``[K]``."""
+    array = _load_npy(path).astype(np.float32)
+    if array.ndim > 1 and sum(n > 1 for n in array.shape) <= 1:
+        array = array.reshape(-1)
+    if array.ndim != 1:
+        raise LabelError(f"expected a vector of class scores, got shape {array.shape}")
+    return array, {}
+
+
 #: Reader name (stored in the plan's items, so they stay JSON) -> reader.
 READERS: dict[str, Callable[[str | os.PathLike], tuple[np.ndarray, dict[str, Any]]]] = {
     "index_png": read_index_png,
@@ -281,4 +311,5 @@ READERS: dict[str, Callable[[str | os.PathLike], tuple[np.ndarray, dict[str, Any
     "uint8_png": read_uint8_png,
     "red_png": read_red_png,
     "green_png": read_green_png,
+    "soft_npy": read_soft_npy,
 }

@@ -25,6 +25,8 @@ which labels it has and how each is encoded (``DENSE_ENCODINGS``):
   a pixel (0, 0, 0) is unlabelled.
 - ``scalar``: uint8 or uint16 grey; ``value * scale`` is the quantity (depth in metres: ``scale`` 0.001 for
   millimetres), a pixel equal to ``invalid`` is unlabelled.
+- ``soft``: not a map but a per-image distribution over ``num_classes`` classes (Taskonomy's ``class_object`` and
+  ``class_scene``): a ``.npy`` member holding a float vector of that length, finite and non-negative.
 
 The writers are here too, so that every index file of data_prep/ is written one way: through a temporary file that
 is fsynced and renamed over the old one, so readers see the old file or the complete new one, never a torn one.
@@ -58,6 +60,7 @@ DENSE_ENCODINGS = {  # encoding -> the fields its spec must have besides ``membe
     "binary": (),
     "normal": (),
     "scalar": ("scale", "invalid"),
+    "soft": ("num_classes",),
 }
 # The usual member of each dense label (datasets may name others in dense.json)
 DENSE_MEMBERS = {"semseg": "semseg.png", "human_parts": "parts.png", "saliency": "sal.png", "normals": "normals.png",
@@ -193,15 +196,16 @@ def read_classes(root: str | Path, missing_ok: bool = False) -> dict[str, list[s
 def check_dense_spec(path: str | Path, dataset: str, label: str, spec: Any) -> dict[str, Any]:
     """One label's entry of ``dense.json``, checked: a ValueError names the file, the dataset and the label."""
     where = f"{path}: {dataset}/{label}"
-    if not isinstance(spec, dict) or not isinstance(spec.get("member"), str) or not spec["member"].endswith(".png"):
-        raise ValueError(f"{where}: expected an object with a 'member' ending in .png, got {spec!r}")
-    encoding = spec.get("encoding")
+    encoding = spec.get("encoding") if isinstance(spec, dict) else None
+    suffix = ".npy" if encoding == "soft" else ".png"
+    if not isinstance(spec, dict) or not isinstance(spec.get("member"), str) or not spec["member"].endswith(suffix):
+        raise ValueError(f"{where}: expected an object with a 'member' ending in {suffix}, got {spec!r}")
     if encoding not in DENSE_ENCODINGS:
         raise ValueError(f"{where}: encoding {encoding!r} is not one of {sorted(DENSE_ENCODINGS)}")
     missing = [key for key in DENSE_ENCODINGS[encoding] if key not in spec]
     if missing:
         raise ValueError(f"{where}: a {encoding} label needs {missing}")
-    if encoding == "index" and (not isinstance(spec["num_classes"], int) or spec["num_classes"] < 2):
+    if encoding in ("index", "soft") and (not isinstance(spec["num_classes"], int) or spec["num_classes"] < 2):
         raise ValueError(f"{where}: num_classes must be an integer >= 2, got {spec['num_classes']!r}")
     return spec
 

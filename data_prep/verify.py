@@ -3,8 +3,11 @@
 For every split in ``manifest.json``: each shard exists with the recorded size and SHA-256 and holds the recorded
 number of samples (members of a sample adjacent, as webdataset needs); with decoding on, every member is decoded by
 its extension (images with Pillow, videos with PyAV, ``.cls`` as a label within ``classes.json``, ``.txt`` as UTF-8,
-``.json`` as JSON). ``sizes.json`` must match the manifest, and no unlisted ``*.tar`` may sit in a split directory
-(training globs them).
+``.json`` as JSON). Members named in ``dense.json`` are checked against their label's spec instead: a PNG map has
+its image's size and a single-channel mode (``normal``: RGB; an RGB map with three equal channels passes, as training
+converts it), ``index`` values are classes or ``ignore``; a ``soft`` ``.npy`` is a finite, non-negative vector of
+``num_classes`` scores. A sample without some label is fine. ``sizes.json`` must match the manifest, and no unlisted
+``*.tar`` may sit in a split directory (training globs them).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import av
+import numpy as np
 from PIL import Image
 
 from condmoe.data_prep import schema
@@ -25,10 +29,11 @@ from condmoe.data_prep.index import read_classes
 from condmoe.data_prep.shard_writer import sha256_file
 from condmoe.data_prep.tarscan import read_member, scan_tar
 
-__all__ = ["MAX_TAIL", "check_member", "check_shard", "verify_dataset"]
+__all__ = ["MAX_TAIL", "check_label", "check_member", "check_shard", "verify_dataset"]
 
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
+_GREY_MODES = ("L", "P", "I;16", "I")  # the single-channel modes of binary, scalar and index maps
 _MAX_PROBLEMS_PER_SHARD = 10  # a shard of garbage should not print thousands of lines
 # Our shards end in zero blocks padded to tarfile's 10 KiB record; a longer or non-zero tail is damage.
 MAX_TAIL = 64 * 1024
@@ -59,7 +64,57 @@ def check_member(ext: str, data: bytes, num_classes: int | None) -> str | None:
     return None
 
 
-def check_shard(path: str | os.PathLike, shard: dict[str, Any], decode: bool, num_classes: int | None) -> list[str]:
+def check_label(spec: dict[str, Any], data: bytes, size: tuple[int, int] | None) -> str | None:
+    """Decode one dense label member against its ``dense.json`` spec; the problem as text, or ``None`` if it is fine.
+
+    Args:
+        spec: The label's spec (``encoding`` and the fields it needs, see :mod:`data_prep.schema`).
+        data: The member's bytes.
+        size: ``(width, height)`` of the sample's image, or ``None`` to skip the size check.
+    """
+    encoding = spec["encoding"]
+    try:
+        if encoding == "soft":
+            scores = np.load(io.BytesIO(data), allow_pickle=False)
+            if scores.ndim != 1 or len(scores) != spec["num_classes"]:
+                return f"scores of shape {scores.shape}, expected ({spec['num_classes']},)"
+            bad = ~(np.isfinite(scores) & (scores >= 0))
+            return f"score {scores[bad][0]} is not finite and >= 0 ({bad.sum()} such)" if bad.any() else None
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            mode, values = image.mode, np.asarray(image)
+            if size is not None and image.size != size:
+                return f"{image.size[0]}x{image.size[1]}, the image is {size[0]}x{size[1]}"
+    except Exception as e:  # as in check_member: a corrupt member is a problem to report
+        return f"{type(e).__name__}: {e}"
+    if encoding == "normal":
+        return None if mode == "RGB" else f"mode {mode}, expected RGB"
+    if mode == "RGB":
+        if not (values == values[..., :1]).all():
+            return "RGB with unequal channels, expected a single-channel map"
+        values = values[..., 0]
+    elif mode not in _GREY_MODES:
+        return f"mode {mode}, expected a single-channel map ({', '.join(_GREY_MODES)})"
+    if encoding == "index":
+        bad = (values < 0) | ((values >= spec["num_classes"]) & (values != spec["ignore"]))
+        if bad.any():
+            return (f"class {values[bad][0]} outside [0, {spec['num_classes']}) and not ignore {spec['ignore']} "
+                    f"({bad.sum()} pixels)")
+    return None
+
+
+def _image_size(members: list[tuple[str, bytes]]) -> tuple[int, int] | None:
+    """``(width, height)`` of a sample's image (``None`` if it has none or it is unreadable: check_member says)."""
+    data = next((data for ext, data in members if ext in (schema.IMAGE, "png")), None)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except Exception:
+        return None
+
+
+def check_shard(path: str | os.PathLike, shard: dict[str, Any], decode: bool, num_classes: int | None,
+                dense: dict[str, dict[str, Any]] | None = None) -> list[str]:
     """Problems of one shard (empty if it matches its manifest entry).
 
     Args:
@@ -67,7 +122,9 @@ def check_shard(path: str | os.PathLike, shard: dict[str, Any], decode: bool, nu
         shard: Its manifest entry (``num_samples``, ``num_bytes``, ``sha256``).
         decode: Decode every member.
         num_classes: Number of classes of the dataset, for the ``.cls`` range check.
+        dense: The dataset's dense labels, member -> spec (from ``dense.json``), checked with :func:`check_label`.
     """
+    dense = dense or {}
     path = Path(path)
     if not path.is_file():
         return [f"{path}: missing"]
@@ -85,10 +142,15 @@ def check_shard(path: str | os.PathLike, shard: dict[str, Any], decode: bool, nu
                 if sample.key in keys:  # webdataset would read the scattered members as two samples
                     member_problems.append(f"{path}: sample {sample.key}: members not adjacent")
                 keys.add(sample.key)
-                for member in sample.members if decode else ():
-                    problem = check_member(member.ext, read_member(f, member), num_classes)
+                if not decode:
+                    continue
+                members = [(member.ext, read_member(f, member)) for member in sample.members]
+                size = _image_size(members) if dense else None
+                for ext, data in members:
+                    spec = dense.get(ext)
+                    problem = check_member(ext, data, num_classes) if spec is None else check_label(spec, data, size)
                     if problem is not None:
-                        member_problems.append(f"{path}: sample {sample.key}: {member.ext}: {problem}")
+                        member_problems.append(f"{path}: sample {sample.key}: {ext}: {problem}")
         if scan.damage is not None:
             problems.append(f"{path}: unreadable tar ({scan.damage})")
     except OSError as e:
@@ -101,7 +163,7 @@ def check_shard(path: str | os.PathLike, shard: dict[str, Any], decode: bool, nu
     return problems + member_problems
 
 
-def _check_shard_args(args: tuple[str, dict[str, Any], bool, int | None]) -> list[str]:
+def _check_shard_args(args: tuple[str, dict[str, Any], bool, int | None, dict[str, dict[str, Any]]]) -> list[str]:
     return check_shard(*args)
 
 
@@ -132,6 +194,11 @@ def verify_dataset(out: str | os.PathLike, decode: bool = True, workers: int = 1
     except UserError as e:
         problems.append(str(e))
         classes = {}
+    try:
+        dense = schema.read_dense(out, missing_ok=True)
+    except (OSError, ValueError) as e:
+        problems.append(str(e))
+        dense = {}
     jobs = []
     num_samples = 0
     for name, entry in sorted(manifest["datasets"].items()):
@@ -145,7 +212,8 @@ def verify_dataset(out: str | os.PathLike, decode: bool = True, workers: int = 1
             problems.append(f"{out / schema.SIZES}: {name} is {sizes.get(name)}, manifest says {entry['num_samples']}")
         dataset = name.split("/")[0]
         num_classes = len(classes[dataset]) if dataset in classes else None
-        jobs.extend((str(out / name / s["name"]), s, decode, num_classes) for s in shards)
+        labels = {spec["member"]: spec for spec in dense.get(dataset, {}).values()}
+        jobs.extend((str(out / name / s["name"]), s, decode, num_classes, labels) for s in shards)
         listed = {s["name"] for s in shards}
         split_dir = out / name
         if split_dir.is_dir():

@@ -12,8 +12,10 @@ binary     1                ``[B, H, W]`` 0/1           ``weighted_bce``: balanc
                                                         ``pos_weight`` 0.95 (edges)
 normal     3                ``[B, 3, H, W]`` unit        1 - cosine similarity over labelled pixels
                             vectors, 0 = unlabelled
-scalar     1                ``[B, H, W]`` float, with    L1 over valid pixels (depth)
-                            a validity mask
+scalar     1 (or C stacked  ``[B, H, W]`` (``[B, C, H,    L1 over valid pixels (depth, Taskonomy's L1 tasks);
+           labels)          W]``) float, NaN invalid    ``mse_loss`` for curvature (Mod-Squad's MSE)
+soft       ``num_classes``  ``[B, K]`` class            ``soft_label_mse`` on ``PooledClassHead``'s outputs
+                            distribution                (Taskonomy's class_object, class_scene)
 =========  ===============  ==========================  ======================================================
 
 Every loss is a mean over the pixels that count and returns an exact 0 that is still connected to the prediction
@@ -32,10 +34,10 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
-DENSE_KINDS = ("index", "binary", "normal", "scalar")  # the encodings of data_prep/schema.py DENSE_ENCODINGS
+DENSE_KINDS = ("index", "binary", "normal", "scalar", "soft")  # the encodings of data_prep/schema.py DENSE_ENCODINGS
 IGNORE_INDEX = 255
 EDGE_POS_WEIGHT = 0.95  # Multi-Task-Learning-PyTorch configs (edge_w) for PASCAL-Context and NYUD edges
-HEAD_KINDS = ("linear", "uphead")
+HEAD_KINDS = ("linear", "uphead")  # model.dense_head: the map heads (a soft-label task always takes "pooled")
 
 
 @dataclass(frozen=True)
@@ -58,15 +60,17 @@ class DenseTaskSpec:
     def __post_init__(self):
         if self.kind not in DENSE_KINDS:
             raise ValueError(f"kind {self.kind!r} is not one of {DENSE_KINDS}")
-        if self.kind == "index" and (isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int)
-                                     or self.num_classes < 1):
-            raise ValueError(f"num_classes must be a positive integer for an index label, got {self.num_classes!r}")
+        classes = self.num_classes
+        if self.kind in ("index", "soft") and (isinstance(classes, bool) or not isinstance(classes, int)
+                                               or classes < 1):
+            raise ValueError(f"num_classes must be a positive integer for an {self.kind} label, got "
+                             f"{self.num_classes!r}")
         if self.pos_weight is not None and not 0.0 < self.pos_weight < 1.0:
             raise ValueError(f"pos_weight must lie in (0, 1), got {self.pos_weight}")
 
     @property
     def out_channels(self) -> int:
-        return {"index": self.num_classes, "binary": 1, "normal": 3, "scalar": 1}[self.kind]
+        return {"index": self.num_classes, "binary": 1, "normal": 3, "scalar": 1, "soft": self.num_classes}[self.kind]
 
     @classmethod
     def from_dense_json(cls, label: str, spec: dict[str, Any]) -> "DenseTaskSpec":
@@ -75,6 +79,8 @@ class DenseTaskSpec:
         kind = spec["encoding"]
         if kind == "index":
             return cls(kind, num_classes=spec["num_classes"], ignore_index=spec.get("ignore", IGNORE_INDEX))
+        if kind == "soft":
+            return cls(kind, num_classes=spec["num_classes"])
         return cls(kind, pos_weight=EDGE_POS_WEIGHT if kind == "binary" and label == "edge" else None)
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -179,14 +185,34 @@ class UpHead(nn.Module):
         return _resize(x, out_size if out_size is not None else (gh * self.patch_size, gw * self.patch_size))
 
 
+class PooledClassHead(nn.Module):
+    """Mod-Squad's Taskonomy classification head (class_object, class_scene): LayerNorm and Linear on the mean of the
+    patch tokens, ``[B, gh * gw, D] -> [B, K]`` raw outputs (its loss, ``soft_label_mse``, applies no softmax)."""
+
+    def __init__(self, dim: int, out_channels: int):
+        super().__init__()
+        self.dim, self.out_channels = dim, out_channels
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.proj = nn.Linear(dim, out_channels)
+        trunc_normal_(self.proj.weight, std=0.02)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x_BND: torch.Tensor, grid: tuple[int, int],
+                out_size: tuple[int, int] | None = None) -> torch.Tensor:
+        _check_tokens(x_BND, grid, self.dim)
+        return self.proj(self.norm(x_BND.mean(dim=1)))
+
+
 def make_head(kind: str, dim: int, patch_size: int, out_channels: int, **kwargs: Any) -> nn.Module:
-    """A dense head: ``linear`` (``LinearPatchHead``, Mod-Squad's Taskonomy decoder) or ``uphead`` (``UpHead``,
-    M3ViT's PASCAL-Context/NYUD decoder). ``kwargs`` go to the head (``norm``; ``channels``, ``num_convs``,
-    ``num_groups``). Both take ``(patch tokens, grid, out_size=None)``."""
+    """A dense head: ``linear`` (``LinearPatchHead``, Mod-Squad's Taskonomy decoder), ``uphead`` (``UpHead``,
+    M3ViT's PASCAL-Context/NYUD decoder) or ``pooled`` (``PooledClassHead``, a classification). ``kwargs`` go to the
+    head (``norm``; ``channels``, ``num_convs``, ``num_groups``). All take ``(patch tokens, grid, out_size=None)``."""
     if kind == "linear":
         return LinearPatchHead(dim, patch_size, out_channels, **kwargs)
     if kind == "uphead":
         return UpHead(dim, out_channels, patch_size=patch_size, **kwargs)
+    if kind == "pooled":
+        return PooledClassHead(dim, out_channels)
     raise ValueError(f"head kind {kind!r} is not one of {HEAD_KINDS}")
 
 
@@ -279,25 +305,42 @@ def normal_loss(pred_B3HW: torch.Tensor, target_B3HW: torch.Tensor,
     return _masked_mean(1.0 - cos, mask)
 
 
-def l1_loss(pred: torch.Tensor, target_BHW: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Absolute error, mean over valid pixels (``valid`` and a finite target): Multi-Task-Learning-PyTorch's
-    ``DepthLoss('l1')`` (and Mod-Squad's L1 tasks). Invalid pixels may hold anything, NaN included."""
-    pred = _single_channel(pred, target_BHW, "l1_loss").float()
-    target = target_BHW.float()
+def _aligned(pred: torch.Tensor, target: torch.Tensor, what: str) -> torch.Tensor:
+    """``pred`` shaped as ``target``: ``[B, 1, H, W]`` against a one-channel ``[B, H, W]``, else the same shape."""
+    if target.dim() == 3:
+        return _single_channel(pred, target, what)
+    if pred.shape != target.shape:
+        raise ValueError(f"{what}: prediction {list(pred.shape)} does not match the target {list(target.shape)}")
+    return pred
+
+
+def l1_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Absolute error, mean over valid entries (``valid`` and a finite target): Multi-Task-Learning-PyTorch's
+    ``DepthLoss('l1')`` (and Mod-Squad's L1 tasks). ``target`` is ``[B, H, W]`` or ``[B, C, H, W]``; invalid
+    entries may hold anything, NaN included."""
+    pred, target = _aligned(pred, target, "l1_loss").float(), target.float()
     mask = torch.isfinite(target) & _valid_mask(valid, target.shape, target.device, "l1_loss")
     return _masked_mean((pred - torch.where(mask, target, pred.detach())).abs(), mask)
+
+
+def mse_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared error, mean over valid entries (``valid`` and a finite target): Mod-Squad's curvature loss. ``target``
+    is ``[B, H, W]`` (one channel) or ``[B, C, H, W]`` (stacked labels, e.g. the two principal curvatures)."""
+    pred, target = _aligned(pred, target, "mse_loss").float(), target.float()
+    mask = torch.isfinite(target) & _valid_mask(valid, target.shape, target.device, "mse_loss")
+    return _masked_mean((pred - torch.where(mask, target, pred.detach())) ** 2, mask)
 
 
 def soft_label_mse(logits_BK: torch.Tensor, target_BK: torch.Tensor) -> torch.Tensor:
     """Mod-Squad's Taskonomy classification loss (class_object, class_scene): ``F.mse_loss(outputs, targets)``
     between the head's raw outputs (no softmax: ``engine_mt.py`` applies none) and the soft target distribution,
-    mean over the ``B x K`` entries. 0 for an empty batch."""
+    mean over the ``B x K`` entries of the images that have a target (a row of NaN has none). 0 for none."""
     if logits_BK.shape != target_BK.shape:
         raise ValueError(f"soft_label_mse: outputs {list(logits_BK.shape)} do not match the targets "
                          f"{list(target_BK.shape)}")
-    if logits_BK.numel() == 0:
-        return logits_BK.float().sum()
-    return F.mse_loss(logits_BK.float(), target_BK.float())
+    target = target_BK.float()
+    mask = torch.isfinite(target).all(dim=-1, keepdim=True).expand_as(target)
+    return _masked_mean((logits_BK.float() - torch.where(mask, target, 0.0)) ** 2, mask)
 
 
 def dense_loss(kind: str, pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None, *,
@@ -312,5 +355,7 @@ def dense_loss(kind: str, pred: torch.Tensor, target: torch.Tensor, valid: torch
         return normal_loss(pred, target, valid)
     if kind == "scalar":
         return l1_loss(pred, target, valid)
+    if kind == "soft":
+        return soft_label_mse(pred, target)
     raise ValueError(f"kind {kind!r} is not one of {DENSE_KINDS}")
 

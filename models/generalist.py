@@ -24,7 +24,7 @@ from timm.layers import Mlp, trunc_normal_
 from timm.models.vision_transformer import Block
 
 from condmoe.models.captioning import caption_loss
-from condmoe.models.dense import EDGE_POS_WEIGHT, HEAD_KINDS, dense_loss, make_head
+from condmoe.models.dense import EDGE_POS_WEIGHT, HEAD_KINDS, dense_loss, make_head, mse_loss
 from condmoe.models.embeddings import ImageEmbed, TextEmbed
 from condmoe.models.linear_moe import ExpertLinear, LinearMoEAttention, LinearMoEMixer, LinearMoEMLP
 from condmoe.models.losses import (
@@ -98,10 +98,11 @@ class UniPerceiverArgs:
         num_prompts: learned prompt tokens per block and side (inputs, targets) for prompt tuning (0: none).
         head_classes: classes of the zero-initialised prompt-tuning head (0: none).
         dense_heads: per dense task (by task name), its head's output: ``{"family": ..., "channels": C}``
-            (``models/tasks.py`` DENSE_KINDS; C classes for segmentation, 1 for saliency, edges and depth, 3 for
-            normals).
-        dense_head: the dense heads' form: ``linear`` (Mod-Squad's Taskonomy decoder: one linear map per patch
-            token to its p x p pixels) or ``uphead`` (M3ViT's convolutional up-sampling head, PASCAL-Context).
+            (``models/tasks.py`` DENSE_KINDS; C classes for segmentation and soft classification, 1 for saliency and
+            edges, 3 for normals, one per stacked label for scalars).
+        dense_head: the map heads' form: ``linear`` (Mod-Squad's Taskonomy decoder: one linear map per patch
+            token to its p x p pixels) or ``uphead`` (M3ViT's convolutional up-sampling head, PASCAL-Context); soft
+            classification always takes the pooled head (LayerNorm and Linear on the mean patch token).
         task_embedding: a learned embedding per task added to the tokens before every block (Mod-Squad).
     """
 
@@ -204,7 +205,8 @@ class UniPerceiver(nn.Module):
         self.class_head = nn.Linear(dim, args.head_classes) if args.head_classes else None
         # Dense prediction: one head per dense task on the patch tokens, and Mod-Squad's task embedding.
         self.dense_heads = nn.ModuleDict({
-            name: make_head(args.dense_head, dim, args.patch_size, int(head["channels"]))
+            name: make_head("pooled" if DENSE_KINDS[head["family"]] == "soft" else args.dense_head, dim,
+                            args.patch_size, int(head["channels"]))
             for name, head in args.dense_heads.items()}) if args.dense_heads else None
         self.task_embed = nn.Parameter(torch.zeros(args.num_tasks, dim)) if args.task_embedding else None
         self.grad_checkpointing = False
@@ -448,7 +450,7 @@ class UniPerceiver(nn.Module):
 
     def dense_predict(self, images: torch.Tensor, task_id: int, head: str) -> torch.Tensor:
         """The dense head ``head``'s output ``[B, C, H, W]`` for images ``[B, 3, H, W]`` (raw: logits for
-        segmentation, saliency and edges, unnormalised normals, depth)."""
+        segmentation, saliency and edges, unnormalised normals, scalars), ``[B, K]`` for a soft classification."""
         if self.dense_heads is None or head not in self.dense_heads:
             raise ValueError(f"the model has no dense head {head!r} (has {sorted(self.dense_heads or {})})")
         x_BND, ctx = self.visual_tokens(images, task_id)
@@ -478,12 +480,15 @@ class UniPerceiver(nn.Module):
 
 def dense_family_loss(family: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """A dense family's loss on targets as ``train/data.py`` decodes them (unlabelled: 255 for segmentation, NaN
-    for saliency, edges and depth, a zero normal): cross-entropy, balanced BCE (saliency), BCE weighting edges 0.95
-    (Multi-Task-Learning-PyTorch's edge_w), 1 - cosine, L1 (``models/dense.py``)."""
+    for saliency, edges and scalars, a zero normal): cross-entropy, balanced BCE (saliency), BCE weighting edges 0.95
+    (Multi-Task-Learning-PyTorch's edge_w), 1 - cosine, L1 (depth, Taskonomy's regression tasks), MSE (curvature,
+    and the soft class distributions), as ``models/dense.py`` defines them."""
     encoding = DENSE_KINDS[family]
     if encoding == "binary":
         pos_weight = EDGE_POS_WEIGHT if family == "edge" else None
         return dense_loss(encoding, pred, target, torch.isfinite(target), pos_weight=pos_weight)
+    if family == "curvature":
+        return mse_loss(pred, target)
     return dense_loss(encoding, pred, target)
 
 

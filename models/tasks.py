@@ -10,8 +10,11 @@ from dataclasses import dataclass
 INPUTS = ("image", "video", "text")
 TARGETS = ("classes", "captions", "vocabulary", "pixels")
 # Dense task families: how a dense task's head output is read, its loss and its metric (models/dense.py,
-# train/dense_metrics.py); each reads label maps of one encoding of data_prep/schema.py.
-DENSE_KINDS = {"segmentation": "index", "saliency": "binary", "edge": "binary", "normals": "normal", "depth": "scalar"}
+# train/dense_metrics.py); each reads labels of one encoding of data_prep/schema.py. ``regression`` is Taskonomy's
+# L1 tasks (keypoints, its 16-bit edges, reshading, unsupervised segmentation), ``curvature`` its MSE task,
+# ``soft_classification`` its soft-label object and scene classification (a pooled head, no map).
+DENSE_KINDS = {"segmentation": "index", "saliency": "binary", "edge": "binary", "normals": "normal", "depth": "scalar",
+               "regression": "scalar", "curvature": "scalar", "soft_classification": "soft"}
 
 
 @dataclass(frozen=True)
@@ -22,7 +25,8 @@ class TaskSpec:
         inputs: what a sample's input is: ``image``, ``video`` (frames) or ``text``.
         targets: what the inputs are compared with: ``classes`` (the dataset's class names, encoded every step),
             ``captions`` (each sample's own caption: retrieval in the batch), ``vocabulary`` (every token as a
-            one-token sentence: masked tokens, next caption tokens) or ``pixels`` (a label map: dense prediction).
+            one-token sentence: masked tokens, next caption tokens) or ``pixels`` (per-image labels read through a
+            per-task head: label maps for dense prediction, or Taskonomy's soft class distributions).
         loss: the ``UniPerceiver`` method that computes the task's loss and logits.
         metric: how ``train/evaluate.py`` scores the val split: ``topk`` (top-1/top-5), ``recall`` (R@1/5/10 both
             ways), ``caption`` (beam search, BLEU-4 and CIDEr-D), ``token_accuracy`` (masked tokens) or ``dense``
@@ -31,7 +35,8 @@ class TaskSpec:
         mixup: timm's Mixup/CutMix applies (image classification only).
         dense: the dense family (``DENSE_KINDS``) of a ``pixels`` task; its label map is ``label`` in the dataset's
             ``dense.json`` unless the task config names another.
-        label: the dense label a task of this type reads by default.
+        label: the dense label a task of this type reads by default; several labels, comma-separated, are stacked
+            as channels of one target (curvature's two principal curvatures).
     """
 
     inputs: str
@@ -72,6 +77,16 @@ TASKS: dict[str, TaskSpec] = {
     "normals": TaskSpec("image", "pixels", "dense_prediction", "dense", dense="normals", label="normals"),
     "edge": TaskSpec("image", "pixels", "dense_prediction", "dense", dense="edge", label="edge"),
     "depth": TaskSpec("image", "pixels", "dense_prediction", "dense", dense="depth", label="depth"),
+    # Taskonomy's other tasks (Mod-Squad's 13; its depth and normals are the types above with tasks[].label).
+    **{name: TaskSpec("image", "pixels", "dense_prediction", "dense", dense="regression", label=name)
+       for name in ("keypoints2d", "keypoints3d", "edge_occlusion", "edge_texture", "reshading", "segment_unsup2d",
+                    "segment_unsup25d")},
+    "curvature": TaskSpec("image", "pixels", "dense_prediction", "dense", dense="curvature",
+                          label="principal_curvature_1,principal_curvature_2"),
+    "class_object": TaskSpec("image", "pixels", "dense_prediction", "dense", dense="soft_classification",
+                             label="class_object"),
+    "class_scene": TaskSpec("image", "pixels", "dense_prediction", "dense", dense="soft_classification",
+                            label="class_scene"),
 }
 # The similarity task types, in order: it indexes the per-task-type temperatures (logit_scale). Dense types have none.
 TASK_TYPES = tuple(name for name, spec in TASKS.items() if spec.targets != "pixels")

@@ -13,8 +13,10 @@ from condmoe.train.dense_metrics import (
     ConfusionMeter,
     DepthMeter,
     EdgeMeter,
+    ErrorMeter,
     NormalsMeter,
     SaliencyMeter,
+    SoftTopMeter,
     create_meter,
     delta_m,
     dense_metric,
@@ -232,7 +234,10 @@ def test_lower_is_better_table_and_metric_registry():
     assert not any(LOWER_IS_BETTER[m] for m in ("mIoU", "maxF", "odsF"))
     assert {k: (v.meter, v.headline) for k, v in DENSE_METRICS.items()} == {
         "edge": (EdgeMeter, "odsF"), "index": (ConfusionMeter, "mIoU"), "binary": (SaliencyMeter, "maxF"),
-        "normal": (NormalsMeter, "mErr"), "scalar": (DepthMeter, "rmse")}
+        "normal": (NormalsMeter, "mErr"), "scalar": (DepthMeter, "rmse"), "regression": (ErrorMeter, "l1"),
+        "curvature": (ErrorMeter, "mse"), "soft": (SoftTopMeter, "top1")}
+    assert isinstance(create_meter("regression", {"member": "reshading.png", "encoding": "scalar", "scale": 1,
+                                                  "invalid": None}), ErrorMeter)
     assert dense_metric("normals", "normal").lower_is_better
     assert isinstance(create_meter("edge", {"member": "edge.png", "encoding": "binary"}), EdgeMeter)
     assert isinstance(create_meter("saliency", {"member": "sal.png", "encoding": "binary"}), SaliencyMeter)

@@ -299,8 +299,13 @@ class TaskConfig:
 
     @property
     def dense_label(self) -> str:
-        """The dense.json label this task reads (dense tasks only)."""
+        """The dense.json label this task reads (dense tasks only); comma-separated labels are stacked channels."""
         return self.label or (self.spec.label or "")
+
+    @property
+    def dense_labels(self) -> tuple[str, ...]:
+        """The dense.json labels of ``dense_label``, one per target channel when there are several."""
+        return tuple(name.strip() for name in self.dense_label.split(","))
 
     @property
     def spec(self) -> TaskSpec:
@@ -308,20 +313,27 @@ class TaskConfig:
         return TASKS[self.type]
 
 
-def dense_label_spec(dense: dict, root: str | Path, task: TaskConfig) -> dict:
-    """The dense.json spec of ``task``'s label map; a ValueError names the file, the dataset and the label."""
+def dense_label_specs(dense: dict, root: str | Path, task: TaskConfig) -> list[dict]:
+    """The dense.json specs of ``task``'s labels (one per stacked channel, mostly one); a ValueError names the file,
+    the dataset and the label."""
     where = f"{Path(root) / schema.DENSE}"
     labels = dense.get(task.dataset)
     if labels is None:
         raise ValueError(f"{where}: no entry {task.dataset!r} for tasks[{task.name}] (has {sorted(dense)})")
-    spec = labels.get(task.dense_label)
-    if spec is None:
-        raise ValueError(f"{where}: dataset {task.dataset!r} has no label {task.dense_label!r} for tasks[{task.name}] "
-                         f"(has {sorted(labels)}; tasks[].label picks another)")
-    if spec["encoding"] != task.spec.encoding:
-        raise ValueError(f"{where}: {task.dataset}/{task.dense_label} is encoded {spec['encoding']!r}, a "
-                         f"{task.type} task reads {task.spec.encoding!r} labels")
-    return spec
+    if len(task.dense_labels) > 1 and task.spec.encoding != "scalar":
+        raise ValueError(f"tasks[{task.name}].label={task.dense_label!r}: only scalar labels stack as channels, a "
+                         f"{task.type} task reads one {task.spec.encoding!r} label")
+    specs = []
+    for label in task.dense_labels:
+        spec = labels.get(label)
+        if spec is None:
+            raise ValueError(f"{where}: dataset {task.dataset!r} has no label {label!r} for tasks[{task.name}] "
+                             f"(has {sorted(labels)}; tasks[].label picks another)")
+        if spec["encoding"] != task.spec.encoding:
+            raise ValueError(f"{where}: {task.dataset}/{label} is encoded {spec['encoding']!r}, a "
+                             f"{task.type} task reads {task.spec.encoding!r} labels")
+        specs.append(spec)
+    return specs
 
 
 @dataclass

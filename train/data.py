@@ -204,11 +204,12 @@ class Collate:
         crop and flip per sample."""
         images, targets = [], {name: [] for name in self.dense}
         normals = frozenset(name for name, target in self.dense.items() if target.family == "normals")
-        for key, image, maps in samples:
+        for key, image, arrays in samples:
             rng = random.Random(stable_seed(self.seed, key)) if self.augment.active else None
+            maps = {name: a for name, a in arrays.items() if a.ndim > 1}  # per-image vectors (soft labels) stay
             image, maps = augment_dense(image, maps, self.img_size, self.augment, rng, normals)
             images.append(np.asarray(image))
-            for name, array in maps.items():
+            for name, array in {**arrays, **maps}.items():
                 targets[name].append(array)
         batch = {"images": normalise(np.stack(images))}
         for name, arrays in targets.items():
@@ -307,8 +308,7 @@ def sample_fields(task_type: str, handler, dense: dict[str, DenseTarget] | None 
 
         def pick_dense(sample):  # decoded here, where a bad label map is skipped and counted
             image = sample[schema.IMAGE]
-            return sample["__key__"], image, {name: target.decode(sample.get(target.member), image.size)
-                                              for name, target in dense.items()}
+            return sample["__key__"], image, {name: target.read(sample, image.size) for name, target in dense.items()}
         return [wds.map(pick_dense, handler=handler)]
     inputs = task_spec(task_type).inputs
     if inputs == "text":
@@ -321,7 +321,7 @@ def sample_fields(task_type: str, handler, dense: dict[str, DenseTarget] | None 
 
 
 def _raw_members(dense: dict[str, DenseTarget]) -> frozenset[str]:
-    return frozenset(target.member for target in dense.values())
+    return frozenset(member for target in dense.values() for member in target.members)
 
 
 def build_pipeline(urls: list[str], collate: Collate, batch_size: int, shuffle_buffer: int, seed: int,

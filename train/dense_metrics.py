@@ -17,7 +17,8 @@ way each metric improves:
 lower is better                                                 higher is better
 ==============================================================  ==========================
 mErr, medErr, rmsErr (normals); rmse, abs_rel, log_rmse (depth)  mIoU, pixel_acc, maxF, odsF,
-                                                                within_*, delta_1.25
+l1, mse (Taskonomy's regressions and curvature)                 within_*, delta_1.25, top1,
+                                                                top5 (soft classification)
 ==============================================================  ==========================
 """
 
@@ -362,10 +363,69 @@ class DepthMeter(_SumMeter):
                 "log_rmse": math.sqrt(tot["log_sq"] / n), "delta_1.25": 100.0 * tot["delta"] / n}
 
 
+class ErrorMeter(_SumMeter):
+    """Taskonomy's regressions (keypoints, 16-bit edges, reshading, unsupervised segmentation, curvature): errors over
+    the valid entries (finite target, ``valid``), pooled over the dataset, any number of stacked channels.
+    Mod-Squad logs ``l1`` for its L1 tasks and ``mse`` for curvature (``engine_mt.get_metric``), each batch's mean
+    averaged; pooling counts every pixel once whatever the batch.
+
+    ``compute()``: ``l1`` (``mean |p - t|``), ``mse`` (``mean (p - t)^2``), ``rmse`` (its square root).
+    """
+
+    def _zeros(self) -> dict[str, torch.Tensor]:
+        return {k: torch.zeros((), dtype=torch.float64) for k in ("entries", "abs", "sq")}
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        p = _probabilities(pred, target, from_logits=False) if target.dim() == 3 else pred.float()
+        if p.shape != target.shape:
+            raise ValueError(f"prediction {list(pred.shape)} does not match the target {list(target.shape)}")
+        t = target.double()
+        mask = torch.isfinite(t) & _valid_mask(valid, t.shape, t.device)
+        err = p.double()[mask] - t[mask]
+        self._add("entries", torch.tensor(float(err.numel())))
+        self._add("abs", err.abs().sum())
+        self._add("sq", (err ** 2).sum())
+
+    def compute(self) -> dict[str, float]:
+        n = float(self.totals["entries"])
+        if n == 0:
+            return dict.fromkeys(("l1", "mse", "rmse"), math.nan)
+        mse = float(self.totals["sq"]) / n
+        return {"l1": float(self.totals["abs"]) / n, "mse": mse, "rmse": math.sqrt(mse)}
+
+
+class SoftTopMeter(_SumMeter):
+    """Soft-label classification (Taskonomy's class_object, class_scene): Mod-Squad's top-1, the share of images whose
+    predicted argmax is the target distribution's argmax, and top-5 (the target's argmax among the 5 highest
+    outputs); images without a target (a NaN row) are left out. Target ties go to the lowest class index."""
+
+    def _zeros(self) -> dict[str, torch.Tensor]:
+        return {k: torch.zeros((), dtype=torch.float64) for k in ("images", "top1", "top5")}
+
+    @torch.no_grad()
+    def update(self, pred_BK: torch.Tensor, target_BK: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        if pred_BK.shape != target_BK.shape or pred_BK.dim() != 2:
+            raise ValueError(f"prediction {list(pred_BK.shape)} and target {list(target_BK.shape)} must both be "
+                             "[B, K]")
+        keep = torch.isfinite(target_BK).all(dim=1)
+        pred, truth = pred_BK[keep].float(), target_BK[keep].float().argmax(dim=1)
+        top = pred.topk(min(5, pred.shape[1]), dim=1).indices
+        self._add("images", torch.tensor(float(truth.numel())))
+        self._add("top1", (top[:, 0] == truth).sum())
+        self._add("top5", (top == truth[:, None]).any(dim=1).sum())
+
+    def compute(self) -> dict[str, float]:
+        n = float(self.totals["images"])
+        if n == 0:
+            return {"top1": math.nan, "top5": math.nan}
+        return {"top1": 100.0 * float(self.totals["top1"]) / n, "top5": 100.0 * float(self.totals["top5"]) / n}
+
+
 LOWER_IS_BETTER = {
     "mErr": True, "medErr": True, "rmsErr": True, "rmse": True, "abs_rel": True, "log_rmse": True,
     "mIoU": False, "pixel_acc": False, "maxF": False, "odsF": False, "within_11.25": False, "within_22.5": False,
-    "within_30": False, "delta_1.25": False,
+    "within_30": False, "delta_1.25": False, "l1": True, "mse": True, "top1": False, "top5": False,
 }
 
 
@@ -415,9 +475,13 @@ class DenseMetric:
         return LOWER_IS_BETTER[self.headline]
 
 
-# By label name first (edge), then by encoding (data_prep/schema.py DENSE_ENCODINGS): see dense_metric
+# By family or label name first (edge, Taskonomy's regressions), then by encoding (data_prep/schema.py
+# DENSE_ENCODINGS): see dense_metric
 DENSE_METRICS: dict[str, DenseMetric] = {
     "edge": DenseMetric(EdgeMeter, "odsF"),
+    "regression": DenseMetric(ErrorMeter, "l1"),
+    "curvature": DenseMetric(ErrorMeter, "mse"),
+    "soft": DenseMetric(SoftTopMeter, "top1"),
     "index": DenseMetric(ConfusionMeter, "mIoU"),
     "binary": DenseMetric(SaliencyMeter, "maxF"),
     "normal": DenseMetric(NormalsMeter, "mErr"),
@@ -425,12 +489,17 @@ DENSE_METRICS: dict[str, DenseMetric] = {
 }
 
 
+_BY_NAME = ("edge", "regression", "curvature")
+
+
 def dense_metric(label: str, encoding: str) -> DenseMetric:
-    """The evaluation of a label of ``dense.json``: ``edge`` labels by ``EdgeMeter``, others by their encoding."""
+    """The evaluation of a dense task: by its family or label name first (``edge``: ``EdgeMeter``; Taskonomy's
+    ``regression`` and ``curvature``: ``ErrorMeter``), else by its label's encoding."""
     if label in DENSE_METRICS:
         return DENSE_METRICS[label]
-    if encoding not in DENSE_METRICS or encoding == "edge":
-        raise ValueError(f"label {label!r}: encoding {encoding!r} has no metric (known: index, binary, normal, scalar)")
+    if encoding not in DENSE_METRICS or encoding in _BY_NAME:
+        raise ValueError(f"label {label!r}: encoding {encoding!r} has no metric (known: index, binary, normal, scalar, "
+                         "soft)")
     return DENSE_METRICS[encoding]
 
 

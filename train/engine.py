@@ -16,7 +16,7 @@ from condmoe.data_prep import schema
 from condmoe.models import SIZES, UniPerceiver, create_model, moe_layer_indices
 from condmoe.models.ds_moe import apply_expert_parallel, plain_name
 from condmoe.models.moe import RUN_STATE_BUFFERS
-from condmoe.train.config import Config, dense_label_spec, resolve_path
+from condmoe.train.config import Config, dense_label_specs, resolve_path
 
 log = logging.getLogger("condmoe.engine")
 
@@ -53,20 +53,24 @@ def build_model(cfg: Config, vocab_size: int, spe_token_id: int) -> UniPerceiver
 
 
 # Output channels of a dense head by family; segmentation has one per class of its label map.
-DENSE_CHANNELS = {"saliency": 1, "edge": 1, "depth": 1, "normals": 3}
+DENSE_CHANNELS = {"saliency": 1, "edge": 1, "normals": 3}  # the others: classes, or one per (stacked) scalar label
 
 
 def dense_heads(cfg: Config) -> dict[str, dict]:
-    """Each dense task's head (``UniPerceiverArgs.dense_heads``); segmentation's classes come from the dataset's
-    ``dense.json``, whose entry for the task's label must have the encoding the task type reads."""
+    """Each dense task's head (``UniPerceiverArgs.dense_heads``): segmentation's and soft classification's classes
+    come from the dataset's ``dense.json`` (whose entry for the task's label must have the encoding the task type
+    reads), a scalar task has one channel per stacked label."""
     tasks = [t for t in cfg.tasks if t.spec.targets == "pixels"]
     if not tasks:
         return {}
     dense = schema.read_dense(cfg.data.root)
     heads = {}
     for task in tasks:
-        spec = dense_label_spec(dense, cfg.data.root, task)
-        channels = spec["num_classes"] if task.spec.dense == "segmentation" else DENSE_CHANNELS[task.spec.dense]
+        specs = dense_label_specs(dense, cfg.data.root, task)
+        if task.spec.encoding in ("index", "soft"):
+            channels = specs[0]["num_classes"]
+        else:
+            channels = DENSE_CHANNELS.get(task.spec.dense, len(specs))
         heads[task.name] = {"family": task.spec.dense, "channels": int(channels)}
     return heads
 

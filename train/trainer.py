@@ -97,7 +97,8 @@ class Trainer:
                                    info.world_size, cfg.run.seed, group=[cfg.tasks[i] for i in unit])
                         for unit in self.units]
         # Class-name targets of each classification dataset: tokenised once, encoded every step (with gradients).
-        classes = schema.read_classes(cfg.data.root)
+        needs_classes = any(t.spec.targets == "classes" for t in cfg.tasks)  # a dense-only root has no classes.json
+        classes = schema.read_classes(cfg.data.root) if needs_classes else {}
         self.class_targets = {t.dataset: self.tokenizer(classes[t.dataset]) for t in cfg.tasks
                               if t.spec.targets == "classes"}
         self.vocab_targets = vocabulary_targets(self.tokenizer)  # MLM: every token as a one-token sentence

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from condmoe.data_prep.dense import READERS, LabelError, check_label, encode_png, resize_nearest
+from condmoe.data_prep.dense import READERS, LabelError, check_label, encode_npy, encode_png, resize_nearest
 from condmoe.data_prep.errors import ErrorItem, SkipSample, UserError
 from condmoe.data_prep.imaging import ImageOptions, encode_jpeg, open_image, resize_short_side
 from condmoe.data_prep.sources.base import CommandSource, SourcePlan
@@ -246,13 +246,14 @@ class DenseSource(CommandSource):
                 raise SkipSample("missing_file", f"{rel}: {e}") from None
             except LabelError as e:
                 raise SkipSample("bad_label", f"{rel}: {e}") from None
-            if array.shape[:2] != (orig_h, orig_w):
+            soft = spec["encoding"] == "soft"  # a per-image vector (Taskonomy's classes), not a map
+            if not soft and array.shape[:2] != (orig_h, orig_w):
                 raise SkipSample("label_size_mismatch", f"{rel}: {array.shape[1]}x{array.shape[0]} px, the image "
                                  f"{image_rel} is {orig_w}x{orig_h}")
             problem = check_label(array, spec)
             if problem is not None:
                 raise SkipSample("bad_label", f"{rel}: {problem}")
-            sample[spec["member"]] = encode_png(resize_nearest(array, image.size))
+            sample[spec["member"]] = encode_npy(array) if soft else encode_png(resize_nearest(array, image.size))
             meta["labels"][label] = rel
             if info:
                 facts[label] = info

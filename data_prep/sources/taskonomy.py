@@ -21,9 +21,12 @@ The domains are stored as they are, described in ``dense.json``:
 * ``principal_curvature``: RGB whose first two channels are the two curvatures, stored as two 8-bit labels
   ``principal_curvature_1`` and ``principal_curvature_2`` (scale 1/255; 127 is zero curvature).
 
+* ``class_object``, ``class_scene``: ``point_<p>_view_<v>_domain_<domain>.npy`` vectors of 1000 (ImageNet) / 365
+  (Places) soft class scores, stored as ``<domain>.npy`` members (encoding ``soft``).
+
 These domains have no unlabelled value except depth's: their ``invalid`` is ``null``. A file of another bit depth
-or mode than its domain's skips the sample (``bad_label``). ``class_object`` / ``class_scene`` (``.npy`` vectors,
-not maps) and ``segment_semantic`` are not handled.
+or mode than its domain's, or a class vector of another length, skips the sample (``bad_label``).
+``segment_semantic`` is not handled (Mod-Squad leaves it out too).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from condmoe.data_prep.dense import normal_spec, scalar_spec
+from condmoe.data_prep.dense import normal_spec, scalar_spec, soft_spec
 from condmoe.data_prep.errors import ErrorItem, UserError
 from condmoe.data_prep.imaging import ImageOptions
 from condmoe.data_prep.sources.common import require_dir, require_file
@@ -42,11 +45,12 @@ from condmoe.data_prep.sources.dense_common import DenseSource, LabelFiles, add_
 
 __all__ = ["DOMAINS", "TaskonomySource"]
 
-# domain -> [(label, spec arguments, reader)]: principal_curvature gives two labels, every other domain one.
+# domain -> [(label, spec arguments, reader)]: principal_curvature gives two labels, every other domain one; the
+# arguments are scalar_spec's (scale, invalid), soft_spec's (num_classes,) or None (normals).
 _DEPTH = (1 / 512, 65535)
 _BITS16 = (1 / 65535, None)
 _BITS8 = (1 / 255, None)
-DOMAINS: dict[str, list[tuple[str, tuple[float, int | None] | None, str]]] = {
+DOMAINS: dict[str, list[tuple[str, tuple | None, str]]] = {
     "depth_euclidean": [("depth_euclidean", _DEPTH, "uint16_png")],
     "depth_zbuffer": [("depth_zbuffer", _DEPTH, "uint16_png")],
     "normal": [("normal", None, "normal_png")],
@@ -61,6 +65,8 @@ DOMAINS: dict[str, list[tuple[str, tuple[float, int | None] | None, str]]] = {
     "reshading": [("reshading", _BITS8, "uint8_png")],
     "segment_unsup2d": [("segment_unsup2d", _BITS8, "uint8_png")],
     "segment_unsup25d": [("segment_unsup25d", _BITS8, "uint8_png")],
+    "class_object": [("class_object", (1000,), "soft_npy")],
+    "class_scene": [("class_scene", (365,), "soft_npy")],
 }
 _RGB_NAME = re.compile(r"^point_(\d+)_view_(\d+)_domain_rgb\.png$")
 _CSV_COLUMNS = {"train": 1, "val": 2, "test": 3}
@@ -115,7 +121,7 @@ class TaskonomySource(DenseSource):
     """Taskonomy views and their domains (see the module docstring for the layout)."""
 
     name = "taskonomy"
-    summary = "Taskonomy per-domain folders -> rgb jpg + one PNG label map per domain (depth, normal, edges, ...)"
+    summary = "Taskonomy per-domain folders -> rgb jpg + a label per domain (depth, normal, edges, ..., class .npy)"
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -162,10 +168,12 @@ class TaskonomySource(DenseSource):
         template = layout + "/{view}_domain_{domain}.png"
         labels = []
         for domain in domains:
-            files = template.replace("{domain}", domain)
-            for label, scale, reader in DOMAINS[domain]:
-                member = f"{label}.png"
-                spec = normal_spec(member) if scale is None else scalar_spec(member, *scale)
+            for label, values, reader in DOMAINS[domain]:
+                files = template.replace("{domain}", domain)
+                if reader == "soft_npy":
+                    files, spec = files.removesuffix(".png") + ".npy", soft_spec(f"{label}.npy", *values)
+                else:
+                    spec = normal_spec(f"{label}.png") if values is None else scalar_spec(f"{label}.png", *values)
                 labels.append(LabelFiles(label, spec, ((files, reader),)))
         return cls(
             root,
