@@ -187,6 +187,7 @@ class MoEStats:
     z_loss: torch.Tensor  # detached, mean over layers and calls
     mi_loss: torch.Tensor  # detached, sum over layers (0 when no layer has a mutual-information weight)
     expert_counts_LE: torch.Tensor  # assignments per expert per routed layer (before capacity dropping)
+    task_expert_counts_TLE: torch.Tensor  # the same split by the task id of the pass (a group step runs several)
     dropped_fraction: torch.Tensor  # share of assignments dropped for capacity, over all layers
     layer_stats_LS: torch.Tensor  # per routed layer, the LAYER_STATS (detached, means over the layer's calls)
 
@@ -273,7 +274,7 @@ class RoutedLayer(nn.Module):
     def reset_stats(self) -> None:
         self._aux_loss = None
         self._balance, self._z, self._dropped = [], [], []
-        self._counts_E = None
+        self._counts_XE = None  # assignments per (task id of the pass, expert)
         self._task_expert_XE = None  # summed router probabilities per (task, expert), for the MI loss
 
     def _record(self, logits_TE: torch.Tensor, r: routing.Routing, task_id: int) -> None:
@@ -295,7 +296,9 @@ class RoutedLayer(nn.Module):
         self._balance.append(balance.detach())
         self._z.append(z.detach())
         counts_E = r.counts_E.detach()
-        self._counts_E = counts_E if self._counts_E is None else self._counts_E + counts_E
+        if self._counts_XE is None:
+            self._counts_XE = counts_E.new_zeros(self.num_tasks, self.num_experts)
+        self._counts_XE[task_id] += counts_E
         self._dropped.append(1.0 - r.kept_TK.float().mean().detach())
         if getattr(self, "usage", None) is not None:
             self.usage["counts"][task_id] += counts_E.double().cpu()
@@ -321,7 +324,7 @@ class RoutedLayer(nn.Module):
                         self.mi_cursor += 1
             mi = routing.mutual_information_loss(joint_XE)
             aux = aux + self.mi_loss_weight * mi
-        out = (aux, self._balance, self._z, mi.detach(), self._counts_E, self._dropped)
+        out = (aux, self._balance, self._z, mi.detach(), self._counts_XE, self._dropped)
         self.reset_stats()
         return out
 
@@ -463,14 +466,17 @@ def pop_moe_stats(model: nn.Module) -> MoEStats | None:
     popped = [p for p in (m._pop() for m in routed_layers(model)) if p is not None]
     if not popped:
         return None
-    width = max(p[4].shape[0] for p in popped)
-    counts = [nn.functional.pad(p[4], (0, width - p[4].shape[0])) for p in popped]
+    width = max(p[4].shape[-1] for p in popped)
+    tasks = max(p[4].shape[0] for p in popped)
+    counts_LXE = torch.stack([nn.functional.pad(p[4], (0, width - p[4].shape[-1], 0, tasks - p[4].shape[0]))
+                              for p in popped])
     return MoEStats(
         aux_loss=torch.stack([p[0] for p in popped]).sum(),
         balance_loss=torch.stack([b for p in popped for b in p[1]]).mean(),
         z_loss=torch.stack([z for p in popped for z in p[2]]).mean(),
         mi_loss=torch.stack([p[3] for p in popped]).sum(),
-        expert_counts_LE=torch.stack(counts),
+        expert_counts_LE=counts_LXE.sum(1),
+        task_expert_counts_TLE=counts_LXE.transpose(0, 1),
         dropped_fraction=torch.stack([d for p in popped for d in p[5]]).mean(),
         layer_stats_LS=torch.stack([torch.stack([torch.stack(p[5]).mean(), torch.stack(p[1]).mean(),
                                                  torch.stack(p[2]).mean(), p[3].float()]) for p in popped]),

@@ -71,6 +71,10 @@ def test_a_group_step_is_one_pass_per_task_and_equals_the_tasks_run_one_by_one()
         one_by_one.append(model(TYPES[name], batch, task_id=i, head=name).loss)
         alone = pop_moe_stats(model)
         assert abs(alone.mi_loss) < 1e-6  # one task alone: P(T) is a point mass, there is no information to share
+        # the group's expert counts split by task: each task's share is what it routes alone
+        assert torch.equal(stats.task_expert_counts_TLE[i], alone.expert_counts_LE)
+        assert torch.equal(alone.task_expert_counts_TLE.sum(0), alone.expert_counts_LE)
+    assert torch.equal(stats.task_expert_counts_TLE.sum(0), stats.expert_counts_LE)
     assert torch.allclose(group.loss, torch.stack(one_by_one), atol=1e-6)
     # the group step's statistics hold every task: the (negative) MI of different task routers is not 0
     assert stats is not None and stats.mi_loss < -1e-3

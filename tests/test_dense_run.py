@@ -46,6 +46,8 @@ def test_two_rank_dense_modsquad_run_resumes_exactly(dense_runs):
     per_task = metrics[-1]["task_loss"]
     assert set(per_task) == {"semseg", "human_parts", "saliency", "edge", "normals", "depth"}
     assert all(value > 0 for value in per_task.values())
+    usage = json.loads((full / "expert_usage_ema.json").read_text())  # per task, though every step is a group
+    assert len(usage["tasks"]) == 6 and all(sum(layer) > 0.99 for task in usage["share"] for layer in task)
 
 
 def test_dense_checkpoint_evaluates_every_task_with_its_meter(dense_runs, tmp_path):

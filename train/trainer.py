@@ -177,10 +177,9 @@ class Trainer:
                 task_total = task_total + task_loss.detach()
                 aux_total = aux_total + aux.detach()
                 if len(members) > 1:
-                    # Expert counts are the group's (all passes together): per-task usage of a group comes from
-                    # `condmoe-experts usage`, which runs one task at a time.
+                    # Each pass routes under its own task id: the layers split the expert counts by it.
                     for i, loss_i in zip(members, out.loss):
-                        self.run_log.add_micro_step(i, loss_i, None)
+                        self.run_log.add_micro_step(i, loss_i, stats.task_expert_counts_TLE[i] if stats else None)
                     if stats is not None:
                         self.run_log.add_layer_stats(stats.layer_stats_LS)
                 else:
