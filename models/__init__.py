@@ -4,7 +4,8 @@
 """
 
 from condmoe.models import _compat  # noqa: F401  (must precede every timm import; see the module docstring)
-from condmoe.models.generalist import TaskOutput, UniPerceiver, UniPerceiverArgs
+from condmoe.models.args import UniPerceiverArgs
+from condmoe.models.generalist import TaskOutput, UniPerceiver
 from condmoe.models.moa import MoAArgs
 from condmoe.models.moe import MoEArgs, MoEMLP, MoEStats, pop_moe_stats
 from condmoe.models.registry import SIZES, create_model, model_args, moe_layer_indices

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
+from condmoe.models.tasks import DENSE_KINDS as DENSE_FAMILIES  # family -> encoding
+
 DENSE_KINDS = ("index", "binary", "normal", "scalar", "soft")  # the encodings of data_prep/schema.py DENSE_ENCODINGS
 IGNORE_INDEX = 255
 EDGE_POS_WEIGHT = 0.95  # Multi-Task-Learning-PyTorch configs (edge_w) for PASCAL-Context and NYUD edges
@@ -359,3 +361,16 @@ def dense_loss(kind: str, pred: torch.Tensor, target: torch.Tensor, valid: torch
         return soft_label_mse(pred, target)
     raise ValueError(f"kind {kind!r} is not one of {DENSE_KINDS}")
 
+
+def dense_family_loss(family: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A dense family's loss on targets as ``train/data.py`` decodes them (unlabelled: 255 for segmentation, NaN
+    for saliency, edges and scalars, a zero normal): cross-entropy, balanced BCE (saliency), BCE weighting edges 0.95
+    (Multi-Task-Learning-PyTorch's edge_w), 1 - cosine, L1 (depth, Taskonomy's regression tasks), MSE (curvature,
+    and the soft class distributions), as ``models/dense.py`` defines them."""
+    encoding = DENSE_FAMILIES[family]
+    if encoding == "binary":
+        pos_weight = EDGE_POS_WEIGHT if family == "edge" else None
+        return dense_loss(encoding, pred, target, torch.isfinite(target), pos_weight=pos_weight)
+    if family == "curvature":
+        return mse_loss(pred, target)
+    return dense_loss(encoding, pred, target)

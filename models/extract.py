@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from condmoe.models.generalist import UniPerceiver, UniPerceiverArgs
+from condmoe.models.args import UniPerceiverArgs
+from condmoe.models.generalist import UniPerceiver
 from condmoe.models.linear_moe import ExpertLinear, LinearMoEMixer
 from condmoe.models.moa import MoAttention
 from condmoe.models.moe import RUN_STATE_BUFFERS, MoEMLP, RoutedLayer

@@ -1,6 +1,7 @@
 """Model sizes by name, like torchtitan's dict of model args. ``debug`` is what tests and the CPU demo use."""
 
-from condmoe.models.generalist import UniPerceiver, UniPerceiverArgs
+from condmoe.models.args import UniPerceiverArgs
+from condmoe.models.generalist import UniPerceiver
 
 SIZES: dict[str, dict] = {
     # debug: LayerScale 0.1 rather than 1e-3 so that a few hundred CPU steps escape the collapsed start.

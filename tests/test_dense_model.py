@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from condmoe.models import SIZES, MoAArgs, MoEArgs, create_model, moe_layer_indices, pop_moe_stats
+from condmoe.models.dense import dense_family_loss
 from condmoe.models.extract import extract_task_model
-from condmoe.models.generalist import dense_family_loss
 
 VOCAB, SPE, SIZE = 100, 4, 32
 HEADS = {"seg": {"family": "segmentation", "channels": 4}, "sal": {"family": "saliency", "channels": 1},

@@ -14,8 +14,7 @@ from conftest import REPO, run, torchrun
 from test_prep_dense_sources import _errors, _prep, _samples, _save, _verify_ok
 
 from condmoe.data_prep.dense import encode_npy
-from condmoe.models.dense import PooledClassHead, l1_loss, mse_loss, soft_label_mse
-from condmoe.models.generalist import dense_family_loss
+from condmoe.models.dense import PooledClassHead, dense_family_loss, l1_loss, mse_loss, soft_label_mse
 from condmoe.models.tasks import DENSE_TYPES, task_spec
 from condmoe.train.config import TaskConfig, dense_label_specs
 from condmoe.train.dense_data import BadLabel, DenseTarget, StackedTarget, dense_targets

@@ -43,8 +43,10 @@ class _SumMeter:
         self.totals: dict[str, torch.Tensor] = {}
         self.reset()
 
+    SCALARS: tuple[str, ...] = ()  # the scalar sums of a meter whose totals are all scalars
+
     def _zeros(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        return {k: torch.zeros((), dtype=torch.float64) for k in self.SCALARS}
 
     def reset(self) -> None:
         self.totals = self._zeros()
@@ -338,8 +340,7 @@ class DepthMeter(_SumMeter):
     (percent of pixels with ``max(p / t, t / p) < 1.25``, the prediction clamped likewise).
     """
 
-    def _zeros(self) -> dict[str, torch.Tensor]:
-        return {k: torch.zeros((), dtype=torch.float64) for k in ("pixels", "sq", "abs_rel", "log_sq", "delta")}
+    SCALARS = ("pixels", "sq", "abs_rel", "log_sq", "delta")
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target_BHW: torch.Tensor, valid: torch.Tensor | None = None) -> None:
@@ -372,8 +373,7 @@ class ErrorMeter(_SumMeter):
     ``compute()``: ``l1`` (``mean |p - t|``), ``mse`` (``mean (p - t)^2``), ``rmse`` (its square root).
     """
 
-    def _zeros(self) -> dict[str, torch.Tensor]:
-        return {k: torch.zeros((), dtype=torch.float64) for k in ("entries", "abs", "sq")}
+    SCALARS = ("entries", "abs", "sq")
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> None:
@@ -400,8 +400,7 @@ class SoftTopMeter(_SumMeter):
     predicted argmax is the target distribution's argmax, and top-5 (the target's argmax among the 5 highest
     outputs); images without a target (a NaN row) are left out. Target ties go to the lowest class index."""
 
-    def _zeros(self) -> dict[str, torch.Tensor]:
-        return {k: torch.zeros((), dtype=torch.float64) for k in ("images", "top1", "top5")}
+    SCALARS = ("images", "top1", "top5")
 
     @torch.no_grad()
     def update(self, pred_BK: torch.Tensor, target_BK: torch.Tensor, valid: torch.Tensor | None = None) -> None:
