@@ -16,7 +16,15 @@ want=$(cat setup.cfg requirements/cpu-constraints.txt | sha256sum | cut -d' ' -f
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   python -m pip install -q --upgrade pip
   # torch first and pinned: any requirement that admits a newer torch would otherwise pull a multi-GB CUDA build.
-  python -m pip install -q -c requirements/cpu-constraints.txt torch==2.13.0 torchvision==0.28.0
+  # CPU machines take the +cpu wheel: from CONDMOE_TORCH_INDEX_URL when set, else from a local wheel that pip's
+  # configuration finds (find-links), else from PyTorch's CPU index (its +cpu version outranks PyPI's CUDA build).
+  torch_source=()
+  if [ -n "${CONDMOE_TORCH_INDEX_URL:-}" ]; then
+    torch_source=(--extra-index-url "$CONDMOE_TORCH_INDEX_URL")
+  elif [ "$DS_ACCELERATOR" = cpu ] && ! python -m pip index versions torch --no-index 2>/dev/null | grep -q '2\.13\.0+cpu'; then
+    torch_source=(--extra-index-url https://download.pytorch.org/whl/cpu)
+  fi
+  python -m pip install -q "${torch_source[@]}" -c requirements/cpu-constraints.txt torch==2.13.0 torchvision==0.28.0
   python -m pip install -q -c requirements/cpu-constraints.txt -e '.[test]'
   echo "$want" > "$stamp"
 fi
