@@ -1,9 +1,12 @@
 """The README's "Using it" commands run as written, after a short demo, in a copy of the repository (the copy's
 ``.venv`` and ``.cache`` are this checkout's): what a newcomer types works."""
 
+import hashlib
 import re
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO, run
@@ -45,6 +48,12 @@ def _copy_checkout(dest):
 def test_readme_using_it_runs_as_written_after_the_demo(tmp_path):
     if not (REPO / ".venv" / "bin" / "activate").is_file():
         pytest.skip("needs the checkout's .venv (scripts/setup_env.sh)")
+    # demo.sh runs setup_env.sh in the copy: with a stale install stamp it would reinstall the shared .venv's
+    # editable package from the copy (a temporary folder). Refuse instead.
+    stamp = hashlib.sha256((REPO / "setup.cfg").read_bytes() + (REPO / "requirements/cpu-constraints.txt").read_bytes())
+    installed = REPO / ".venv" / ".condmoe-installed"
+    if not installed.is_file() or installed.read_text().strip() != stamp.hexdigest():
+        pytest.fail("the .venv install is out of date with setup.cfg: run `bash scripts/setup_env.sh` first")
     copy = tmp_path / "condmoe"
     copy.mkdir()
     _copy_checkout(copy)
@@ -52,6 +61,9 @@ def test_readme_using_it_runs_as_written_after_the_demo(tmp_path):
     script = copy / "using_it.sh"
     script.write_text("set -euo pipefail\n" + using_it_commands((copy / "README.md").read_text()))
     proc = run(["bash", str(script)], cwd=copy, timeout=1200)
+    where = subprocess.run([sys.executable, "-c", "import condmoe; print(condmoe.__file__)"], capture_output=True,
+                           text=True, cwd="/", check=True).stdout.strip()
+    assert Path(where).resolve().is_relative_to(REPO.resolve()), where  # the shared install still points here
     for folder, steps in (("torchrun", 50), ("deepspeed", 50), ("mpirun", 50), ("demo_modsquad", 100)):
         assert (copy / "runs" / folder / "checkpoints" / f"step_{steps}").is_dir(), (folder, proc.stdout[-3000:])
     assert (copy / "runs" / "torchrun" / "eval.json").is_file()

@@ -3,6 +3,7 @@
     condmoe-experts usage   --config CFG [--checkpoint DIR]            # exact counts over each task's val split
     condmoe-experts plot    --usage runs/x/experts/expert_usage.json   # PNG heatmaps
     condmoe-experts extract --config CFG --task NAME --threshold 3     # standalone single-task model (+ metrics)
+    condmoe-experts interference --config CFG [--tasks a,b]            # task gradient cosines on shared weights
 
 All of it runs in one process on the plain model (DeepSpeed checkpoints are read with ``load_plain_state_dict``).
 """
@@ -161,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     p_extract.add_argument("--sweep", default="",
                            help="comma-separated thresholds: the performance-vs-parameters curve of --task "
                                 "(extract_<task>_sweep.json and .png), instead of one extracted model")
+    p_int = sub.add_parser("interference", help="cosine similarity of the tasks' gradients on the shared parameters")
+    _common(p_int)
+    p_int.add_argument("--tasks", default="", help="comma-separated task names (default: every task)")
+    p_int.add_argument("--batches", type=int, default=4, help="batches per task whose mean gradient is compared")
+    p_int.add_argument("--batch-size", type=int, default=32, help="samples per batch")
+    p_int.add_argument("--split", default="train", help="split the batches come from (default train)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     try:
@@ -194,6 +201,16 @@ def _run(args) -> int:
         (out_dir / "expert_usage.json").write_text(json.dumps(usage, indent=1))
         (out_dir / "task_similarity.json").write_text(json.dumps({"tasks": usage["tasks"], **similarity}, indent=1))
         print(json.dumps({"usage": str(out_dir / "expert_usage.json"), "similarity": similarity}))
+        return 0
+
+    if args.command == "interference":
+        from condmoe.train.interference import interference, plot_interference
+
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] or None
+        report = interference(model, cfg, tokenizer, tasks, args.batches, args.batch_size, args.split)
+        (out_dir / "interference.json").write_text(json.dumps(report, indent=1))
+        plot_interference(report, out_dir / "interference.png")
+        print(json.dumps({"interference": str(out_dir / "interference.json"), "mean_cosine": report["mean_cosine"]}))
         return 0
 
     names = [t.name for t in cfg.tasks]
