@@ -35,6 +35,16 @@ from condmoe.train.evaluate import dense_headline, evaluate_task, vocabulary_tar
 log = logging.getLogger("condmoe.experts")
 
 
+def task_inputs(cfg: Config, tokenizer: TextTokenizer, task) -> tuple[dict, dict]:
+    """What a task's forward needs besides its batch: the encoded target set's ids (class names, vocabulary) and the
+    dense head's name, as ``(batch entries, keyword options)``."""
+    if task.spec.targets == "classes":
+        return dict(zip(("target_ids", "target_mask"), tokenizer(schema.read_classes(cfg.data.root)[task.dataset]))), {}
+    if task.spec.targets == "vocabulary":
+        return dict(zip(("target_ids", "target_mask"), vocabulary_targets(tokenizer))), {}
+    return {}, ({"head": task.name} if task.spec.targets == "pixels" else {})
+
+
 @torch.no_grad()
 def measure_usage(model, cfg: Config, tokenizer: TextTokenizer, batch_size: int = 128, split: str = "val",
                   max_samples: int = 0) -> dict:
@@ -44,14 +54,7 @@ def measure_usage(model, cfg: Config, tokenizer: TextTokenizer, batch_size: int 
     img_size = model.image_embed.patch_embed.img_size[0]
     seen = {}
     for task_id, task in enumerate(cfg.tasks):
-        targets, options = {}, {}
-        if task.spec.targets == "classes":
-            targets = dict(zip(("target_ids", "target_mask"),
-                               tokenizer(schema.read_classes(cfg.data.root)[task.dataset])))
-        elif task.spec.targets == "vocabulary":
-            targets = dict(zip(("target_ids", "target_mask"), vocabulary_targets(tokenizer)))
-        elif task.spec.targets == "pixels":
-            options = {"head": task.name}
+        targets, options = task_inputs(cfg, tokenizer, task)
         count = 0
         for batch in val_batches(cfg.data.root, task.dataset, img_size, batch_size, tokenizer, task_type=task.type,
                                  num_frames=cfg.data.num_frames, split=split,

@@ -16,13 +16,11 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from condmoe.data_prep import schema
 from condmoe.models import pop_moe_stats
 from condmoe.models.moe import RoutedLayer
 from condmoe.models.text_tokenizer import TextTokenizer
 from condmoe.train.config import Config
 from condmoe.train.data import dense_targets, val_batches
-from condmoe.train.evaluate import vocabulary_targets
 
 TASK_SPECIFIC = ("dense_heads.", "task_embed", "prompts", "logit_scale", "class_head.")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -71,19 +69,14 @@ def task_gradients(model, cfg: Config, tokenizer: TextTokenizer, task_ids: list[
                    batch_size: int, split: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, int]]:
     """Each task's unweighted loss gradient on the shared parameters, averaged over its first ``num_batches``
     batches of ``split`` (the model in eval mode: no drop-path noise; routing statistics are discarded)."""
+    from condmoe.train.experts import task_inputs
+
     shared = shared_parameters(model)
     img_size = model.image_embed.patch_embed.img_size[0]
     grads, batches_seen = {}, {}
     for task_id in task_ids:
         task = cfg.tasks[task_id]
-        targets, options = {}, {}
-        if task.spec.targets == "classes":
-            targets = dict(zip(("target_ids", "target_mask"),
-                               tokenizer(schema.read_classes(cfg.data.root)[task.dataset])))
-        elif task.spec.targets == "vocabulary":
-            targets = dict(zip(("target_ids", "target_mask"), vocabulary_targets(tokenizer)))
-        elif task.spec.targets == "pixels":
-            options = {"head": task.name}
+        targets, options = task_inputs(cfg, tokenizer, task)
         total = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in shared.items()}
         seen = 0
         for batch in val_batches(cfg.data.root, task.dataset, img_size, batch_size, tokenizer, task_type=task.type,
