@@ -106,6 +106,16 @@ def evaluate_captioning(model: UniPerceiver, cfg: Config, task, batches, tokeniz
             "cider": corpus_cider(hypotheses, references), "example": example}
 
 
+def task_inputs(cfg: Config, tokenizer: TextTokenizer, task) -> tuple[dict, dict]:
+    """What a task's forward needs besides its batch: the encoded target set's ids (class names, vocabulary) and the
+    dense head's name, as ``(batch entries, keyword options)``."""
+    if task.spec.targets == "classes":
+        return dict(zip(("target_ids", "target_mask"), tokenizer(schema.read_classes(cfg.data.root)[task.dataset]))), {}
+    if task.spec.targets == "vocabulary":
+        return dict(zip(("target_ids", "target_mask"), vocabulary_targets(tokenizer))), {}
+    return {}, ({"head": task.name} if task.spec.targets == "pixels" else {})
+
+
 def evaluate_dense(model: UniPerceiver, cfg: Config, task, batches, tokenizer: TextTokenizer,
                    task_id: int) -> dict[str, float]:
     """The dense family's meter over the val split at the model's input resolution (label maps resized with

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from condmoe.data_prep import schema
 from condmoe.models.extract import (
     collect_usage,
     estimate_flops_per_token,
@@ -30,19 +29,9 @@ from condmoe.models.text_tokenizer import TextTokenizer
 from condmoe.train.cli import load_run_model
 from condmoe.train.config import Config
 from condmoe.train.data import dense_targets, val_batches
-from condmoe.train.evaluate import dense_headline, evaluate_task, vocabulary_targets
+from condmoe.train.evaluate import dense_headline, evaluate_task, task_inputs
 
 log = logging.getLogger("condmoe.experts")
-
-
-def task_inputs(cfg: Config, tokenizer: TextTokenizer, task) -> tuple[dict, dict]:
-    """What a task's forward needs besides its batch: the encoded target set's ids (class names, vocabulary) and the
-    dense head's name, as ``(batch entries, keyword options)``."""
-    if task.spec.targets == "classes":
-        return dict(zip(("target_ids", "target_mask"), tokenizer(schema.read_classes(cfg.data.root)[task.dataset]))), {}
-    if task.spec.targets == "vocabulary":
-        return dict(zip(("target_ids", "target_mask"), vocabulary_targets(tokenizer))), {}
-    return {}, ({"head": task.name} if task.spec.targets == "pixels" else {})
 
 
 @torch.no_grad()

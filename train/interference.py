@@ -21,6 +21,7 @@ from condmoe.models.moe import RoutedLayer
 from condmoe.models.text_tokenizer import TextTokenizer
 from condmoe.train.config import Config
 from condmoe.train.data import dense_targets, val_batches
+from condmoe.train.evaluate import task_inputs
 
 TASK_SPECIFIC = ("dense_heads.", "task_embed", "prompts", "logit_scale", "class_head.")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -69,8 +70,6 @@ def task_gradients(model, cfg: Config, tokenizer: TextTokenizer, task_ids: list[
                    batch_size: int, split: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, int]]:
     """Each task's unweighted loss gradient on the shared parameters, averaged over its first ``num_batches``
     batches of ``split`` (the model in eval mode: no drop-path noise; routing statistics are discarded)."""
-    from condmoe.train.experts import task_inputs
-
     shared = shared_parameters(model)
     img_size = model.image_embed.patch_embed.img_size[0]
     grads, batches_seen = {}, {}
