@@ -1,12 +1,17 @@
 """train/interference.py on hand cases: which parameters are shared, how they group, and the gradient cosines."""
 
+import json
 import math
 
 import pytest
 import torch
+from conftest import REPO, run, torchrun
 
 from condmoe.models import MoEArgs, create_model, moe_layer_indices
+from condmoe.train.experts import main as experts_main
 from condmoe.train.interference import gradient_cosines, mean_off_diagonal, parameter_groups, shared_parameters
+
+CONFIG = str(REPO / "configs" / "demo_multitask.yaml")
 
 
 def test_gradient_cosines_by_hand():
@@ -31,3 +36,42 @@ def test_shared_parameters_leave_out_routed_layers_and_task_parts():
     assert set(groups) >= {"overall", "attention", "block_0", "block_3"}
     assert all(n.startswith("blocks.2.") for n in groups["block_2"])
     assert all(".attn." in n for n in groups["attention"]) and len(groups["overall"]) == len(shared)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    """A 2-step run of the 6-task demo (MoE every other block) in one process."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    run([*torchrun(1), "-m", "condmoe.train", "--config", CONFIG, f"data.root={tiny_data}", f"run.output_dir={out}",
+         "run.max_steps=2", "run.save_every=2", "run.tensorboard=false", "moe.ep_size=1", "data.shuffle_buffer=50",
+         *[f"tasks.{i}.batch_size=4" for i in range(6)]])
+    return out
+
+
+@pytest.mark.slow
+def test_interference_report_on_a_trained_run(trained, tiny_data, capsys):
+    args = ["--config", CONFIG, f"data.root={tiny_data}", f"run.output_dir={trained}"]
+    tasks = "shapes_classification,shapes_caption_retrieval,caption_mlm,shapes_captioning"
+    assert experts_main(["interference", *args, "--tasks", tasks, "--batches", "2", "--batch-size", "4"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    report = json.loads((trained / "experts" / "interference.json").read_text())
+    assert printed["mean_cosine"] == report["mean_cosine"]
+    assert report["tasks"] == tasks.split(",") and report["batches"] == dict.fromkeys(tasks.split(","), 2)
+    assert {"overall", "attention", "block_0", "block_3"} <= set(report["cosine"])
+    for group, matrix in report["cosine"].items():
+        cos = torch.tensor(matrix)
+        assert cos.shape == (4, 4) and torch.allclose(cos, cos.T, atol=1e-12), group
+        assert torch.equal(cos.diagonal(), torch.ones(4)) and cos.abs().max() <= 1 + 1e-9, group
+        assert cos.fill_diagonal_(0).abs().sum() > 0, group  # real gradients: the tasks are not orthogonal
+    # MoE every other block from block 0: the routed FFNs (blocks 0 and 2) are not shared, those of 1 and 3 are
+    assert report["parameters"]["block_0"] < report["parameters"]["block_1"] == report["parameters"]["block_3"]
+    assert (trained / "experts" / "interference.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_interference_refuses_unknown_or_single_tasks(trained, tiny_data, capsys):
+    args = ["--config", CONFIG, f"data.root={tiny_data}", f"run.output_dir={trained}"]
+    for tasks in ("shapes_classification,nope", "caption_mlm"):
+        assert experts_main(["interference", *args, "--tasks", tasks]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("condmoe-experts interference: error: --tasks: need two or more of"), err
