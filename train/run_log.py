@@ -192,6 +192,7 @@ class RunLog:
         grad_norm = self.engine.get_global_grad_norm()
         record = {"step": last.step + 1, "loss": loss_sum / steps, "aux_loss": aux_sum / steps,
                   "task_loss": {t.name: total / n for t, (total, n) in zip(self.cfg.tasks, per_task.tolist()) if n},
+                  "task_steps": {t.name: int(n) for t, (_, n) in zip(self.cfg.tasks, per_task.tolist()) if n},
                   "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
                   "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
                   "seconds_per_step": seconds / len(records), "bad_samples": int(errors),
