@@ -49,20 +49,25 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _context(model, num_visual: int, num_text: int, num_pred: int, batch: int, task_id: int,
-             device, pad_mask_BN: torch.Tensor | None = None) -> RoutingContext:
-    """Per-token side information: caption_visual attribute on visual tokens, caption_text on the two streams;
-    ``pad_mask_BN`` marks the real tokens (padding is not routed)."""
-    visual = torch.tensor(ATTRIBUTES["caption_visual"], dtype=torch.float32, device=device)
-    text = torch.tensor(ATTRIBUTES["caption_text"], dtype=torch.float32, device=device)
-    attrs = torch.cat([visual.expand(num_visual, -1), text.expand(num_text + num_pred, -1)])
-    modality = torch.tensor([MODALITIES.index("image")] * num_visual + [MODALITIES.index("text")] *
+             device, pad_mask_BN: torch.Tensor | None = None, visual: str = "image") -> RoutingContext:
+    """Per-token side information: caption_visual attribute on visual tokens (modality ``visual``: image or video),
+    caption_text on the two streams; ``pad_mask_BN`` marks the real tokens (padding is not routed)."""
+    visual_A = torch.tensor(ATTRIBUTES["caption_visual"], dtype=torch.float32, device=device)
+    text_A = torch.tensor(ATTRIBUTES["caption_text"], dtype=torch.float32, device=device)
+    attrs = torch.cat([visual_A.expand(num_visual, -1), text_A.expand(num_text + num_pred, -1)])
+    modality = torch.tensor([MODALITIES.index(visual)] * num_visual + [MODALITIES.index("text")] *
                             (num_text + num_pred), device=device)
     return RoutingContext(task_id=task_id, modality_BN=modality.expand(batch, -1),
                           attribute_BNA=attrs.expand(batch, -1, -1), pad_mask_BN=pad_mask_BN)
 
 
-def _visual_tokens(model, images: torch.Tensor) -> torch.Tensor:
-    return model.image_embed(images)
+def _visual_tokens(model, pixels: torch.Tensor) -> torch.Tensor:
+    """Images ``[B, 3, H, W]`` or videos ``[B, T, 3, H, W]`` (frame-major patches with temporal positions)."""
+    return model.image_embed(pixels)
+
+
+def _modality(pixels: torch.Tensor) -> str:
+    return "video" if pixels.dim() == 5 else "image"
 
 
 def _prediction_tokens(model, positions: torch.Tensor, batch: int) -> torch.Tensor:
@@ -74,7 +79,8 @@ def _prediction_tokens(model, positions: torch.Tensor, batch: int) -> torch.Tens
 
 def caption_loss(model, images: torch.Tensor, ids_BL: torch.Tensor, mask_BL: torch.Tensor, vocab_VD: torch.Tensor,
                  task_id: int = 0, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced loss over the prediction stream; returns ``(loss, logits [predicted tokens, V])``."""
+    """Teacher-forced loss over the prediction stream; returns ``(loss, logits [predicted tokens, V])``. ``images``
+    may be videos ``[B, T, 3, H, W]``."""
     batch, length = ids_BL.shape
     visual = _visual_tokens(model, images)
     text = model.text_embed(ids_BL)
@@ -84,7 +90,7 @@ def caption_loss(model, images: torch.Tensor, ids_BL: torch.Tensor, mask_BL: tor
     attn_mask = _additive(caption_attention_mask(num_visual, mask_BL), x.dtype)
     # Real tokens: every visual token, the caption's tokens, and the prediction tokens of real next tokens.
     real_BN = torch.cat([mask_BL.new_ones(batch, num_visual), mask_BL, mask_BL[:, 1:]], dim=1)
-    ctx = _context(model, num_visual, length, length - 1, batch, task_id, x.device, real_BN)
+    ctx = _context(model, num_visual, length, length - 1, batch, task_id, x.device, real_BN, _modality(images))
     hidden = model.encode_hidden(x, ctx=ctx, attn_mask=attn_mask)[:, num_visual + length:]
     labels = ids_BL[:, 1:].masked_fill(~mask_BL[:, 1:], IGNORE)
     predicted = labels != IGNORE
@@ -98,7 +104,7 @@ class _Decoder:
 
     def __init__(self, model, images: torch.Tensor, task_id: int, cache: bool):
         self.model, self.task_id = model, task_id
-        self.visual = _visual_tokens(model, images)
+        self.visual, self.modality = _visual_tokens(model, images), _modality(images)
         self.cache = cache and model.prompts is None and all(isinstance(b.attn, Attention) for b in model.blocks)
         self.kv = None
         if self.cache:
@@ -107,7 +113,7 @@ class _Decoder:
     def _encode_visual(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Runs the visual tokens through every block, keeping each block's keys and values."""
         model, x = self.model, self.model.embed_norm(self.visual)
-        ctx = _context(model, x.shape[1], 0, 0, x.shape[0], self.task_id, x.device)
+        ctx = _context(model, x.shape[1], 0, 0, x.shape[0], self.task_id, x.device, visual=self.modality)
         cache = []
         for block in model.blocks:
             x, k, v = _block_step(block, x, None, None, None, ctx)
@@ -133,7 +139,7 @@ class _Decoder:
             allowed[:, -1, n:] = True
             pred = _prediction_tokens(model, torch.tensor([t1], device=tokens.device), batch)
             x = torch.cat([self.visual, model.text_embed(tokens), pred], dim=1)
-            ctx = _context(model, n, t1, 1, batch, self.task_id, x.device)
+            ctx = _context(model, n, t1, 1, batch, self.task_id, x.device, visual=self.modality)
             hidden = model.encode_hidden(x, ctx=ctx, attn_mask=_additive(allowed, x.dtype))
             return model.head(hidden[:, -1])
         # cached: feed the newest text token and one prediction token

@@ -243,7 +243,8 @@ class UniPerceiver(nn.Module):
         * ``image_text_retrieval`` / ``video_text_retrieval``: ``images`` or ``videos``, ``text_ids``/``text_mask``.
         * ``mlm``: ``text_ids``/``text_mask`` (masked), ``mlm_labels`` [B, L] (token ids, -100 where not predicted),
           ``target_ids``/``target_mask`` [V, L] (every vocabulary token as a one-token sentence, row v = token v).
-        * ``captioning``: ``images``, ``text_ids``/``text_mask`` (the caption), and the vocabulary targets as for MLM.
+        * ``captioning`` / ``video_captioning``: ``images`` or ``videos``, ``text_ids``/``text_mask`` (the caption),
+          and the vocabulary targets as for MLM.
         * dense types (``semseg``, ``saliency``, ``normals``, ``edge``, ``depth`` ...): ``images`` and the label map
           ``target.<head>`` of the task's head ``head`` (``models/dense.py`` says each family's encoding).
 
@@ -347,7 +348,7 @@ class UniPerceiver(nn.Module):
         """Teacher-forced next-token prediction against the encoded vocabulary (``models/captioning.py``)."""
         vocab_VD = self.encode_target_set(batch["target_ids"], batch["target_mask"], task_id, "vocab_target",
                                           split_targets)
-        return TaskOutput(*caption_loss(self, batch["images"], batch["text_ids"], batch["text_mask"], vocab_VD,
+        return TaskOutput(*caption_loss(self, _pixels(batch), batch["text_ids"], batch["text_mask"], vocab_VD,
                                         task_id, label_smoothing))
 
     def dense_prediction(self, task_type: str, batch: dict[str, torch.Tensor], *, label_smoothing: float = 0.0,

@@ -37,6 +37,9 @@ class TaskSpec:
             ``dense.json`` unless the task config names another.
         label: the dense label a task of this type reads by default; several labels, comma-separated, are stacked
             as channels of one target (curvature's two principal curvatures).
+        temperature_of: the type whose learned temperature this one uses (None: its own). Video captioning is
+            captioning with frames in: it decodes with captioning's temperature, so a model trained on image
+            captions captions videos zero-shot.
     """
 
     inputs: str
@@ -47,6 +50,7 @@ class TaskSpec:
     mixup: bool = False
     dense: str | None = None
     label: str | None = None
+    temperature_of: str | None = None
 
     def __post_init__(self):
         assert self.inputs in INPUTS and self.targets in TARGETS, self
@@ -70,6 +74,8 @@ TASKS: dict[str, TaskSpec] = {
     "video_text_retrieval": TaskSpec("video", "captions", "retrieval", "recall", reads_caption=True),
     "mlm": TaskSpec("text", "vocabulary", "masked_language_modelling", "token_accuracy"),
     "captioning": TaskSpec("image", "vocabulary", "captioning", "caption", reads_caption=True),
+    "video_captioning": TaskSpec("video", "vocabulary", "captioning", "caption", reads_caption=True,
+                                 temperature_of="captioning"),
     # Dense prediction (Mod-Squad, M3ViT; PASCAL-Context, NYUD-v2, Taskonomy): a per-task head on the patch tokens.
     "semseg": TaskSpec("image", "pixels", "dense_prediction", "dense", dense="segmentation", label="semseg"),
     "human_parts": TaskSpec("image", "pixels", "dense_prediction", "dense", dense="segmentation", label="human_parts"),
@@ -88,9 +94,18 @@ TASKS: dict[str, TaskSpec] = {
     "class_scene": TaskSpec("image", "pixels", "dense_prediction", "dense", dense="soft_classification",
                             label="class_scene"),
 }
-# The similarity task types, in order: it indexes the per-task-type temperatures (logit_scale). Dense types have none.
-TASK_TYPES = tuple(name for name, spec in TASKS.items() if spec.targets != "pixels")
+# The similarity task types with a temperature of their own, in order: it indexes the per-task-type temperatures
+# (logit_scale). Dense types have none; a type with ``temperature_of`` uses that type's.
+TASK_TYPES = tuple(name for name, spec in TASKS.items() if spec.targets != "pixels" and spec.temperature_of is None)
 DENSE_TYPES = tuple(name for name, spec in TASKS.items() if spec.targets == "pixels")
+
+
+def modality_twins(a: str, b: str) -> bool:
+    """Two task types that differ only in their visual input (image vs video: classification, retrieval,
+    captioning): a model trained on one is evaluated zero-shot on the other with the same task id."""
+    sa, sb = task_spec(a), task_spec(b)
+    return {sa.inputs, sb.inputs} <= {"image", "video"} and (sa.targets, sa.loss, sa.metric) == (
+        sb.targets, sb.loss, sb.metric)
 
 
 def task_spec(task_type: str) -> TaskSpec:

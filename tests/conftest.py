@@ -24,6 +24,17 @@ def tiny_data(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def multitask_run(tiny_data, tmp_path_factory) -> Path:
+    """A 2-step run of the 6-task demo (configs/demo_multitask.yaml, MoE every other block) in one process."""
+    out = tmp_path_factory.mktemp("run") / "multitask"
+    run([*torchrun(1), "-m", "condmoe.train", "--config", str(REPO / "configs" / "demo_multitask.yaml"),
+         f"data.root={tiny_data}", f"run.output_dir={out}", "run.max_steps=2", "run.save_every=2",
+         "run.tensorboard=false", "moe.ep_size=1", "data.shuffle_buffer=50",
+         *[f"tasks.{i}.batch_size=4" for i in range(6)]])
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

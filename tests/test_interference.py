@@ -5,11 +5,17 @@ import math
 
 import pytest
 import torch
-from conftest import REPO, run, torchrun
+from conftest import REPO
 
 from condmoe.models import MoEArgs, create_model, moe_layer_indices
 from condmoe.train.experts import main as experts_main
-from condmoe.train.interference import gradient_cosines, mean_off_diagonal, parameter_groups, shared_parameters
+from condmoe.train.interference import (
+    conflict,
+    gradient_cosines,
+    mean_off_diagonal,
+    parameter_groups,
+    shared_parameters,
+)
 
 CONFIG = str(REPO / "configs" / "demo_multitask.yaml")
 
@@ -24,6 +30,9 @@ def test_gradient_cosines_by_hand():
     assert cos["all"][2] == [0.0, 0.0, 1.0]  # no gradient: 0 with the others, 1 with itself
     assert mean_off_diagonal(cos["w"]) == pytest.approx((-1 + 0 + 0) * 2 / 6)
     assert math.isnan(mean_off_diagonal([[1.0]]))
+    assert conflict(cos["w"]) == {"pairs": 3, "negative_pairs": 1, "min": -1.0, "mean_conflict": pytest.approx(1 / 3)}
+    assert conflict([[1.0, 0.5], [0.5, 1.0]]) == {"pairs": 1, "negative_pairs": 0, "min": 0.5, "mean_conflict": 0.0}
+    assert conflict([[1.0]])["pairs"] == 0
 
 
 def test_shared_parameters_leave_out_routed_layers_and_task_parts():
@@ -38,24 +47,14 @@ def test_shared_parameters_leave_out_routed_layers_and_task_parts():
     assert all(".attn." in n for n in groups["attention"]) and len(groups["overall"]) == len(shared)
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_data, tmp_path_factory):
-    """A 2-step run of the 6-task demo (MoE every other block) in one process."""
-    out = tmp_path_factory.mktemp("run") / "run"
-    run([*torchrun(1), "-m", "condmoe.train", "--config", CONFIG, f"data.root={tiny_data}", f"run.output_dir={out}",
-         "run.max_steps=2", "run.save_every=2", "run.tensorboard=false", "moe.ep_size=1", "data.shuffle_buffer=50",
-         *[f"tasks.{i}.batch_size=4" for i in range(6)]])
-    return out
-
-
 @pytest.mark.slow
-def test_interference_report_on_a_trained_run(trained, tiny_data, capsys):
-    args = ["--config", CONFIG, f"data.root={tiny_data}", f"run.output_dir={trained}"]
+def test_interference_report_on_a_trained_run(multitask_run, tiny_data, capsys):
+    args = ["--config", CONFIG, f"data.root={tiny_data}", f"run.output_dir={multitask_run}"]
     tasks = "shapes_classification,shapes_caption_retrieval,caption_mlm,shapes_captioning"
     assert experts_main(["interference", *args, "--tasks", tasks, "--batches", "2", "--batch-size", "4"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    report = json.loads((trained / "experts" / "interference.json").read_text())
-    assert printed["mean_cosine"] == report["mean_cosine"]
+    report = json.loads((multitask_run / "experts" / "interference.json").read_text())
+    assert printed["mean_cosine"] == report["mean_cosine"] and printed["conflict"]["attention"]["pairs"] == 6
     assert report["tasks"] == tasks.split(",") and report["batches"] == dict.fromkeys(tasks.split(","), 2)
     assert {"overall", "attention", "block_0", "block_3"} <= set(report["cosine"])
     for group, matrix in report["cosine"].items():
@@ -65,12 +64,12 @@ def test_interference_report_on_a_trained_run(trained, tiny_data, capsys):
         assert cos.fill_diagonal_(0).abs().sum() > 0, group  # real gradients: the tasks are not orthogonal
     # MoE every other block from block 0: the routed FFNs (blocks 0 and 2) are not shared, those of 1 and 3 are
     assert report["parameters"]["block_0"] < report["parameters"]["block_1"] == report["parameters"]["block_3"]
-    assert (trained / "experts" / "interference.png").stat().st_size > 10_000
+    assert (multitask_run / "experts" / "interference.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow
-def test_interference_refuses_unknown_or_single_tasks(trained, tiny_data, capsys):
-    args = ["--config", CONFIG, f"data.root={tiny_data}", f"run.output_dir={trained}"]
+def test_interference_refuses_unknown_or_single_tasks(multitask_run, tiny_data, capsys):
+    args = ["--config", CONFIG, f"data.root={tiny_data}", f"run.output_dir={multitask_run}"]
     for tasks in ("shapes_classification,nope", "caption_mlm"):
         assert experts_main(["interference", *args, "--tasks", tasks]) == 2
         err = capsys.readouterr().err.strip().splitlines()

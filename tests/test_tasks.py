@@ -26,7 +26,9 @@ def test_unknown_task_types_are_refused_with_the_known_ones():
 
 def test_config_rules_follow_the_table():
     """gather_negatives needs caption targets, split_targets a target set, mixup the table's mixup flag."""
-    assert set(TASK_TYPES) | set(DENSE_TYPES) == set(TASKS) and not set(TASK_TYPES) & set(DENSE_TYPES)
+    shared = {name for name, spec in TASKS.items() if spec.temperature_of}  # another type's temperature
+    assert set(TASK_TYPES) | set(DENSE_TYPES) | shared == set(TASKS) and not set(TASK_TYPES) & set(DENSE_TYPES)
+    assert all(TASKS[name].temperature_of in TASK_TYPES for name in shared) and not shared & set(TASK_TYPES)
     for task_type, spec in TASKS.items():
         if spec.targets == "captions":
             TaskConfig(name="t", type=task_type, gather_negatives=True)

@@ -96,7 +96,8 @@ def evaluate_captioning(model: UniPerceiver, cfg: Config, task, batches, tokeniz
     banned = [i for i in tokenizer.tokenizer.all_special_ids if i != tokenizer.eos_id]
     hypotheses, references = [], []
     for batch in batches:
-        for (ids, _), reference in zip(generate(model, batch["images"], vocab, tokenizer.spe_id, tokenizer.eos_id,
+        pixels = batch.get("videos", batch.get("images"))
+        for (ids, _), reference in zip(generate(model, pixels, vocab, tokenizer.spe_id, tokenizer.eos_id,
                                                 max_length, beam_size, task_id, banned=banned), batch["text_ids"]):
             hypotheses.append(tokenizer.decode(ids).lower().split())
             references.append([tokenizer.decode(reference.tolist()).lower().split()])

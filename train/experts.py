@@ -202,7 +202,8 @@ def _run(args) -> int:
         report = interference(model, cfg, tokenizer, tasks, args.batches, args.batch_size, args.split)
         (out_dir / "interference.json").write_text(json.dumps(report, indent=1))
         plot_interference(report, out_dir / "interference.png")
-        print(json.dumps({"interference": str(out_dir / "interference.json"), "mean_cosine": report["mean_cosine"]}))
+        print(json.dumps({"interference": str(out_dir / "interference.json"), "mean_cosine": report["mean_cosine"],
+                          "conflict": {g: report["conflict"][g] for g in ("overall", "attention")}}))
         return 0
 
     names = [t.name for t in cfg.tasks]

@@ -66,6 +66,18 @@ def mean_off_diagonal(matrix: list[list[float]]) -> float:
     return float((m.sum() - m.diagonal().sum()) / (t * (t - 1))) if t > 1 else float("nan")
 
 
+def conflict(matrix: list[list[float]]) -> dict[str, float]:
+    """How much the task pairs pull against each other: the pairs with a negative cosine (``negative_pairs`` of
+    ``pairs``), the most negative cosine (``min``) and the mean of ``max(0, -cos)`` over pairs (``mean_conflict``)."""
+    m = torch.tensor(matrix, dtype=torch.float64)
+    rows, cols = torch.triu_indices(m.shape[0], m.shape[0], offset=1)
+    pairs = m[rows, cols]
+    if not len(pairs):
+        return {"pairs": 0, "negative_pairs": 0, "min": float("nan"), "mean_conflict": float("nan")}
+    return {"pairs": len(pairs), "negative_pairs": int((pairs < 0).sum()), "min": float(pairs.min()),
+            "mean_conflict": float((-pairs).clamp_min(0).mean())}
+
+
 def task_gradients(model, cfg: Config, tokenizer: TextTokenizer, task_ids: list[int], num_batches: int,
                    batch_size: int, split: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, int]]:
     """Each task's unweighted loss gradient on the shared parameters, averaged over its first ``num_batches``
@@ -102,7 +114,8 @@ def task_gradients(model, cfg: Config, tokenizer: TextTokenizer, task_ids: list[
 
 def interference(model, cfg: Config, tokenizer: TextTokenizer, task_names: list[str] | None = None,
                  num_batches: int = 4, batch_size: int = 32, split: str = "train") -> dict:
-    """The report ``condmoe-experts interference`` writes: per group, the task x task cosines and their mean."""
+    """The report ``condmoe-experts interference`` writes: per group, the task x task cosines, their mean and how
+    much the pairs conflict (``conflict``)."""
     names = [t.name for t in cfg.tasks]
     chosen = task_names or names
     unknown = [n for n in chosen if n not in names]
@@ -114,7 +127,8 @@ def interference(model, cfg: Config, tokenizer: TextTokenizer, task_names: list[
     cosines = gradient_cosines(grads, groups)
     return {"tasks": chosen, "split": split, "batches": seen, "batch_size": batch_size,
             "parameters": {g: sum(grads[chosen[0]][n].numel() for n in v) for g, v in groups.items()},
-            "cosine": cosines, "mean_cosine": {g: mean_off_diagonal(m) for g, m in cosines.items()}}
+            "cosine": cosines, "mean_cosine": {g: mean_off_diagonal(m) for g, m in cosines.items()},
+            "conflict": {g: conflict(m) for g, m in cosines.items()}}
 
 
 def plot_interference(report: dict, path) -> None:
@@ -134,7 +148,8 @@ def plot_interference(report: dict, path) -> None:
         image = ax.imshow(report["cosine"][group], cmap="coolwarm", vmin=-1, vmax=1)
         ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
-        ax.set_title(f"{group}: gradient cosine (mean {report['mean_cosine'][group]:+.3f})", fontsize=9)
+        ax.set_title(f"{group}: gradient cosine (mean {report['mean_cosine'][group]:+.3f}, "
+                     f"min {report['conflict'][group]['min']:+.3f})", fontsize=9)
         fig.colorbar(image, ax=ax)
     axes[2].bar(range(len(blocks)), [report["mean_cosine"][b] for b in blocks])
     axes[2].axhline(0, color="k", lw=0.5)

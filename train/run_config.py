@@ -21,6 +21,7 @@ from hashlib import sha1
 from pathlib import Path
 from typing import Any
 
+from condmoe.models.tasks import TASKS, modality_twins
 from condmoe.train.checkpoint import TAG
 from condmoe.train.config import Config, load_config
 
@@ -34,9 +35,13 @@ MODEL_PREFIXES = ("model.", "moe.", "moa.")
 MODEL_KEYS = ("data.tokenizer", "data.max_text_len", "tasks", "tasks.*.type")
 
 
-def kind(key: str) -> str:
-    """``'model'``, ``'eval'`` or ``'none'`` (no effect on evaluation) for a flat config key (``tasks.0.type``)."""
+def kind(key: str, old: Any = None, new: Any = None) -> str:
+    """``'model'``, ``'eval'`` or ``'none'`` (no effect on evaluation) for a flat config key (``tasks.0.type``) that
+    changes from ``old`` to ``new``: a task's type changed to its image/video twin (captioning ->
+    video_captioning) is evaluation, the zero-shot transfer of the same task to the other visual input."""
     key = re.sub(r"^tasks\.\d+", "tasks.*", key)
+    if key == "tasks.*.type" and old in TASKS and new in TASKS and modality_twins(old, new):
+        return "eval"
     if key in EVAL_KEYS:
         return "eval"
     if key in NO_EFFECT_KEYS:
@@ -142,7 +147,8 @@ def load_run_config(prog: str, config: str, overrides: list[str], checkpoint: st
     base = load_config(saved)
     cfg = load_config(saved, overrides)
     changed = differences(base, cfg)
-    refused = [f"{key}={new} (the run has {old})" for key, (old, new) in changed.items() if kind(key) == "model"]
+    refused = [f"{key}={new} (the run has {old})" for key, (old, new) in changed.items()
+               if kind(key, old, new) == "model"]
     if "data.tokenizer" not in changed and _other_tokenizer(base, cfg):
         # data.root names the tokenizer too (<root>/tokenizer) unless data.tokenizer is set
         refused.append(f"data.root={cfg.data.root} (its tokenizer {cfg.tokenizer_dir} is not the run's "
@@ -151,11 +157,12 @@ def load_run_config(prog: str, config: str, overrides: list[str], checkpoint: st
         what = ", ".join(refused)
         raise ValueError(f"{what}: would change the model the checkpoint was trained as; {prog} builds it from the "
                          f"run's {saved} and refuses model keys (docs/training.md, Evaluation)")
-    ignored = [key for key, _ in differences(base, given).items() if kind(key) == "model"]
+    ignored = [key for key, (old, new) in differences(base, given).items() if kind(key, old, new) == "model"]
     if ignored and Path(config).resolve() != saved.resolve():
         print(f"{prog}: note: the model is the run's ({saved}); --config {config} differs in "
               f"{', '.join(ignored[:5])}{', ...' if len(ignored) > 5 else ''}, which is ignored", file=sys.stderr)
-    return ResolvedRun(cfg, run_dir, saved, {key: values for key, values in changed.items() if kind(key) == "eval"})
+    return ResolvedRun(cfg, run_dir, saved,
+                       {key: values for key, values in changed.items() if kind(key, *values) == "eval"})
 
 
 def _other_tokenizer(base: Config, cfg: Config) -> bool:
