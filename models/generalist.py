@@ -377,10 +377,16 @@ class UniPerceiver(nn.Module):
         return self.logit_scale[TASK_TYPES.index("captioning")]
 
     # ---------------------------------------------------------------------------------------------------- helpers
-    def num_params(self, active_only: bool = False) -> int:
+    def num_params(self, active_only: bool = False, embeddings: bool = True) -> int:
         """Parameter count; ``active_only`` counts what a token meets: ``top_k`` experts of an MoE MLP and of a
-        token-routed linear MoE, one (merged) expert of a statically routed linear MoE."""
+        token-routed linear MoE, one (merged) expert of a statically routed linear MoE. ``embeddings=False`` leaves
+        out the tables a token looks up or adds instead of multiplying (the text token table, positions, type
+        embeddings): what an MFU estimate counts as compute (the patch embedding is a matmul and stays)."""
         total = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            image = self.image_embed
+            total -= sum(p.numel() for p in (*self.text_embed.parameters(), image.pos_embed, image.temporal_embed,
+                                              image.type_embed))
         if active_only:
             for m in self.modules():
                 if isinstance(m, MoEMLP):

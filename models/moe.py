@@ -164,8 +164,13 @@ class Experts(nn.Module):
                 and first.drop2.p == 0 and first.fc1.bias is not None and first.fc2.bias is not None)
 
     def _grouped(self, x_RD: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
-        """Both expert matmuls as grouped GEMMs over the sorted rows (``torch._grouped_mm``, no Python loop)."""
+        """Both expert matmuls as grouped GEMMs over the sorted rows (``torch._grouped_mm``, no Python loop).
+        Autocast does not cover ``_grouped_mm`` (float32 rows would run a float32 GEMM): under autocast the rows and
+        weights are cast to its dtype here, as ``nn.Linear`` in the loop would be."""
         experts = self.deepspeed_experts
+        device = x_RD.device.type
+        if torch.is_autocast_enabled(device):
+            x_RD = x_RD.to(torch.get_autocast_dtype(device))
         offsets = torch.cumsum(counts_L, 0).to(torch.int32)
         expert_of_row = torch.repeat_interleave(torch.arange(len(experts), device=x_RD.device), counts_L,
                                                 output_size=x_RD.shape[0])

@@ -209,3 +209,18 @@ def test_grouped_gemm_falls_back_to_the_loop_with_one_warning(monkeypatch, caplo
     assert torch.allclose(first, reference, atol=1e-5) and torch.equal(first, second)
     warnings = [r.getMessage() for r in caplog.records if r.name == "condmoe.moe"]
     assert len(warnings) == 1 and "not supported on this device" in warnings[0] and "loop" in warnings[0]
+
+
+def test_grouped_gemm_runs_in_the_autocast_dtype_like_the_loop():
+    """Autocast does not cover torch._grouped_mm: the layer casts, so float32 activations give a bf16 GEMM."""
+    torch.manual_seed(0)
+    dim, hidden = 64, 128  # _grouped_mm wants 16-byte strides
+    layer = MoEMLP(dim, hidden, args=MoEArgs(num_experts=4, top_k=2, drop_tokens=False, expert_backend="grouped"))
+    x_RD, counts_L = torch.randn(24, dim), torch.tensor([5, 7, 0, 12])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        grouped = layer.experts(x_RD, counts_L)
+        layer.experts.backend = "loop"
+        loop = layer.experts(x_RD, counts_L)
+    assert grouped.dtype == loop.dtype == torch.bfloat16
+    assert torch.allclose(grouped.float(), loop.float(), atol=2e-2, rtol=2e-2)
+    assert layer.experts(x_RD, counts_L).dtype == torch.float32  # no autocast: as given

@@ -111,6 +111,10 @@ def test_experts_start_different_and_active_params_count_top_k():
     assert not torch.equal(experts[0].fc1.weight, experts[1].fc1.weight)
     per_expert = sum(p.numel() for p in experts[0].parameters())
     assert model.num_params() - model.num_params(active_only=True) == 2 * (4 - 2) * per_expert
+    lookups = model.text_embed.token_embed.weight.numel() + sum(  # MFU: lookups and added vectors are not compute
+        p.numel() for p in (model.text_embed.pos_embed, model.text_embed.type_embed, model.image_embed.pos_embed,
+                            model.image_embed.temporal_embed, model.image_embed.type_embed))
+    assert model.num_params(active_only=True) - model.num_params(active_only=True, embeddings=False) == lookups
 
 
 def test_base_size_matches_vit_b_shape():

@@ -83,7 +83,7 @@ class Trainer:
                 log.info("run.freeze=%s: training %d tensors (%s, ...)", cfg.run.freeze, len(trainable),
                          ", ".join(trainable[:3]))
         self.img_size = model.image_embed.patch_embed.img_size[0]
-        active_params = model.num_params(active_only=True)
+        active_params = model.num_params(active_only=True, embeddings=False)  # MFU: matmul parameters
         self.engine = create_engine(cfg, model)
         self.input_dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
         self.layout = RankLayout(**expert_layout(self.model))  # this rank's place in expert parallelism
