@@ -148,8 +148,8 @@ def plot_interference(report: dict, path) -> None:
         image = ax.imshow(report["cosine"][group], cmap="coolwarm", vmin=-1, vmax=1)
         ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
-        ax.set_title(f"{group}: gradient cosine (mean {report['mean_cosine'][group]:+.3f}, "
-                     f"min {report['conflict'][group]['min']:+.3f})", fontsize=9)
+        ax.set_title(f"{group}: gradient cosine\nmean {report['mean_cosine'][group]:+.3f}, "
+                     f"min {report['conflict'][group]['min']:+.3f}", fontsize=9)
         fig.colorbar(image, ax=ax)
     axes[2].bar(range(len(blocks)), [report["mean_cosine"][b] for b in blocks])
     axes[2].axhline(0, color="k", lw=0.5)
