@@ -97,11 +97,15 @@ def test_greedy_matches_a_hand_rolled_argmax_loop_and_beam_search_scores_higher(
 
 
 def test_corpus_bleu_hand_computed():
+    # pycocoevalcap's BLEU: precision (matches + 1e-15) / (total + 1e-9), so a zero count is smoothed, not 0
+    tiny, small = 1e-15, 1e-9
     hyp = ["the cat sat on the mat".split()]
     assert corpus_bleu(hyp, [[hyp[0]]]) == pytest.approx(1.0)
     ref = [["the cat is on the mat".split()]]
-    # precisions 5/6, 3/5, 1/4, 0/3 -> a zero 4-gram precision gives 0
-    assert corpus_bleu(hyp, ref) == 0.0
+    # precisions 5/6, 3/5, 1/4, 0/3: the 4-gram precision is 1e-15 / 3, BLEU-4 tiny but positive
+    p = [(5 + tiny) / (6 + small), (3 + tiny) / (5 + small), (1 + tiny) / (4 + small), tiny / (3 + small)]
+    assert corpus_bleu(hyp, ref) == pytest.approx(math.prod(p) ** 0.25, rel=1e-12)
+    assert 0.0 < corpus_bleu(hyp, ref) < 1e-3
     hyp2 = ["a red circle in the top left".split()]
     ref2 = [["a red circle in the top right corner".split()]]
     p = [6 / 7, 5 / 6, 4 / 5, 3 / 4]
