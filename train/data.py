@@ -162,12 +162,14 @@ def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
 
 class Collate:
     """Turns decoded samples into the model's batch dict, in the workers: images and video frames augmented (seeded
-    per sample from ``seed`` and the sample key) and normalised, captions tokenised, MLM inputs masked."""
+    per sample from ``seed`` and the sample key) and normalised, captions tokenised, MLM inputs masked.
+    ``all_captions`` (evaluation) adds ``captions``: per sample, the list of all its captions as stored."""
 
     def __init__(self, task_type: str, img_size: int, tokenizer: TextTokenizer, augment: Augment | None = None,
                  seed: int = 0, random_caption: bool = True, num_frames: int = 4,
-                 dense: dict[str, "DenseTarget"] | None = None):
+                 dense: dict[str, "DenseTarget"] | None = None, all_captions: bool = False):
         self.task_type = task_type
+        self.all_captions = all_captions
         self.dense = dense or {}
         self.num_frames = num_frames
         self.img_size = img_size
@@ -197,6 +199,8 @@ class Collate:
             # Several captions per image (one per line, e.g. COCO): the sample's seed picks one.
             texts = [_pick_caption(str(c), self.seed, k, self.random_caption) for k, c in zip(keys, captions)]
             batch["text_ids"], batch["text_mask"] = self.tokenizer(texts)
+            if self.all_captions:
+                batch["captions"] = [_caption_lines(str(c)) for c in captions]
         return batch
 
     def dense_batch(self, samples: Sequence[tuple]) -> dict[str, torch.Tensor]:
@@ -242,8 +246,12 @@ class Collate:
         return {"text_ids": inputs, "text_mask": mask, "mlm_labels": labels}
 
 
+def _caption_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def _pick_caption(text: str, seed: int, key: str, randomly: bool) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = _caption_lines(text)
     if len(lines) <= 1 or not randomly:
         return lines[0] if lines else ""
     return lines[random.Random(stable_seed(seed, key, "caption")).randrange(len(lines))]
@@ -445,14 +453,15 @@ def val_batches(root: str | Path, dataset: str, img_size: int, batch_size: int, 
                 rank: int = 0, world_size: int = 1, task_type: str = "image_text_retrieval",
                 num_frames: int = 4, dense: dict[str, DenseTarget] | None = None,
                 split: str = "val") -> Iterator[dict[str, torch.Tensor]]:
-    """Every val sample exactly once, in shard order, collated for ``task_type`` (first caption of each sample; MLM
-    masks seeded by the sample key; dense tasks' ``target.<task>`` for the tasks in ``dense``). ``split`` reads another
-    split the same way (expert selection reads train).
+    """Every val sample exactly once, in shard order, collated for ``task_type`` (``text_ids`` from the first caption
+    of each sample, ``captions`` all of them; MLM masks seeded by the sample key; dense tasks' ``target.<task>`` for
+    the tasks in ``dense``). ``split`` reads another split the same way (expert selection reads train).
 
     With ``world_size > 1`` each rank reads every ``world_size``-th shard (an exact split: evaluation must see each
     sample once; ranks may get different batch counts, so gather results rather than step in lock-step).
     """
-    collate = Collate(task_type, img_size, tokenizer, random_caption=False, num_frames=num_frames, dense=dense)
+    collate = Collate(task_type, img_size, tokenizer, random_caption=False, num_frames=num_frames, dense=dense,
+                      all_captions=True)
     urls = shard_urls(root, dataset, split)[rank::world_size]
     if not urls:
         return

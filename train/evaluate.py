@@ -15,7 +15,7 @@ from condmoe.models.captioning import generate
 from condmoe.models.text_tokenizer import TextTokenizer
 from condmoe.train.config import Config
 from condmoe.train.data import dense_targets, val_batches
-from condmoe.train.metrics import corpus_bleu, corpus_cider
+from condmoe.train.metrics import coco_tokenize, corpus_bleu_scores, corpus_cider
 
 
 def vocabulary_targets(tokenizer: TextTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,7 +36,7 @@ def evaluate_task(model: UniPerceiver, cfg: Config, task_index: int, tokenizer: 
     img_size = model.image_embed.patch_embed.img_size[0]
     device = next(model.parameters()).device
     dense = dense_targets(cfg.data.root, [task]) if task.spec.targets == "pixels" else None
-    batches = ({k: v.to(device) for k, v in batch.items()} for batch in
+    batches = ({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()} for batch in
                val_batches(cfg.data.root, task.dataset, img_size, batch_size, tokenizer, task_type=task.type,
                            num_frames=cfg.data.num_frames, dense=dense))
     return METRICS[task.spec.metric](model, cfg, task, batches, tokenizer, task_id)
@@ -62,14 +62,21 @@ def evaluate_topk(model: UniPerceiver, cfg: Config, task, batches, tokenizer: Te
 
 def evaluate_recall(model: UniPerceiver, cfg: Config, task, batches, tokenizer: TextTokenizer,
                     task_id: int) -> dict[str, float]:
-    """R@1/5/10 both ways over the whole split."""
-    visual, texts = [], []
+    """R@1/5/10 both ways and rsum over the whole split, against every caption of every sample (COCO and Flickr30k
+    Karpathy test: 5 per image; MSR-VTT 1k-A: the one its prep stores): ``retrieval_recall`` says what counts."""
+    visual, texts, owner = [], [], []
+    device = next(model.parameters()).device
     for batch in batches:
+        first = len(owner) and owner[-1] + 1  # this batch's first input
         visual.append(F.normalize(model.encode_images(batch.get("videos", batch.get("images")), task_id), dim=-1))
-        texts.append(F.normalize(model.encode_texts(batch["text_ids"], batch["text_mask"], task_id), dim=-1))
+        captions = batch["captions"]
+        ids, mask = tokenizer([c for caps in captions for c in caps])
+        texts.append(F.normalize(model.encode_texts(ids.to(device), mask.to(device), task_id), dim=-1))
+        owner += [first + i for i, caps in enumerate(captions) for _ in caps]
     _require(len(visual), task)
-    visual_ND, texts_ND = torch.cat(visual), torch.cat(texts)
-    return {"num_samples": len(visual_ND), **retrieval_recall(visual_ND @ texts_ND.t())}
+    visual_ND, texts_CD = torch.cat(visual), torch.cat(texts)
+    return {"num_samples": len(visual_ND), "num_captions": len(texts_CD),
+            **retrieval_recall(visual_ND @ texts_CD.t(), torch.tensor(owner, device=device))}
 
 
 def evaluate_token_accuracy(model: UniPerceiver, cfg: Config, task, batches, tokenizer: TextTokenizer,
@@ -89,22 +96,24 @@ def evaluate_token_accuracy(model: UniPerceiver, cfg: Config, task, batches, tok
 
 def evaluate_captioning(model: UniPerceiver, cfg: Config, task, batches, tokenizer: TextTokenizer, task_id: int,
                         beam_size: int = 2, max_length: int = 20) -> dict[str, float]:
-    """Beam-search captions (KV cache) scored with corpus BLEU-4 and CIDEr-D against the sample's captions (words
-    lower-cased and split on white space)."""
+    """Beam-search captions (KV cache) scored as the COCO caption evaluation scores them: hypotheses and ALL of a
+    sample's captions through its tokenisation (``coco_tokenize``), corpus BLEU-1..4 with its smoothing and CIDEr-D
+    (``train/metrics.py``; equal to pycocoevalcap's scorers in tests)."""
     vocab_ids, vocab_mask = (t.to(next(model.parameters()).device) for t in vocabulary_targets(tokenizer))
     vocab = model.encode_texts(vocab_ids, vocab_mask, task_id, attribute="vocab_target")
     banned = [i for i in tokenizer.tokenizer.all_special_ids if i != tokenizer.eos_id]
     hypotheses, references = [], []
     for batch in batches:
         pixels = batch.get("videos", batch.get("images"))
-        for (ids, _), reference in zip(generate(model, pixels, vocab, tokenizer.spe_id, tokenizer.eos_id,
-                                                max_length, beam_size, task_id, banned=banned), batch["text_ids"]):
-            hypotheses.append(tokenizer.decode(ids).lower().split())
-            references.append([tokenizer.decode(reference.tolist()).lower().split()])
+        for (ids, _), captions in zip(generate(model, pixels, vocab, tokenizer.spe_id, tokenizer.eos_id,
+                                               max_length, beam_size, task_id, banned=banned), batch["captions"]):
+            hypotheses.append(coco_tokenize(tokenizer.decode(ids)))
+            references.append([coco_tokenize(c) for c in captions])
     _require(len(hypotheses), task)
-    example = " ".join(hypotheses[0])
-    return {"num_samples": len(hypotheses), "bleu4": corpus_bleu(hypotheses, references),
-            "cider": corpus_cider(hypotheses, references), "example": example}
+    bleu = corpus_bleu_scores(hypotheses, references)
+    return {"num_samples": len(hypotheses), "num_references": sum(map(len, references)),
+            **{f"bleu{n}": b for n, b in enumerate(bleu, 1)}, "cider": corpus_cider(hypotheses, references),
+            "example": " ".join(hypotheses[0])}
 
 
 def task_inputs(cfg: Config, tokenizer: TextTokenizer, task) -> tuple[dict, dict]:
@@ -181,14 +190,22 @@ def evaluate(model: UniPerceiver, cfg: Config, tokenizer: TextTokenizer, batch_s
             for i, task in enumerate(cfg.tasks)}
 
 
-def retrieval_recall(sim_NN: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-    """R@k both ways for paired inputs (row i matches column i): ``i2t_r1``, ``t2i_r1``, ``i2t_r5``, ..."""
-    target = torch.arange(sim_NN.shape[0], device=sim_NN.device)
+def retrieval_recall(sim_NC: torch.Tensor, owner_C: torch.Tensor | None = None,
+                     ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+    """R@k both ways and ``rsum`` for ``N`` visual inputs and ``C`` captions, caption c belonging to input
+    ``owner_C[c]`` (default: row i matches column i). As in the Karpathy-split protocol (VSE++, CLIP): image-to-text
+    R@k is the share of inputs with ANY of their captions among their k most similar captions; text-to-image R@k the
+    share of captions whose input is among their k most similar inputs. ``rsum`` adds the six recalls in percent."""
+    if owner_C is None:
+        owner_C = torch.arange(sim_NC.shape[0], device=sim_NC.device)
+    inputs_N = torch.arange(sim_NC.shape[0], device=sim_NC.device)
     out = {}
     for k in ks:
-        k_ = min(k, sim_NN.shape[0])
-        out[f"i2t_r{k}"] = float(sim_NN.topk(k_, dim=1).indices.eq(target[:, None]).any(dim=1).float().mean())
-        out[f"t2i_r{k}"] = float(sim_NN.t().topk(k_, dim=1).indices.eq(target[:, None]).any(dim=1).float().mean())
+        top_NK = sim_NC.topk(min(k, sim_NC.shape[1]), dim=1).indices
+        out[f"i2t_r{k}"] = float(owner_C[top_NK].eq(inputs_N[:, None]).any(dim=1).float().mean())
+        top_CK = sim_NC.t().topk(min(k, sim_NC.shape[0]), dim=1).indices
+        out[f"t2i_r{k}"] = float(top_CK.eq(owner_C[:, None]).any(dim=1).float().mean())
+    out["rsum"] = 100 * sum(out[f"{way}_r{k}"] for k in ks for way in ("i2t", "t2i"))
     return out
 
 
