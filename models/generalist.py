@@ -152,6 +152,11 @@ class UniPerceiver(nn.Module):
             if isinstance(m, RoutedLayer):
                 m.init_weights()
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's layer grouping (``timm.models.group_parameters``; layer-wise lr decay): the embeddings first, then
+        each block; the parameters it does not name (``ln_post``, projection, heads, temperatures) come last."""
+        return {"stem": r"^(?:image_embed|text_embed|embed_norm|task_embed|prompts)", "blocks": r"^blocks\.(\d+)"}
+
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay besides biases and norms (which have ndim < 2)."""
         names = {"image_embed.pos_embed", "image_embed.temporal_embed", "image_embed.type_embed",

@@ -202,6 +202,11 @@ class OptimConfig:
     """AdamW betas."""
     eps: float = 1e-8
     """AdamW epsilon."""
+    layer_decay: float = 1.0
+    """Layer-wise learning-rate decay (BEiT; timm's ``param_groups_layer_decay``): the output layers (``ln_post``,
+    projection, heads, temperatures) train at ``lr``, block i at ``lr * layer_decay ** (depth - i)``, the embeddings
+    at ``lr * layer_decay ** (depth + 1)``; 1 disables. Uni-Perceiver's trainer offers it (off in its pre-training
+    configs)."""
     fused: bool = True
     """torch's fused AdamW kernel (CPU and CUDA; one pass over each tensor). false: torch's default implementation
     (the same update, rounded differently; about 6x slower on CPU)."""
@@ -210,6 +215,8 @@ class OptimConfig:
         _positive(self, "lr")
         if self.min_lr > self.lr:
             raise ValueError(f"optim.min_lr={self.min_lr} is above optim.lr={self.lr} (the cosine would climb to it)")
+        if not 0 < self.layer_decay <= 1:  # "not" also refuses NaN
+            raise ValueError(f"optim.layer_decay={self.layer_decay} must be in (0, 1] (1: no layer-wise decay)")
         if self.warmup_steps < 0 or self.min_lr < 0 or self.weight_decay < 0:
             raise ValueError("optim.warmup_steps, optim.min_lr and optim.weight_decay must be >= 0")
         self.betas = tuple(self.betas)

@@ -7,6 +7,8 @@ filled in from the run config, because task batches differ per task and are not 
 import json
 import logging
 import math
+from collections.abc import Callable
+from functools import partial
 
 import deepspeed
 import torch
@@ -142,17 +144,43 @@ def initialise_from(model: UniPerceiver, path: str) -> list[str]:
     return partial
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Named groups: decay for >=2-dim weights; none for norms, biases, positions, temperatures (nanoGPT/timm)."""
+def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """Named groups: decay for >=2-dim weights; none for norms, biases, positions, temperatures (nanoGPT/timm).
+    With ``layer_decay < 1`` one pair per layer of the model's ``group_matcher`` (timm's ``group_parameters``:
+    embeddings, blocks, then the rest), each with its ``lr_scale``: ``layer_decay ** (last layer - layer)``."""
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
+    layer_of = {}
+    if layer_decay < 1:
+        from timm.models import group_parameters  # here: timm after condmoe.models (models/_compat.py)
+
+        layer_of = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    last = max(layer_of.values(), default=0)  # the output layers: ln_post and what the matcher does not name
+    groups: dict[str, dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        plain = plain_name(name)
-        (no_decay if param.ndim < 2 or plain in skip else decay).append(param)
-    return [{"name": "decay", "params": decay, "weight_decay": weight_decay},
-            {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+        decays = not (param.ndim < 2 or plain_name(name) in skip)
+        layer = layer_of.get(name, last)
+        key = ("" if layer_decay == 1 else f"layer_{layer}_") + ("decay" if decays else "no_decay")
+        group = groups.setdefault(key, {"name": key, "params": [], "weight_decay": weight_decay if decays else 0.0})
+        if layer_decay < 1:
+            group["lr_scale"] = layer_decay ** (last - layer)
+        group["params"].append(param)
+    if layer_decay == 1:  # the two groups in their usual order, even when one is empty
+        return [groups.get(k, {"name": k, "params": [], "weight_decay": w})
+                for k, w in (("decay", weight_decay), ("no_decay", 0.0))]
+    return list(groups.values())
+
+
+def lr_schedules(groups: list[dict], cfg: Config) -> list[Callable[[int], float]]:
+    """Per optimizer group, the LambdaLR factor of each step: warmup-cosine times the group's ``lr_scale``."""
+    min_ratio = cfg.optim.min_lr / cfg.optim.lr
+
+    def schedule(scale: float, step: int) -> float:
+        factor = lr_factor(step, cfg.optim.warmup_steps, cfg.run.max_steps, min_ratio)
+        return factor if scale == 1.0 else scale * factor
+
+    return [partial(schedule, g.get("lr_scale", 1.0)) for g in groups]
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
@@ -195,15 +223,14 @@ def create_engine(cfg: Config, model: UniPerceiver):
     would need a C++ build) and a LambdaLR warmup-cosine schedule that DeepSpeed checkpoints with the engine."""
     ds_config = load_ds_config(cfg)
     apply_expert_parallel(model, cfg.moe.ep_size if cfg.moe.num_experts else 1)
-    groups = split_params_into_different_moe_groups_for_optimizer(param_groups(model, cfg.optim.weight_decay))
+    groups = split_params_into_different_moe_groups_for_optimizer(
+        param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay))
     # DeepSpeed drops empty groups from the optimizer (e.g. no decayed weight is trainable in prompt tuning); the
     # schedule must see the same groups.
     groups = [g for g in groups if g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                                   fused=cfg.optim.fused or None)
-    min_ratio = cfg.optim.min_lr / cfg.optim.lr
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, cfg.optim.warmup_steps, cfg.run.max_steps, min_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedules(groups, cfg))
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=ds_config)
     return engine

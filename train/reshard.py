@@ -145,8 +145,13 @@ def load(engine, universal: dict) -> int:
             if key in state and len(set(map(repr, state[key]))) == 1:
                 state[key] = state[key][:1] * groups
         scheduler.load_state_dict(state)
-        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+        # Each group's lr from its own schedule at the loaded step: with layer-wise decay the groups' lrs differ,
+        # and this layout's groups need not be the checkpoint's (base * factor is how LambdaLR computes it).
+        lrs = [base * schedule(scheduler.last_epoch) for base, schedule in zip(scheduler.base_lrs,
+                                                                               scheduler.lr_lambdas)]
+        for group, lr in zip(optimizer.param_groups, lrs):
             group["lr"] = lr
+        scheduler._last_lr = lrs
     engine.global_steps = universal["global_steps"]
     engine.global_samples = universal["global_samples"]
     return int(universal["step"])

@@ -188,7 +188,7 @@ class RunLog:
         steps = len(records) * self.info.world_size
         counts = counts_XLE.sum(0) if counts_XLE is not None else None
         share = counts / counts.sum(dim=-1, keepdim=True).clamp_min(1) if counts is not None else None
-        lr = self.engine.get_lr()[0]
+        lr = max(self.engine.get_lr())  # the peak: with layer-wise decay the groups' lrs differ
         grad_norm = self.engine.get_global_grad_norm()
         record = {"step": last.step + 1, "loss": loss_sum / steps, "aux_loss": aux_sum / steps,
                   "task_loss": {t.name: total / n for t, (total, n) in zip(self.cfg.tasks, per_task.tolist()) if n},
