@@ -19,6 +19,15 @@ def json_bytes(meta: dict[str, Any]) -> bytes:
     return json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
 
 
+def read_json_file(path: Path, flag: str) -> Any:
+    """The parsed JSON of ``path``; raises :class:`UserError` naming ``flag`` if it cannot be read or parsed."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{flag} {path}: cannot read JSON ({e})") from None
+
+
 def require_dir(path: str | os.PathLike, flag: str) -> Path:
     """``path`` as a ``Path``; raises :class:`UserError` naming ``flag`` if it is not a directory."""
     p = Path(path)
