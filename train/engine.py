@@ -111,7 +111,9 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None
 def initialise_from(model: UniPerceiver, path: str) -> list[str]:
     """Loads a checkpoint's weights into ``model``. A dense checkpoint for an MoE model is upcycled (every expert a
     copy of the dense MLP, fresh routers). Task-indexed parameters (task gates, task embeddings of routers) of a
-    checkpoint with fewer tasks fill the first rows; the new tasks' rows keep their initialisation. Returns the
+    checkpoint with fewer tasks fill the first rows; the new tasks' rows keep their initialisation. The spatial
+    position embedding of another resolution (stage 2 at 224 px from 160 px) is resized bicubically over the patch
+    grid (timm's ``resample_abs_pos_embed``, what the model does at forward for other input sizes). Returns the
     names that were only partly filled."""
     from condmoe.models.upcycle import is_dense_checkpoint_for, upcycle_state_dict
     from condmoe.train.checkpoint import load_plain_state_dict
@@ -125,6 +127,9 @@ def initialise_from(model: UniPerceiver, path: str) -> list[str]:
         state = upcycle_state_dict(state, model)
         state.update({k: v for k, v in own.items() if ".router." in k and k not in state})
     partial = []
+    positions = state.get("image_embed.pos_embed")
+    if positions is not None and positions.shape != own["image_embed.pos_embed"].shape:
+        state["image_embed.pos_embed"] = resize_positions(positions, model.image_embed.patch_embed.grid_size, path)
     for name, value in state.items():
         if name in own and own[name].shape != value.shape:
             if ".router." not in name or own[name].shape[1:] != value.shape[1:] or value.shape[0] > own[name].shape[0]:
@@ -142,6 +147,18 @@ def initialise_from(model: UniPerceiver, path: str) -> list[str]:
         raise ValueError(f"run.init_from={path}: checkpoint does not match the model (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
     return partial
+
+
+def resize_positions(pos_1ND: torch.Tensor, grid: tuple[int, int], path: str) -> torch.Tensor:
+    """A square grid's spatial positions ``[1, N, D]`` resized to ``grid`` (bicubic, timm)."""
+    from timm.layers import resample_abs_pos_embed  # here: timm after condmoe.models (models/_compat.py)
+
+    side = math.isqrt(pos_1ND.shape[1])
+    if side * side != pos_1ND.shape[1]:
+        raise ValueError(f"run.init_from={path}: image_embed.pos_embed holds {pos_1ND.shape[1]} positions, not a "
+                         "square patch grid")
+    log.info("run.init_from: spatial positions resized from %dx%d to %dx%d patches (bicubic)", side, side, *grid)
+    return resample_abs_pos_embed(pos_1ND, list(grid), [side, side], num_prefix_tokens=0)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
