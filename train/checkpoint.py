@@ -375,7 +375,8 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def save(engine, output_dir: str | Path, step: int, keep_last: int, layout: RankLayout,
-         states: Mapping[str, Part] | None = None, rank_states: Mapping[str, Part] | None = None) -> Path:
+         states: Mapping[str, Part] | None = None, rank_states: Mapping[str, Part] | None = None,
+         rank_files: Callable[[Path], None] | None = None) -> Path:
     """Saves on every rank (each writes its ZeRO shard and its experts), commits, then prunes old checkpoints.
 
     Args:
@@ -386,6 +387,7 @@ def save(engine, output_dir: str | Path, step: int, keep_last: int, layout: Rank
         layout: this rank's place in expert parallelism.
         states: parts that are the same on every rank, by name (rank 0's are written).
         rank_states: this rank's own parts, by name (every rank's are written).
+        rank_files: writes this rank's own files into the checkpoint directory (the EMA), hashed with the rest.
 
     Returns:
         The checkpoint's directory.
@@ -396,6 +398,8 @@ def save(engine, output_dir: str | Path, step: int, keep_last: int, layout: Rank
     # A torn save of this step by an earlier, killed run: never mix its files in.
     on_rank0(lambda: shutil.rmtree(path) if path.exists() else None)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+    if rank_files is not None:
+        rank_files(path)
     dist.barrier()  # every rank has written its files: each now hashes its share of them
     rank, world_size = dist.get_rank(), dist.get_world_size()
     sums = file_sums(path, data_files(path)[rank::world_size])

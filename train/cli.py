@@ -78,6 +78,8 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default="", help="checkpoint dir (step_N) or checkpoints folder; "
                                                          "default: the latest in run.output_dir")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA of the weights "
+                                                           "(run.ema_decay); results to eval.ema.json")
     parser.add_argument("--out", default="", help="metrics file; default: the run's eval.json, or "
                                                   "eval.<overrides>.json when overrides change the evaluation")
     parser.add_argument("--single-task", nargs="+", default=[], metavar="EVAL_JSON",
@@ -89,7 +91,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     from condmoe.train.evaluate import evaluate, format_table, multi_task_delta
 
     try:
-        run, model, tokenizer = load_run_model("condmoe-eval", args.config, args.overrides, args.checkpoint)
+        run, model, tokenizer = load_run_model("condmoe-eval", args.config, args.overrides, args.checkpoint, args.ema)
         metrics = evaluate(model, run.cfg, tokenizer, args.batch_size)
         if args.single_task:
             metrics["delta_m"] = multi_task_delta(metrics, args.single_task)
@@ -97,7 +99,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         return _fail("condmoe-eval", exc)
     print(format_table(metrics))
     print(json.dumps(metrics))
-    out = Path(args.out) if args.out else run.result_path("eval.json")
+    out = Path(args.out) if args.out else run.result_path("eval.ema.json" if args.ema else "eval.json")
     if args.out or out.parent.is_dir():
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(metrics, indent=2) + "\n")
@@ -105,18 +107,28 @@ def eval_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def load_run_model(prog: str, config: str, overrides: list[str], checkpoint: str = ""):
+def load_run_model(prog: str, config: str, overrides: list[str], checkpoint: str = "", ema: bool = False):
     """The run's config with ``overrides`` (``train.run_config``: model keys refused), its tokenizer, and the model
-    with the checkpoint's weights (``checkpoint``, default the run's latest): ``(ResolvedRun, model, tokenizer)``."""
+    with the checkpoint's weights (``checkpoint``, default the run's latest; ``ema``: its average of the weights,
+    ``train/ema.py``): ``(ResolvedRun, model, tokenizer)``."""
     from condmoe.models.text_tokenizer import TextTokenizer
-    from condmoe.train.checkpoint import checkpoint_dir, load_plain_state_dict
+    from condmoe.train.checkpoint import checkpoint_dir, latest_tag, load_plain_state_dict
+    from condmoe.train.ema import read_ema
     from condmoe.train.engine import build_model, load_weights
     from condmoe.train.run_config import load_run_config
 
     run = load_run_config(prog, config, overrides, checkpoint)
     tokenizer = TextTokenizer(run.cfg.tokenizer_dir, run.cfg.data.max_text_len)
     model = build_model(run.cfg, tokenizer.vocab_size, tokenizer.spe_id)
-    load_weights(model, load_plain_state_dict(checkpoint or checkpoint_dir(run.run_dir)))
+    path = Path(checkpoint or checkpoint_dir(run.run_dir))
+    state = load_plain_state_dict(path)
+    if ema:
+        step_dir = path if (path / "mp_rank_00_model_states.pt").is_file() else path / (latest_tag(path) or "")
+        averaged = read_ema(step_dir)
+        if averaged is None:
+            raise ValueError(f"--ema: {step_dir} holds no EMA of the weights (train with run.ema_decay > 0)")
+        state.update(averaged["weights"])
+    load_weights(model, state)
     return run, model.eval(), tokenizer
 
 

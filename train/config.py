@@ -34,6 +34,9 @@ class RunConfig:
     """Steps between checkpoints (a final one is always written)."""
     keep_last: int = 3
     """Checkpoints to keep; older ones are deleted after a new one is complete."""
+    ema_decay: float = 0.0
+    """An exponential moving average of the weights (train/ema.py), updated after every optimizer step with this
+    decay (e.g. 0.9999); 0 keeps none. Checkpoints carry it; ``condmoe-eval --ema`` evaluates it."""
     resume: str = "auto"
     """'auto' (latest checkpoint in output_dir if any), 'none' (a fresh run: refused if output_dir holds a run,
     unless run.overwrite), or a checkpoint directory."""
@@ -68,6 +71,8 @@ class RunConfig:
     def __post_init__(self):
         if self.task_sampling not in ("per_rank", "synchronized"):
             raise ValueError(f"run.task_sampling={self.task_sampling!r} must be 'per_rank' or 'synchronized'")
+        if not 0 <= self.ema_decay < 1:  # "not" also refuses NaN
+            raise ValueError(f"run.ema_decay={self.ema_decay} must be in [0, 1) (0: no EMA)")
         _positive(self, "max_steps", "log_every", "save_every", "keep_last", "gradient_accumulation_steps")
         if self.freeze not in ("", "experts", "prompt"):
             raise ValueError(f"run.freeze={self.freeze!r} must be '', 'experts' or 'prompt'")

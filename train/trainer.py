@@ -27,6 +27,7 @@ from condmoe.train.collectives import DataParallelCollectives
 from condmoe.train.config import Config
 from condmoe.train.data import TaskSampler, TaskStream
 from condmoe.train.dist import DistInfo
+from condmoe.train.ema import WeightEMA
 from condmoe.train.engine import MicroSteps, build_model, create_engine, destroy_engine, initialise_from, load_weights
 from condmoe.train.evaluate import vocabulary_targets
 from condmoe.train.run_config import flatten
@@ -111,6 +112,10 @@ class Trainer:
                                        label_smoothing=t.label_smoothing, num_classes=len(classes[t.dataset]))
         self.skipped_steps = 0  # micro-steps skipped for a non-finite loss (identical on every rank)
         self.run_log = RunLog(cfg, info, self.output_dir, self.engine, active_params)
+        if cfg.run.ema_decay and self.engine.zero_optimization_stage() == 3:
+            raise ValueError(f"run.ema_decay={cfg.run.ema_decay}: ZeRO stage 3 partitions the weights, the average "
+                             "needs them whole on every rank (ZeRO 0-2)")
+        self.ema = WeightEMA(self.model, cfg.run.ema_decay) if cfg.run.ema_decay else None
 
     @property
     def model(self):
@@ -189,6 +194,8 @@ class Trainer:
                     counts = stats.expert_counts_LE if counts is None else counts + stats.expert_counts_LE
                 names.append(task.group if len(members) > 1 else task.name)
         micro_steps.step()
+        if self.ema is not None:
+            self.ema.update()
         return StepRecord(step, "+".join(names), total, task_total, aux_total, counts, samples, tokens)
 
     def _to_device(self, key: str, value: torch.Tensor) -> torch.Tensor:
@@ -257,6 +264,7 @@ class Trainer:
         would outlive the interpreter (see there). Idempotent; the trainer cannot train afterwards."""
         self._close_streams()
         self.streams = []
+        self.ema = None  # it holds the parameters, and through their attributes the process groups
         if self.engine is not None:
             # DeepSpeed's own teardown: removes the ZeRO gradient hooks, whose closures hold the parameters (and
             # through their attributes the process groups) in a cycle through C++ that garbage collection cannot see.
@@ -285,6 +293,9 @@ class Trainer:
                 log.warning("%s", warning)
         if record is not None:
             record.load_states(self._checkpoint_parts())
+            if self.ema is not None and not self.ema.load(checkpoint.find(self.output_dir, cfg.run.resume)):
+                log.warning("run.ema_decay=%g: the checkpoint has no EMA (trained without one): the average starts "
+                            "from the resumed weights", cfg.run.ema_decay)
         for stream, position in zip(self.streams, self._stream_positions(start, record)):
             stream.position = position  # the stream seeks lazily on its first batch
         if self.info.is_main:
@@ -319,7 +330,8 @@ class Trainer:
             if (step + 1) % cfg.run.save_every == 0 or last or evaluate_now:
                 path = checkpoint.save(self.engine, self.output_dir, step + 1, cfg.run.keep_last, self.layout,
                                        states=self._checkpoint_parts(),
-                                       rank_states={STREAM_POSITIONS: [stream.position for stream in self.streams]})
+                                       rank_states={STREAM_POSITIONS: [stream.position for stream in self.streams]},
+                                       rank_files=self._save_ema if self.ema is not None else None)
                 if self.info.is_main:
                     log.info("saved %s", path)
                 if evaluate_now:
@@ -328,6 +340,9 @@ class Trainer:
             if stopping:
                 return EXIT_PREEMPTED
         return 0
+
+    def _save_ema(self, path: Path) -> None:
+        self.ema.save(path, self.info.rank, self.layout.expert_dp_rank)
 
     def _checkpoint_parts(self) -> dict[str, Stateful]:
         """What checkpoints carry besides the engine and the stream positions, by name (the same on every rank)."""
