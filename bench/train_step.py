@@ -204,7 +204,7 @@ def measure(name: str, args, geo: dict, precision: str) -> dict:
     first_moe = next((m for m in model.modules() if isinstance(m, MoEMLP)), None)
     hooks = [] if first_moe is None or args.compile else [
         first_moe.register_forward_pre_hook(lambda _m, inputs: moe_input_dtypes.add(str(inputs[0].dtype)))]
-    runner = torch.compile(model) if args.compile else model
+    runner = torch.compile(model, backend=args.compile_backend) if args.compile else model
     autocast = (torch.autocast(device_type=device, dtype=torch.bfloat16) if precision == "autocast-bf16"
                 else contextlib.nullcontext())
 
@@ -308,6 +308,8 @@ def main() -> None:
                         help="stochastic depth for every model; negative keeps each model's default "
                         "(Uni-Perceiver sizes 0.1, timm 0)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each model")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend (eager or aot_eager: dynamo tracing without code generation)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="steps before timing (default: 5 on CUDA, 10 with --compile; 2 on CPU)")
     parser.add_argument("--iters", type=int, default=None, help="timed steps per round (default: 20 on CUDA, 5 on CPU)")
@@ -316,6 +318,9 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="peak TFLOP/s for MFU (default: 989 on CUDA, an H100's dense bf16; none on CPU)")
     parser.add_argument("--json", default="bench/train_step.json")
+    parser.add_argument("--json-each-model", action="store_true",
+                        help="also write the JSON (results so far, env.partial) after every model: a run stopped "
+                        "by a time limit keeps the models it finished")
     args = parser.parse_args()
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -358,6 +363,10 @@ def main() -> None:
             row = by_model[name]
             print(f"round {round_index + 1}/{args.rounds} {row['label']}: "
                   + (row["error"] if "error" in row else f"{row['ms']:.1f} ms/step"), flush=True)
+            if args.json_each_model:
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps({"env": {"partial": True}, "results": list(by_model.values())},
+                                                      indent=2) + "\n")
     results = [by_model[name] for name in args.models]
 
     timm_dense = next((r for r in results if r["model"] == "timm" and "error" not in r), None)
@@ -373,10 +382,13 @@ def main() -> None:
            "img_size": args.img_size, "classes": args.classes, "target_len": args.target_len,
            "vocab_size": args.vocab_size, "experts": args.experts, "top_k": args.top_k,
            "capacity_factor": args.capacity_factor, "drop_path": args.drop_path, "compile": args.compile,
+           **({"compile_backend": args.compile_backend} if args.compile_backend != "inductor" else {}),
            "warmup": args.warmup, "iters": args.iters, "rounds": args.rounds, "peak_tflops": args.peak_tflops or None,
            "load_average_1min_before": round(load_before, 2), "load_average_1min_after": round(os.getloadavg()[0], 2)}
     precision = {"fp32": "float32", "bf16": "bfloat16 weights", "autocast-bf16": "bf16 autocast"}[args.precision]
-    print(f"\n# Training step, {device_name}, {precision}{', torch.compile' if args.compile else ''}: "
+    compiled = "" if not args.compile else ", torch.compile" + (
+        f" (backend {args.compile_backend})" if args.compile_backend != "inductor" else "")
+    print(f"\n# Training step, {device_name}, {precision}{compiled}: "
           f"batch {args.batch_size} at {args.img_size} px, {args.classes} classes x {args.target_len} tokens "
           f"(Uni-Perceiver targets), dim {geo['dim']} depth {geo['depth']} heads {geo['num_heads']}, "
           f"{args.experts} experts top-{args.top_k} in blocks {list(moe_layer_indices(geo['depth']))}, "
