@@ -92,3 +92,73 @@ def test_captioning_is_scored_against_all_references_like_the_coco_toolkit(tiny_
     assert metrics["num_samples"] == 3 and metrics["num_references"] == 8
     first_only = {i: caps[:1] for i, caps in gts.items()}  # what a one-reference evaluation would score
     assert metrics["bleu4"] > Bleu(4).compute_score(first_only, res, verbose=0)[0][3]
+
+
+def test_view_frame_indices_shift_each_clip_within_the_segments():
+    from condmoe.data_prep.schema import uniform_frame_indices
+    from condmoe.train.video import view_frame_indices
+
+    assert view_frame_indices(16, 4, 0, 1) == uniform_frame_indices(16, 4) == [2, 6, 10, 14]
+    assert [view_frame_indices(16, 4, c, 2) for c in range(2)] == [[1, 5, 9, 13], [3, 7, 11, 15]]
+    assert view_frame_indices(3, 4, 0, 1) == [0, 1, 1, 2]  # a short clip repeats frames, as training does
+
+
+def test_three_crops_take_start_centre_and_end_of_the_long_side():
+    import numpy as np
+    from PIL import Image
+
+    from condmoe.train.video import three_crops
+
+    columns = np.tile(np.arange(64, dtype=np.uint8)[None, :, None] * 4, (32, 1, 3))  # 64 wide, 32 high
+    crops = three_crops(Image.fromarray(columns), 16)  # short side 32 -> 16: 32 x 16, crops at x = 0, 8, 16
+    assert [c.shape for c in crops] == [(16, 16, 3)] * 3
+    left, centre, right = (int(c[8, :, 0].mean()) for c in crops)
+    assert left < centre < right
+    tall = three_crops(Image.fromarray(np.ascontiguousarray(columns.transpose(1, 0, 2))), 16)  # 32 wide, 64 high
+    assert [c.shape for c in tall] == [(16, 16, 3)] * 3 and tall[0][:, :, 0].mean() < tall[2][:, :, 0].mean()
+
+
+def test_multi_view_video_classification_averages_the_views_probabilities(tiny_data):
+    from PIL import Image
+
+    tokenizer = TextTokenizer(tiny_data / "tokenizer", 16)
+    frames = [Image.new("RGB", (40, 32), (16 * i, 0, 0)) for i in range(8)]
+    collate = Collate("video_classification", 32, tokenizer, random_caption=False, num_frames=4, views=(2, 3))
+    batch = collate([("a", frames, 1, ""), ("b", frames[::-1], 0, "")])
+    assert batch["videos"].shape == (2, 6, 4, 3, 32, 32)  # clips x crops, clip-major
+    clip1 = [16 * i for i in (1, 3, 5, 7)]  # view_frame_indices(8, 4, 1, 2)
+    red = batch["videos"][0, 3, :, 0, 0, 0]  # clip 1, crop 0: its frames' red value, normalised
+    from condmoe.train.data import MEAN, STD
+
+    assert torch.allclose(red, (torch.tensor(clip1) / 255 - MEAN[0]) / STD[0], atol=1e-5)
+    model = _model(tokenizer)
+    task = TaskConfig(name="v", type="video_classification", dataset="video")
+    import condmoe.train.evaluate as ev
+
+    class Cfg:  # evaluate_topk reads the class names only
+        data = type("D", (), {"root": str(tiny_data)})
+
+    with torch.no_grad():
+        metrics = ev.evaluate_topk(model, Cfg, task, iter([batch]), tokenizer, 0)
+        names = ev.schema.read_classes(tiny_data)["video"]
+        targets = model.encode_texts(*tokenizer(names), 0)
+        views = model.classification_logits(model.encode_images(batch["videos"].flatten(0, 1)), targets, task.type)
+    mean = views.softmax(-1).unflatten(0, (2, 6)).mean(1)
+    assert metrics["views"] == 6 and metrics["num_samples"] == 2
+    assert metrics["top1"] == float(mean.argmax(-1).eq(batch["labels"]).float().mean())
+
+
+@pytest.mark.slow
+def test_condmoe_eval_with_several_views_of_each_video(multitask_run, tiny_data, capsys):
+    import json
+
+    from condmoe.train.cli import eval_main
+
+    args = ["--batch-size", "4", "--config", str(multitask_run / "config.yaml"), f"data.root={tiny_data}"]
+    assert eval_main([*args, "data.test_clips=2", "data.test_crops=3"]) == 0
+    metrics = json.loads((multitask_run / "eval.data.test_clips=2,data.test_crops=3.json").read_text())
+    assert metrics["motion_classification"]["views"] == 6 and metrics["motion_classification"]["num_samples"] == 4
+    assert "views" not in metrics["shapes_classification"]  # images: one view
+    capsys.readouterr()
+    assert eval_main([*args, "data.test_crops=2"]) == 2
+    assert "data.test_crops=2 must be 1 or 3" in capsys.readouterr().err

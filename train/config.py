@@ -100,9 +100,17 @@ class DataConfig:
     """Text length including <|spe|> and <|endoftext|>."""
     num_frames: int = 4
     """Frames per clip for video tasks (uniformly spread over the stored frames)."""
+    test_clips: int = 1
+    """Video classification at evaluation: clips per video, each ``num_frames`` frames at its own offset within the
+    frames' segments (``train/data.py`` ``view_frame_indices``); the class scores are averaged over clips x crops."""
+    test_crops: int = 1
+    """Video classification at evaluation: 1 (the frame resized to the input size, as in training) or 3 (the
+    short side resized to it, then crops at the start, centre and end of the long side)."""
 
     def __post_init__(self):
-        _positive(self, "shuffle_buffer", "max_text_len", "num_frames")
+        _positive(self, "shuffle_buffer", "max_text_len", "num_frames", "test_clips")
+        if self.test_crops not in (1, 3):
+            raise ValueError(f"data.test_crops={self.test_crops} must be 1 or 3")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
 

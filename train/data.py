@@ -38,7 +38,7 @@ from condmoe.train.dense_data import BadLabel, DenseTarget, dense_targets
 from condmoe.train.masking import IGNORE, mask_whole_words, word_starts
 from condmoe.train.tarstream import tar_samples
 from condmoe.train.transforms import Augment, augment_dense, augment_image, stable_seed
-from condmoe.train.video import video_frames
+from condmoe.train.video import three_crops, video_frames, view_frame_indices
 
 log = logging.getLogger(__name__)
 
@@ -163,13 +163,16 @@ def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
 class Collate:
     """Turns decoded samples into the model's batch dict, in the workers: images and video frames augmented (seeded
     per sample from ``seed`` and the sample key) and normalised, captions tokenised, MLM inputs masked.
-    ``all_captions`` (evaluation) adds ``captions``: per sample, the list of all its captions as stored."""
+    ``all_captions`` (evaluation) adds ``captions``: per sample, the list of all its captions as stored; ``views``
+    (evaluation, ``(clips, crops)``) gives each video ``[clips x crops, T, 3, H, W]`` views."""
 
     def __init__(self, task_type: str, img_size: int, tokenizer: TextTokenizer, augment: Augment | None = None,
                  seed: int = 0, random_caption: bool = True, num_frames: int = 4,
-                 dense: dict[str, "DenseTarget"] | None = None, all_captions: bool = False):
+                 dense: dict[str, "DenseTarget"] | None = None, all_captions: bool = False,
+                 views: tuple[int, int] = (1, 1)):
         self.task_type = task_type
         self.all_captions = all_captions
+        self.views = views
         self.dense = dense or {}
         self.num_frames = num_frames
         self.img_size = img_size
@@ -190,7 +193,9 @@ class Collate:
         if spec.targets == "pixels":
             return self.dense_batch(samples)
         keys, visuals, labels, captions = zip(*samples)
-        if spec.inputs == "video":
+        if spec.inputs == "video" and self.views != (1, 1):
+            batch = {"videos": normalise(np.stack([self.video_views(frames) for frames in visuals]))}
+        elif spec.inputs == "video":
             batch = {"videos": normalise(np.stack([self.video(k, frames) for k, frames in zip(keys, visuals)]))}
         else:
             batch = {"images": normalise(np.stack([self.image(k, img) for k, img in zip(keys, visuals)]))}
@@ -225,6 +230,14 @@ class Collate:
         """``num_frames`` frames at uniform positions; every frame gets the same augmentation (same seed)."""
         picks = schema.uniform_frame_indices(len(frames), self.num_frames)
         return np.stack([self.image(key, frames[i]) for i in picks])
+
+    def video_views(self, frames: list[Image.Image]) -> np.ndarray:
+        """``[clips x crops, T, H, W, 3]``, clip-major (``train/video.py``; evaluation: no augmentation)."""
+        clips, crops = self.views
+        crop = partial(three_crops, size=self.img_size) if crops == 3 else lambda f: [image_pixels(f, self.img_size)]
+        per_clip = [[crop(frames[i]) for i in view_frame_indices(len(frames), self.num_frames, clip, clips)]
+                    for clip in range(clips)]
+        return np.stack([np.stack([crops_[c] for crops_ in clip]) for clip in per_clip for c in range(crops)])
 
     def mlm(self, samples: Sequence[tuple]) -> dict[str, torch.Tensor]:
         keys, texts = zip(*samples)
@@ -452,16 +465,17 @@ class TaskSampler:
 def val_batches(root: str | Path, dataset: str, img_size: int, batch_size: int, tokenizer: TextTokenizer,
                 rank: int = 0, world_size: int = 1, task_type: str = "image_text_retrieval",
                 num_frames: int = 4, dense: dict[str, DenseTarget] | None = None,
-                split: str = "val") -> Iterator[dict[str, torch.Tensor]]:
+                split: str = "val", views: tuple[int, int] = (1, 1)) -> Iterator[dict[str, torch.Tensor]]:
     """Every val sample exactly once, in shard order, collated for ``task_type`` (``text_ids`` from the first caption
     of each sample, ``captions`` all of them; MLM masks seeded by the sample key; dense tasks' ``target.<task>`` for
-    the tasks in ``dense``). ``split`` reads another split the same way (expert selection reads train).
+    the tasks in ``dense``). ``split`` reads another split the same way (expert selection reads train); ``views``
+    ``(clips, crops)`` makes each video ``[clips x crops, T, 3, H, W]`` (``Collate.video_views``).
 
     With ``world_size > 1`` each rank reads every ``world_size``-th shard (an exact split: evaluation must see each
     sample once; ranks may get different batch counts, so gather results rather than step in lock-step).
     """
     collate = Collate(task_type, img_size, tokenizer, random_caption=False, num_frames=num_frames, dense=dense,
-                      all_captions=True)
+                      all_captions=True, views=views)
     urls = shard_urls(root, dataset, split)[rank::world_size]
     if not urls:
         return

@@ -36,28 +36,38 @@ def evaluate_task(model: UniPerceiver, cfg: Config, task_index: int, tokenizer: 
     img_size = model.image_embed.patch_embed.img_size[0]
     device = next(model.parameters()).device
     dense = dense_targets(cfg.data.root, [task]) if task.spec.targets == "pixels" else None
+    views = (cfg.data.test_clips, cfg.data.test_crops) if task.type == "video_classification" else (1, 1)
     batches = ({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()} for batch in
                val_batches(cfg.data.root, task.dataset, img_size, batch_size, tokenizer, task_type=task.type,
-                           num_frames=cfg.data.num_frames, dense=dense))
+                           num_frames=cfg.data.num_frames, dense=dense, views=views))
     return METRICS[task.spec.metric](model, cfg, task, batches, tokenizer, task_id)
 
 
 def evaluate_topk(model: UniPerceiver, cfg: Config, task, batches, tokenizer: TextTokenizer,
                   task_id: int) -> dict[str, float]:
-    """Top-1/top-5 accuracy against the encoded class names."""
+    """Top-1/top-5 accuracy against the encoded class names. Videos of several views (``data.test_clips`` x
+    ``data.test_crops``: ``[B, V, T, 3, H, W]``) score the mean of the views' class probabilities (softmax)."""
     device = next(model.parameters()).device
     names = schema.read_classes(cfg.data.root)[task.dataset]
     targets = model.encode_texts(*(t.to(device) for t in tokenizer(names)), task_id)
     correct1 = correct5 = total = 0
+    views = 1
     for batch in batches:
         pixels = batch.get("videos", batch.get("images"))
-        scores = model.classification_logits(model.encode_images(pixels, task_id), targets, task.type)
+        if pixels.dim() == 6:
+            views = pixels.shape[1]
+            features = model.encode_images(pixels.flatten(0, 1), task_id)
+            logits = model.classification_logits(features, targets, task.type)
+            scores = logits.softmax(-1).unflatten(0, pixels.shape[:2]).mean(1)
+        else:
+            scores = model.classification_logits(model.encode_images(pixels, task_id), targets, task.type)
         top = scores.topk(min(5, scores.shape[1]), dim=-1).indices
         correct1 += int(top[:, 0].eq(batch["labels"]).sum())
         correct5 += int(top.eq(batch["labels"][:, None]).any(dim=-1).sum())
         total += len(batch["labels"])
     _require(total, task)
-    return {"num_samples": total, "top1": correct1 / total, "top5": correct5 / total}
+    return {"num_samples": total, **({"views": views} if views > 1 else {}), "top1": correct1 / total,
+            "top5": correct5 / total}
 
 
 def evaluate_recall(model: UniPerceiver, cfg: Config, task, batches, tokenizer: TextTokenizer,

@@ -1,4 +1,5 @@
-"""A stored clip's frames for training: ``fNN.jpg`` members, or an ``mp4`` member decoded with PyAV.
+"""A stored clip's frames for training: ``fNN.jpg`` members, or an ``mp4`` member decoded with PyAV; the views of
+a clip that multi-view evaluation averages (clips at several offsets, three crops).
 
 condmoe-prep stores clips already sampled (data_prep/video.py); training then picks ``data.num_frames`` of them with
 the same rule (``data_prep.schema.uniform_frame_indices``).
@@ -6,6 +7,7 @@ the same rule (``data_prep.schema.uniform_frame_indices``).
 
 import io
 
+import numpy as np
 from PIL import Image
 
 from condmoe.data_prep import schema
@@ -35,3 +37,22 @@ def decode_mp4(data: bytes) -> list[Image.Image]:
     if not frames:
         raise ValueError("mp4 member without frames")
     return frames
+
+
+def view_frame_indices(total: int, num_frames: int, clip: int, clips: int) -> list[int]:
+    """Frame ``i`` of clip ``clip`` of ``clips``: at ``(i + (clip + 0.5) / clips)`` segments of ``total / num_frames``
+    frames (TSN-style test offsets); one clip is ``schema.uniform_frame_indices``, the segments' centres."""
+    return [min(total - 1, int((i + (clip + 0.5) / clips) * total / num_frames)) for i in range(num_frames)]
+
+
+def three_crops(image: Image.Image, size: int) -> list[np.ndarray]:
+    """The short side resized to ``size`` (bicubic), then ``size`` x ``size`` crops at the start, centre and end of
+    the long side (the usual 3-crop video test)."""
+    image = image.convert("RGB")
+    width, height = image.size
+    scale = size / min(width, height)
+    image = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC)
+    width, height = image.size
+    spare = max(width, height) - size
+    boxes = [(o, 0, o + size, size) if width > height else (0, o, size, o + size) for o in (0, spare // 2, spare)]
+    return [np.asarray(image.crop(box)) for box in boxes]
