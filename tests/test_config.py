@@ -401,3 +401,13 @@ def test_malformed_yaml_names_the_file(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(ValueError, match=rf"{bad}: a config is a mapping of sections, not a list"):
         load_config(bad)
+
+
+def test_print_config_prints_the_resolved_config_and_exits(capsys):
+    from condmoe.train.cli import train_main
+
+    config = str(REPO_ROOT / "configs" / "demo_multitask.yaml")
+    assert train_main(["--config", config, "run.max_steps=7", "data.root=/nowhere", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == yaml.safe_load(load_config(config, ["run.max_steps=7", "data.root=/nowhere"]).to_yaml())
+    assert printed["run"]["max_steps"] == 7 and len(printed["tasks"]) == 6 and printed["model"]["size"] == "debug"

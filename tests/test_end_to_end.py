@@ -124,6 +124,11 @@ def test_logs_tensorboard_progress_and_evaluation_during_training(tiny_data, tmp
         # 2 MoE layers x 4 experts; top-2 of every routed token of both ranks
         assert len(m["expert_counts"]) == 2 and sum(m["expert_counts"][0]) == sum(m["expert_counts"][1]) > 0
         assert m["bad_samples"] == 0 and m["skipped_micro_steps"] == 0
+        assert m["elapsed_s"] > 0 and m["eta_s"] >= 0
+    assert metrics[-1]["eta_s"] == 0 and metrics[0]["eta_s"] > 0
+    # the log line a SLURM log shows: step of max_steps, elapsed and ETA; the resolved config at the start
+    assert "step 1/4 | loss" in proc.stderr and "| elapsed 0:00:" in proc.stderr and "| ETA 0:00:00" in proc.stderr
+    assert "resolved config (" in proc.stderr and "  max_steps: 4" in proc.stderr
 
     # Evaluated at steps 2 and 4 from the checkpoints, tasks split over the ranks; the same as condmoe-eval.
     evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
@@ -143,3 +148,5 @@ def test_logs_tensorboard_progress_and_evaluation_during_training(tiny_data, tmp
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([m["loss"] for m in metrics])
     assert [e.step for e in events.Scalars("eval/shapes_classification/top1")] == [2, 4]
+    images = set(events.Tags()["images"])  # per-task expert usage, routed layers x experts
+    assert images and images <= {"expert_usage/shapes_classification", "expert_usage/shapes_caption_retrieval"}

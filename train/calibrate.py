@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from condmoe.train.cli import help_text
 from condmoe.train.config import load_config
 from condmoe.train.yaml_config import apply_overrides, load_yaml
 
@@ -93,7 +94,7 @@ def _short_run(args) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="condmoe-calibrate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="condmoe-calibrate", description=help_text(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="run config (YAML)")
     parser.add_argument("--steps", type=int, default=60, help="steps of the short run (default 60)")

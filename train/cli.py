@@ -10,12 +10,18 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
 
+def help_text(doc: str) -> str:
+    """A docstring as --help prints it: reStructuredText's ``literal`` quotes and :role: prefixes dropped."""
+    return re.sub(r":(?:func|class|mod|meth):`([^`]*)`", r"\1", doc).replace("``", "")
+
+
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = argparse.ArgumentParser(prog=prog, description=help_text(description))
     parser.add_argument("--config", required=True, help="YAML config (see configs/ and docs/configs.md)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. run.max_steps=10")
     # The deepspeed launcher appends --local_rank; the rank layout is read from the environment instead.
@@ -38,11 +44,16 @@ def _fail(prog: str, exc: Exception) -> int:
 def train_main(argv: list[str] | None = None) -> int:
     parser = _parser("condmoe-train", "Pre-train a condmoe model with DeepSpeed.")
     parser.add_argument("--dry-run", action="store_true", help="print this process's rank layout and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (the file with its _base_ chain and the overrides) and exit")
     args = parser.parse_args(argv)
     from condmoe.train.config import load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(cfg.to_yaml(), end="")
+            return 0
         cfg.validate_paths()
     except (ValueError, FileNotFoundError) as exc:
         return _fail("condmoe-train", exc)
@@ -77,7 +88,8 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser = _parser("condmoe-eval", "Zero-shot evaluation of a checkpoint on every task's val split (one process).")
     parser.add_argument("--checkpoint", default="", help="checkpoint dir (step_N) or checkpoints folder; "
                                                          "default: the latest in run.output_dir")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=128, help="samples per evaluation batch (default 128; "
+                                                                    "does not change the metrics)")
     parser.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA of the weights "
                                                            "(run.ema_decay); results to eval.ema.json")
     parser.add_argument("--out", default="", help="metrics file; default: the run's eval.json, or "

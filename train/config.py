@@ -444,8 +444,12 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def to_yaml(self) -> str:
+        """The resolved config as YAML: what ``<run.output_dir>/config.yaml`` holds and ``--print-config`` prints."""
+        return yaml.safe_dump(json.loads(json.dumps(self.to_dict())), sort_keys=False)
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(json.loads(json.dumps(self.to_dict())), sort_keys=False))
+        Path(path).write_text(self.to_yaml())
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -26,7 +26,7 @@ from condmoe.models.extract import (
     track_usage,
 )
 from condmoe.models.text_tokenizer import TextTokenizer
-from condmoe.train.cli import load_run_model
+from condmoe.train.cli import help_text, load_run_model
 from condmoe.train.config import Config
 from condmoe.train.data import dense_targets, val_batches
 from condmoe.train.evaluate import dense_headline, evaluate_task, task_inputs
@@ -126,7 +126,8 @@ def plot(usage: dict, similarity: dict, out_dir: Path) -> list[Path]:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True)
+    parser.add_argument("--config", required=True, help="the run's config (its config.yaml, or the YAML it trained "
+                                                         "with: run.output_dir names the run)")
     parser.add_argument("--checkpoint", default="", help="checkpoint dir; default: the latest in run.output_dir")
     parser.add_argument("--out", default="", help="output folder; default: <run.output_dir>/experts, or "
                                                   "experts.<overrides> when overrides change the evaluation")
@@ -134,7 +135,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="condmoe-experts", description=__doc__,
+    parser = argparse.ArgumentParser(prog="condmoe-experts", description=help_text(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _common(sub.add_parser("usage", help="measure per-task expert usage and task similarity"))

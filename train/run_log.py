@@ -8,6 +8,7 @@ The trainer feeds it per micro-step (``add_micro_step``, ``add_bad_samples``: de
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -48,7 +49,9 @@ class RunLog:
         return self.engine.module
 
     def open(self, start: int) -> None:
-        """Rank 0 opens tensorboard (``run.tensorboard``) at the step the run starts or resumes from."""
+        """Rank 0 opens tensorboard (``run.tensorboard``) at the step the run starts or resumes from; the clock of
+        the elapsed time and the ETA starts."""
+        self.start_step, self.started = start, time.time()
         if self.info.is_main and self.cfg.run.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -200,6 +203,9 @@ class RunLog:
                   "expert_counts": counts.long().tolist() if counts is not None else None,
                   "expert_share": share.tolist() if share is not None else None,
                   "routing": routing}
+        elapsed = time.time() - self.started
+        record["elapsed_s"] = elapsed
+        record["eta_s"] = elapsed / max(1, record["step"] - self.start_step) * (self.cfg.run.max_steps - record["step"])
         if self.peak_tflops > 0:
             # 6 x active parameters per token (forward + backward), the usual dense estimate
             flops = 6 * self.model_active_params * tokens / seconds
@@ -208,6 +214,8 @@ class RunLog:
             f.write(json.dumps(record) + "\n")
         if self.tensorboard is not None:
             self._tensorboard(record)
+            if counts_XLE is not None:
+                self._usage_images(counts_XLE, record["step"])
         usage = ""
         if share is not None:
             usage = " | expert share " + " ".join("[" + ",".join(f"{v:.2f}" for v in row) + "]"
@@ -216,10 +224,21 @@ class RunLog:
         if skipped_steps:
             skipped += f" | {skipped_steps} non-finite micro-steps skipped so far"
         mfu = f" | MFU {record['mfu']:.1%}" if "mfu" in record else ""
-        log.info("step %d | loss %.4f (mean over ranks) | rank0 %s %.4f aux %.4f | lr %.2e | %.2f s/step | "
-                 "%.0f samples/s%s%s%s", last.step + 1, record["loss"], last.task, float(last.task_loss),
-                 float(last.aux_loss), lr, seconds / len(records), samples / seconds, mfu, skipped, usage)
+        log.info("step %d/%d | loss %.4f (mean over ranks) | rank0 %s %.4f aux %.4f | lr %.2e | %.2f s/step | "
+                 "%.0f samples/s%s | elapsed %s | ETA %s%s%s", last.step + 1, self.cfg.run.max_steps, record["loss"],
+                 last.task, float(last.task_loss), float(last.aux_loss), lr, seconds / len(records), samples / seconds,
+                 mfu, _hms(elapsed), _hms(record["eta_s"]), skipped, usage)
         return record
+
+    def _usage_images(self, counts_XLE: torch.Tensor, step: int) -> None:
+        """Tensorboard images ``expert_usage/<task>``: the interval's expert shares, routed layers x experts, each
+        cell 8 px, white the layer's busiest expert (drawn only for tasks that ran)."""
+        for task, counts_LE in zip(self.cfg.tasks, counts_XLE.float().cpu()):
+            if counts_LE.sum() > 0:
+                share = counts_LE / counts_LE.sum(-1, keepdim=True).clamp_min(1)
+                image = share / share.amax(-1, keepdim=True).clamp_min(1e-12)
+                self.tensorboard.add_image(f"expert_usage/{task.name}", image.repeat_interleave(8, 0)
+                                           .repeat_interleave(8, 1), step, dataformats="HW")
 
     def _tensorboard(self, record: dict) -> None:
         tb, step = self.tensorboard, record["step"]
@@ -256,3 +275,9 @@ def _routed_layer_names(model) -> list[tuple[str, object]]:
     from condmoe.models.moe import RoutedLayer
 
     return [(plain_name(name), m) for name, m in model.named_modules() if isinstance(m, RoutedLayer)]
+
+
+def _hms(seconds: float) -> str:
+    """``1:02:03`` (hours unbounded)."""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

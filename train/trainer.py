@@ -287,6 +287,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             previous = _read_saved_config(self.output_dir / "config.yaml")
             cfg.save(self.output_dir / "config.yaml")
+            log.info("resolved config (%s):\n%s", self.output_dir / "config.yaml", cfg.to_yaml().rstrip())
         start, record = resume.resume(self.engine, self.output_dir, cfg.run.resume, self.layout)
         if self.info.is_main:
             for warning in resume_warnings(cfg, self.output_dir, start, previous):
