@@ -12,13 +12,11 @@
 """
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from condmoe.models.args import UniPerceiverArgs
 from condmoe.models.generalist import UniPerceiver
 from condmoe.models.linear_moe import ExpertLinear, LinearMoEMixer
 from condmoe.models.moa import MoAttention
@@ -196,27 +194,13 @@ def _in_routed_layer(key: str, keep: dict[str, list[int]]) -> bool:
 
 
 def save_extracted(model: UniPerceiver, out_dir: str | Path, meta: dict | None = None) -> Path:
-    """``model.safetensors`` + ``model_config.json`` (constructor arguments and ``meta``): loadable by
-    ``load_extracted`` with plain PyTorch."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
-    (out / "model_config.json").write_text(json.dumps({"model_args": model.args.to_dict(), **(meta or {})}, indent=2))
-    return out
+    """``model.save_pretrained``: ``model.safetensors`` + ``model_config.json`` (constructor arguments and ``meta``)."""
+    return model.save_pretrained(out_dir, meta)
 
 
 def load_extracted(path: str | Path) -> UniPerceiver:
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    config = json.loads((path / "model_config.json").read_text())
-    if "model_args" not in config:
-        raise ValueError(f"{path / 'model_config.json'}: no model_args (written by an older condmoe: extract it again)")
-    model = UniPerceiver(UniPerceiverArgs.from_dict(config["model_args"]))
-    model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
-    return model
+    """``UniPerceiver.from_pretrained``."""
+    return UniPerceiver.from_pretrained(path)
 
 
 def freeze_for_transfer(model: UniPerceiver) -> list[str]:

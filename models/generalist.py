@@ -12,9 +12,11 @@ Shape legend: B batch, N tokens, L text length, M targets, D width.
 """
 
 import contextlib
+import json
 import math
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -382,6 +384,33 @@ class UniPerceiver(nn.Module):
         return self.logit_scale[TASK_TYPES.index("captioning")]
 
     # ---------------------------------------------------------------------------------------------------- helpers
+    # ------------------------------------------------------------------------------------------------ file layout
+    def save_pretrained(self, path: str | Path, meta: dict | None = None) -> Path:
+        """``model.safetensors`` (the state dict) + ``model_config.json`` (the constructor arguments, ``model_args``,
+        and ``meta``) in folder ``path``: the layout ``from_pretrained`` reads, plain PyTorch, no DeepSpeed."""
+        from safetensors.torch import save_file
+
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(out / "model.safetensors"))
+        (out / "model_config.json").write_text(json.dumps({"model_args": self.args.to_dict(), **(meta or {})},
+                                                          indent=2))
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "UniPerceiver":
+        """The model ``save_pretrained`` (or ``condmoe-export``) wrote to folder ``path``, in eval mode."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        config = json.loads((path / "model_config.json").read_text())
+        if "model_args" not in config:
+            raise ValueError(f"{path / 'model_config.json'}: no model_args (written by an older condmoe: export it "
+                             "again)")
+        model = cls(UniPerceiverArgs.from_dict(config["model_args"]))
+        model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+        return model.eval()
+
     def num_params(self, active_only: bool = False, embeddings: bool = True) -> int:
         """Parameter count; ``active_only`` counts what a token meets: ``top_k`` experts of an MoE MLP and of a
         token-routed linear MoE, one (merged) expert of a statically routed linear MoE. ``embeddings=False`` leaves

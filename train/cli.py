@@ -119,12 +119,15 @@ def eval_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def load_run_model(prog: str, config: str, overrides: list[str], checkpoint: str = "", ema: bool = False):
+def load_run_model(prog: str, config: str, overrides: list[str], checkpoint: str = "", ema: bool = False,
+                   master: bool = False):
     """The run's config with ``overrides`` (``train.run_config``: model keys refused), its tokenizer, and the model
-    with the checkpoint's weights (``checkpoint``, default the run's latest; ``ema``: its average of the weights,
-    ``train/ema.py``): ``(ResolvedRun, model, tokenizer)``."""
+    with the checkpoint's weights (``checkpoint``, default the run's latest; any ZeRO stage; ``master``: the fp32
+    master copy, ``train/consolidate.py``; ``ema``: its average of the weights, ``train/ema.py``):
+    ``(ResolvedRun, model, tokenizer)``."""
     from condmoe.models.text_tokenizer import TextTokenizer
-    from condmoe.train.checkpoint import checkpoint_dir, latest_tag, load_plain_state_dict
+    from condmoe.train.checkpoint import checkpoint_dir
+    from condmoe.train.consolidate import plain_weights, step_dir
     from condmoe.train.ema import read_ema
     from condmoe.train.engine import build_model, load_weights
     from condmoe.train.run_config import load_run_config
@@ -132,13 +135,12 @@ def load_run_model(prog: str, config: str, overrides: list[str], checkpoint: str
     run = load_run_config(prog, config, overrides, checkpoint)
     tokenizer = TextTokenizer(run.cfg.tokenizer_dir, run.cfg.data.max_text_len)
     model = build_model(run.cfg, tokenizer.vocab_size, tokenizer.spe_id)
-    path = Path(checkpoint or checkpoint_dir(run.run_dir))
-    state = load_plain_state_dict(path)
+    path = step_dir(checkpoint or checkpoint_dir(run.run_dir))
+    state = plain_weights(path, master)
     if ema:
-        step_dir = path if (path / "mp_rank_00_model_states.pt").is_file() else path / (latest_tag(path) or "")
-        averaged = read_ema(step_dir)
+        averaged = read_ema(path)
         if averaged is None:
-            raise ValueError(f"--ema: {step_dir} holds no EMA of the weights (train with run.ema_decay > 0)")
+            raise ValueError(f"--ema: {path} holds no EMA of the weights (train with run.ema_decay > 0)")
         state.update(averaged["weights"])
     load_weights(model, state)
     return run, model.eval(), tokenizer
@@ -162,29 +164,50 @@ def static_groups(cfg) -> dict:
                      f"{level!r}")
 
 
+def _travelling_files(cfg, out: Path) -> dict:
+    """Copies the tokenizer files and the class names of the run's datasets into ``out``; their meta entries."""
+    import shutil
+
+    from condmoe.data_prep import schema
+
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(cfg.tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)
+    datasets = sorted({t.dataset for t in cfg.tasks if t.spec.targets == "classes"})
+    classes = {d: schema.read_classes(cfg.data.root)[d] for d in datasets} if datasets else {}
+    (out / "classes.json").write_text(json.dumps(classes, indent=1))
+    return {"classes": "classes.json"}
+
+
 def export_main(argv: list[str] | None = None) -> int:
-    """``condmoe-export``: a checkpoint (any ep_size) as a plain model: ``model.safetensors`` + ``model_config.json``,
-    loadable with ``models.extract.load_extracted`` and no DeepSpeed. ``--merge-static`` also writes, for a model with
-    linear experts and a static routing level, one dense model per routing group (attribute, modality or task) in
-    ``<out>/<level>_<group>/``: Uni-Perceiver-MoE's deployment form."""
+    """``condmoe-export``: a checkpoint (any ep_size, any ZeRO stage) as a folder that travels: ``model.safetensors``
+    (the fp32 master weights), ``model_config.json`` (the model's arguments, the tasks, the class names), the
+    tokenizer files (``tokenizer/``) and ``classes.json``; ``UniPerceiver.from_pretrained(folder)`` loads it with plain
+    PyTorch. ``--merge-static`` also writes, for a model with linear experts and a static routing level, one dense
+    model per routing group (attribute, modality or task) in ``<out>/<level>_<group>/``: Uni-Perceiver-MoE's
+    deployment form."""
     parser = _parser("condmoe-export", export_main.__doc__)
     parser.add_argument("--checkpoint", default="", help="checkpoint dir; default: the latest in run.output_dir")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--merge-static", action="store_true", help="also write one merged dense model per group")
+    parser.add_argument("--ema", action="store_true", help="export the checkpoint's EMA of the weights")
     args = parser.parse_args(argv)
 
-    from condmoe.models.extract import merge_static, save_extracted
+    from condmoe.models.extract import merge_static
 
     try:
-        run, model, _ = load_run_model("condmoe-export", args.config, args.overrides, args.checkpoint)
+        run, model, _ = load_run_model("condmoe-export", args.config, args.overrides, args.checkpoint, args.ema,
+                                       master=True)
         cfg = run.cfg
-        meta = {"tasks": [t.name for t in cfg.tasks], "tokenizer": str(cfg.tokenizer_dir)}
-        out = save_extracted(model, args.out, meta)
+        out = Path(args.out)
+        meta = {"tasks": [{"name": t.name, "type": t.type, "dataset": t.dataset} for t in cfg.tasks],
+                "tokenizer": "tokenizer", "max_text_len": cfg.data.max_text_len, **_travelling_files(cfg, out)}
+        model.save_pretrained(out, meta)
         if args.merge_static:
             for group, ctx in static_groups(cfg).items():
                 dense = merge_static(model.eval(), ctx)
-                print(save_extracted(dense, out / f"{cfg.moe.routing}_{group}",
-                                     {**meta, "routing": cfg.moe.routing, "group": group}))
+                print(dense.save_pretrained(out / f"{cfg.moe.routing}_{group}",
+                                            {**meta, "tokenizer": "../tokenizer", "routing": cfg.moe.routing,
+                                             "group": group}))
     except (ValueError, FileNotFoundError, KeyError) as exc:
         return _fail("condmoe-export", exc)
     print(out)

@@ -116,9 +116,9 @@ def initialise_from(model: UniPerceiver, path: str) -> list[str]:
     grid (timm's ``resample_abs_pos_embed``, what the model does at forward for other input sizes). Returns the
     names that were only partly filled."""
     from condmoe.models.upcycle import is_dense_checkpoint_for, upcycle_state_dict
-    from condmoe.train.checkpoint import load_plain_state_dict
+    from condmoe.train.consolidate import plain_weights
 
-    state = load_plain_state_dict(path)
+    state = plain_weights(path)  # any ZeRO stage (ZeRO-3: DeepSpeed's fp32 reconstruction)
     # The MI window describes the run that wrote the checkpoint: this fresh run starts its own.
     state = {k: v for k, v in state.items() if not k.endswith(RUN_STATE_BUFFERS)}
     own = model.state_dict()
@@ -208,15 +208,25 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) ->
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def load_ds_config(cfg: Config) -> dict:
+def load_ds_config(cfg: Config, world_size: int | None = None) -> dict:
+    """The JSON named by ``deepspeed_config``, checked against the run config and with DeepSpeed's batch fields filled
+    in. Its ``optimizer`` and ``scheduler`` blocks are refused (``refuse_blocks``), its batch keys must agree with
+    the run (``check_batch_keys``; ``world_size`` defaults to torch.distributed's, else 1)."""
+    where = f"deepspeed_config={cfg.deepspeed_config}"
     path = resolve_path(cfg.deepspeed_config)
     try:
         ds_config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"deepspeed_config={cfg.deepspeed_config}: {exc}") from exc
+        raise ValueError(f"{where}: {exc}") from exc
+    if not isinstance(ds_config, dict):
+        raise ValueError(f"{where}: a DeepSpeed config is a JSON object, not {type(ds_config).__name__}")
+    refuse_blocks(ds_config, where)
+    if world_size is None:
+        world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    check_batch_keys(ds_config, cfg, world_size, where)
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     if stage == 3 and cfg.moe.num_experts:
-        raise ValueError(f"deepspeed_config={cfg.deepspeed_config}: ZeRO stage 3 is refused by DeepSpeed's native MoE;"
+        raise ValueError(f"{where}: ZeRO stage 3 is refused by DeepSpeed's native MoE;"
                          " use ZeRO-1/2 with MoE (ZeRO-3 only for dense configs, moe.num_experts=0)")
     if cfg.run.freeze and cfg.moe.num_experts and stage > 0:
         # DeepSpeed's ZeRO optimizer refuses an MoE model without a trainable expert parameter group, and transfer
@@ -226,18 +236,95 @@ def load_ds_config(cfg: Config) -> dict:
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     task_types = sorted({t.type for t in cfg.tasks})
     if stage == 3 and len(task_types) > 1:
-        raise ValueError(f"deepspeed_config={cfg.deepspeed_config}: ZeRO stage 3 mis-reduces gradients when ranks run "
+        raise ValueError(f"{where}: ZeRO stage 3 mis-reduces gradients when ranks run "
                          f"different task types ({', '.join(task_types)}): use ZeRO-1/2, or one task type")
     ds_config["train_micro_batch_size_per_gpu"] = max(t.batch_size for t in cfg.tasks)
     # ZeRO-1/2 accumulate in MicroSteps (one ordered reduction per optimizer step); ZeRO-0/3 in DeepSpeed.
     ds_config["gradient_accumulation_steps"] = 1 if stage in COALESCED_STAGES else cfg.run.gradient_accumulation_steps
-    ds_config.pop("train_batch_size", None)
+    ds_config.pop("train_batch_size", None)  # DeepSpeed's product of the two above and its world size
     return ds_config
 
 
+# The parameters of DeepSpeed's optimizer and warmup schedulers that are a key of condmoe's config.
+OPTIMIZER_KEYS = {"lr": "optim.lr", "betas": "optim.betas", "eps": "optim.eps", "weight_decay": "optim.weight_decay"}
+SCHEDULER_KEYS = {"warmup_num_steps": "optim.warmup_steps", "warmup_max_lr": "optim.lr", "total_num_steps":
+                  "run.max_steps"}
+WARMUP_SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
+SCHEDULE = "linear warmup over optim.warmup_steps, then cosine to optim.min_lr at run.max_steps"
+
+
+def refuse_blocks(ds_config: dict, where: str) -> None:
+    """Refuses the JSON's ``optimizer`` and ``scheduler`` blocks in one line: condmoe builds AdamW and its
+    warmup-cosine from ``optim.*`` (per-group decay, layer-wise lr scales), so a block would be a second, ignored
+    home for them. A block that is condmoe's own (AdamW/Adam, or a warmup scheduler) gets its overrides named."""
+    for name in ("optimizer", "scheduler"):
+        block = ds_config.get(name)
+        if block is None:
+            continue
+        block = block if isinstance(block, dict) else {}
+        kind, params = str(block.get("type", "?")), block.get("params") or {}
+        params = params if isinstance(params, dict) else {}
+        if name == "optimizer":
+            own = kind.lower() in ("adamw", "adam") and params.get("adam_w_mode", True) is True
+            keys, what = OPTIMIZER_KEYS, "condmoe builds AdamW from optim.* (lr, betas, eps, weight_decay)"
+        else:
+            own = kind in WARMUP_SCHEDULERS
+            keys, what = SCHEDULER_KEYS, f"condmoe's schedule is {SCHEDULE}"
+        sets = [f"{keys[k]}={json.dumps(v, separators=(',', ':'))}" for k, v in params.items()
+                if own and k in keys and v != "auto"]
+        hint = f"remove it and set {' '.join(sets)}" if sets else "remove it"
+        raise ValueError(f'{where}: the "{name}" block ({kind}) is refused: {what}; {hint}')
+
+
+BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+
+
+def check_batch_keys(ds_config: dict, cfg: Config, world_size: int, where: str) -> None:
+    """The JSON's batch keys, where given (and not ``"auto"``), must be the run's: the micro-batch is every task's
+    ``batch_size`` (condmoe's micro-batch is per task), the accumulation ``run.gradient_accumulation_steps``, the
+    global batch their product with the world size. Absent keys are filled in by ``load_ds_config``."""
+    sizes = sorted({t.batch_size for t in cfg.tasks})
+    steps = cfg.run.gradient_accumulation_steps
+    differ = f"the tasks' batch sizes differ ({', '.join(map(str, sizes))} in tasks[*].batch_size)"
+    says = {"gradient_accumulation_steps": (steps, f"run.gradient_accumulation_steps={steps}")}
+    if len(sizes) == 1:
+        says["train_micro_batch_size_per_gpu"] = (sizes[0], f"every task's batch_size is {sizes[0]} "
+                                                             "(condmoe's micro-batch is per task)")
+        says["train_batch_size"] = (sizes[0] * steps * world_size, f"batch_size {sizes[0]} x "
+                                    f"run.gradient_accumulation_steps {steps} x world size {world_size} = "
+                                    f"{sizes[0] * steps * world_size}")
+    else:  # no one micro-batch: no value of these keys agrees with every task
+        says["train_micro_batch_size_per_gpu"] = (None, f"{differ}, and condmoe's micro-batch is per task")
+        says["train_batch_size"] = (None, f"{differ}, so a step has no one global batch")
+    for key in BATCH_KEYS:
+        value = ds_config.get(key, "auto")
+        expected, run_says = says[key]
+        if value != "auto" and (isinstance(value, bool) or value != expected):
+            raise ValueError(f"{where}: {key}={json.dumps(value)} disagrees with the run config: {run_says}; remove "
+                             "the key (condmoe fills it in) or make the two agree")
+
+
+def offloads_optimizer(ds_config: dict) -> bool:
+    """Whether ZeRO steps the optimizer on the CPU: ``zero_optimization.offload_optimizer`` on ``cpu`` (or ``nvme``,
+    whose states the CPU steps too) at a ZeRO stage that offloads (1-3)."""
+    zero = ds_config.get("zero_optimization") or {}
+    device = (zero.get("offload_optimizer") or {}).get("device", "none")
+    return zero.get("stage", 0) > 0 and device in ("cpu", "nvme")
+
+
+def optimizer_kind(ds_config: dict, device_type: str) -> str:
+    """``"DeepSpeedCPUAdam"`` for an offloaded optimizer on CUDA (what ZeRO-Offload is built for), torch's ``"AdamW"``
+    otherwise: also for offload on the CPU accelerator, where DeepSpeed's CPU Adam first needs a C++ build of
+    minutes (``zero_force_ds_cpu_optimizer: false`` in the JSON lets DeepSpeed take it)."""
+    return "DeepSpeedCPUAdam" if device_type == "cuda" and offloads_optimizer(ds_config) else "AdamW"
+
+
 def create_engine(cfg: Config, model: UniPerceiver):
-    """Expert parallelism, then ``deepspeed.initialize`` with torch's AdamW, fused by default (DeepSpeed's own CPU Adam
-    would need a C++ build) and a LambdaLR warmup-cosine schedule that DeepSpeed checkpoints with the engine."""
+    """Expert parallelism, then ``deepspeed.initialize`` with an AdamW (``optimizer_kind``: torch's, fused by default,
+    or DeepSpeed's CPU Adam for an offloaded optimizer on CUDA) and a LambdaLR warmup-cosine schedule that DeepSpeed
+    checkpoints with the engine."""
+    from deepspeed.accelerator import get_accelerator
+
     ds_config = load_ds_config(cfg)
     apply_expert_parallel(model, cfg.moe.ep_size if cfg.moe.num_experts else 1)
     groups = split_params_into_different_moe_groups_for_optimizer(
@@ -245,8 +332,19 @@ def create_engine(cfg: Config, model: UniPerceiver):
     # DeepSpeed drops empty groups from the optimizer (e.g. no decayed weight is trainable in prompt tuning); the
     # schedule must see the same groups.
     groups = [g for g in groups if g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                                  fused=cfg.optim.fused or None)
+    # Every group carries its own weight_decay (param_groups): the default below is never the one used.
+    hyper = dict(lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    device_type = get_accelerator().device_name()
+    if optimizer_kind(ds_config, device_type) == "DeepSpeedCPUAdam":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        log.info("zero_optimization.offload_optimizer: DeepSpeedCPUAdam steps the offloaded states")
+        optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **hyper)
+    else:
+        if offloads_optimizer(ds_config):
+            log.info("zero_optimization.offload_optimizer on %s: torch AdamW steps the offloaded states (DeepSpeed's "
+                     "CPU Adam, for CUDA runs, would first need a C++ build of minutes)", device_type)
+        optimizer = torch.optim.AdamW(groups, fused=cfg.optim.fused or None, **hyper)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedules(groups, cfg))
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=ds_config)

@@ -21,11 +21,12 @@ from condmoe.models import pop_moe_stats
 from condmoe.models.ds_moe import expert_layout
 from condmoe.models.extract import freeze_for_prompt_tuning, freeze_for_transfer
 from condmoe.models.text_tokenizer import TextTokenizer
-from condmoe.train import checkpoint, launch, resume
+from condmoe.train import checkpoint, consolidate, launch, resume
 from condmoe.train.checkpoint import RankLayout, Record, Stateful
 from condmoe.train.collectives import DataParallelCollectives
 from condmoe.train.config import Config
 from condmoe.train.data import TaskSampler, TaskStream
+from condmoe.train.data_specs import stream_workers
 from condmoe.train.dist import DistInfo
 from condmoe.train.ema import WeightEMA
 from condmoe.train.engine import MicroSteps, build_model, create_engine, destroy_engine, initialise_from, load_weights
@@ -94,9 +95,10 @@ class Trainer:
                                    cfg.run.task_sampling == "synchronized")
         if info.world_size > 1:
             self.model.collectives = DataParallelCollectives()
+        workers = stream_workers(cfg.data, [cfg.tasks[unit[0]].weight for unit in self.units])  # data.worker_budget
         self.streams = [TaskStream(cfg.tasks[unit[0]], unit[0], cfg.data, self.tokenizer, self.img_size, info.rank,
-                                   info.world_size, cfg.run.seed, group=[cfg.tasks[i] for i in unit])
-                        for unit in self.units]
+                                   info.world_size, cfg.run.seed, group=[cfg.tasks[i] for i in unit],
+                                   num_workers=num_workers) for unit, num_workers in zip(self.units, workers)]
         # Class-name targets of each classification dataset: tokenised once, encoded every step (with gradients).
         needs_classes = any(t.spec.targets == "classes" for t in cfg.tasks)  # a dense-only root has no classes.json
         classes = schema.read_classes(cfg.data.root) if needs_classes else {}
@@ -334,6 +336,7 @@ class Trainer:
                                        rank_states={STREAM_POSITIONS: [stream.position for stream in self.streams]},
                                        rank_files=self._save_ema if self.ema is not None else None)
                 if self.info.is_main:
+                    consolidate.write_shim(path.parent)  # over DeepSpeed's zero_to_fp32.py copy
                     log.info("saved %s", path)
                 if evaluate_now:
                     self._evaluate(step + 1, path)
