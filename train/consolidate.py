@@ -71,6 +71,37 @@ def _zero3_fp32(path: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
+def init_weights(path: str | Path, model) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+    """What ``run.init_from`` names, as a plain state dict, and the name prefixes the source does not hold (they keep
+    the model's initialisation): a condmoe checkpoint or checkpoints folder (``plain_weights``), an export folder
+    (``model.safetensors`` + ``model_config.json``), or one file (``.safetensors``, else a torch pickle read with
+    ``weights_only``; a ``model`` or ``state_dict`` entry is unwrapped) holding condmoe's state dict or a timm ViT's
+    (``models/timm_compat.py``; the model needs ``model.timm_layout=true``)."""
+    from safetensors.torch import load_file
+
+    from condmoe.models.timm_compat import TIMM_FRESH, is_timm_vit, timm_vit_state
+
+    path = Path(path)
+    if path.is_dir() and (path / "model_config.json").is_file():
+        return load_file(str(path / "model.safetensors")), ()
+    if not path.is_file():
+        return plain_weights(path), ()
+    try:
+        state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu",
+                                                                                        weights_only=True)
+    except Exception as exc:  # a file of another format: say so in one line
+        raise ValueError(f"run.init_from={path}: cannot read it as safetensors or a torch state dict ({exc})") from None
+    for key in ("model", "state_dict"):
+        state = state.get(key, state) if isinstance(state, dict) and isinstance(state.get(key), dict) else state
+    if not is_timm_vit(state):
+        return state, ()
+    if not isinstance(model.embed_norm, torch.nn.Identity):
+        raise ValueError(f"run.init_from={path}: a timm ViT checkpoint needs model.timm_layout=true (timm's ViT has "
+                         "no embedding LayerNorm and no LayerScale)")
+    log.info("run.init_from: %s is a timm ViT: mapped onto the encoder (models/timm_compat.py)", path)
+    return timm_vit_state(state, model.state_dict(), model.spe_token_id), TIMM_FRESH
+
+
 SHIM = '''#!/usr/bin/env python
 """condmoe's zero_to_fp32.py, written over DeepSpeed's copy (which cannot read condmoe's expert files): the fp32
 master weights of a checkpoint of this folder, under the plain model's names, from any ZeRO stage.

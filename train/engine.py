@@ -41,6 +41,8 @@ def build_model(cfg: Config, vocab_size: int, spe_token_id: int) -> UniPerceiver
         overrides.update(dense_heads=heads, dense_head=cfg.model.dense_head)
     if cfg.model.task_embedding:
         overrides["task_embedding"] = True
+    if cfg.model.timm_layout:
+        overrides.update(embed_norm=False, layer_scale_init=None)
     depth = SIZES[cfg.model.size]["depth"]
     moe, moa = cfg.moe, cfg.moa
     torch.manual_seed(cfg.run.seed)
@@ -109,16 +111,17 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None
 
 
 def initialise_from(model: UniPerceiver, path: str) -> list[str]:
-    """Loads a checkpoint's weights into ``model``. A dense checkpoint for an MoE model is upcycled (every expert a
-    copy of the dense MLP, fresh routers). Task-indexed parameters (task gates, task embeddings of routers) of a
-    checkpoint with fewer tasks fill the first rows; the new tasks' rows keep their initialisation. The spatial
-    position embedding of another resolution (stage 2 at 224 px from 160 px) is resized bicubically over the patch
+    """Loads weights into ``model`` from a condmoe checkpoint (any ZeRO stage), an export folder, a state dict file
+    or a timm ViT checkpoint (``train/consolidate.py`` ``init_weights``). A dense source for an MoE model is upcycled
+    (every expert a copy of the dense MLP, fresh routers). Task-indexed parameters (task gates, task embeddings of
+    routers) of a checkpoint with fewer tasks fill the first rows; the new tasks' rows keep their initialisation.
+    Spatial positions of another resolution (stage 2 at 224 px from 160 px) are resized bicubically over the patch
     grid (timm's ``resample_abs_pos_embed``, what the model does at forward for other input sizes). Returns the
     names that were only partly filled."""
     from condmoe.models.upcycle import is_dense_checkpoint_for, upcycle_state_dict
-    from condmoe.train.consolidate import plain_weights
+    from condmoe.train.consolidate import init_weights
 
-    state = plain_weights(path)  # any ZeRO stage (ZeRO-3: DeepSpeed's fp32 reconstruction)
+    state, fresh = init_weights(path, model)
     # The MI window describes the run that wrote the checkpoint: this fresh run starts its own.
     state = {k: v for k, v in state.items() if not k.endswith(RUN_STATE_BUFFERS)}
     own = model.state_dict()
@@ -141,7 +144,7 @@ def initialise_from(model: UniPerceiver, path: str) -> list[str]:
             partial.append(name)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # New prompts and class head (prompt tuning) start from their initialisation.
-    missing = [k for k in missing if k != "prompts" and not k.startswith("class_head.") and
+    missing = [k for k in missing if k != "prompts" and not k.startswith(("class_head.", *fresh)) and
                not k.endswith(RUN_STATE_BUFFERS)]
     if missing or unexpected:
         raise ValueError(f"run.init_from={path}: checkpoint does not match the model (missing {missing[:3]}, "
