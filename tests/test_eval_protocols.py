@@ -162,3 +162,25 @@ def test_condmoe_eval_with_several_views_of_each_video(multitask_run, tiny_data,
     capsys.readouterr()
     assert eval_main([*args, "data.test_crops=2"]) == 2
     assert "data.test_crops=2 must be 1 or 3" in capsys.readouterr().err
+
+
+def test_caption_datasets_without_classes_are_read_by_caption_tasks(tiny_data, tmp_path):
+    """coco / karpathy / msrvtt samples hold no cls: retrieval and captioning read them (classification would not)."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    from condmoe.train.data import val_batches
+
+    (tmp_path / "coco" / "val").mkdir(parents=True)
+    with wds.TarWriter(str(tmp_path / "coco" / "val" / "000000.tar")) as sink:
+        for i in range(3):
+            jpeg = io.BytesIO()
+            Image.new("RGB", (40, 30), (80 * i, 0, 0)).save(jpeg, format="JPEG")
+            sink.write({"__key__": f"{i:06d}", "jpg": jpeg.getvalue(), "txt": "a red circle\na big red circle"})
+    tokenizer = TextTokenizer(tiny_data / "tokenizer", 16)
+    for task_type in ("image_text_retrieval", "captioning"):
+        batches = list(val_batches(tmp_path, "coco", 32, 8, tokenizer, task_type=task_type))
+        assert len(batches) == 1 and batches[0]["images"].shape == (3, 3, 32, 32), task_type
+        assert batches[0]["captions"] == [["a red circle", "a big red circle"]] * 3

@@ -15,6 +15,7 @@ import yaml
 
 from condmoe.data_prep import schema
 from condmoe.models import SIZES, TASKS, MoAArgs, MoEArgs, TaskSpec
+from condmoe.train.data_specs import check_spec_fields
 from condmoe.train.yaml_config import apply_overrides, build_dataclass, load_yaml
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,11 @@ class RunConfig:
     device up (H100/H200/A100 in bf16) and omits MFU where it is not known (CPU)."""
     tensorboard: bool = True
     """Rank 0 writes tensorboard scalars to <output_dir>/tensorboard."""
+    wandb: bool = False
+    """Rank 0 logs the interval metrics and the resolved config to Weights & Biases (``pip install wandb``; with
+    ``WANDB_MODE=offline`` the run goes to <output_dir>/wandb without a network). A resume continues the same run."""
+    wandb_project: str = "condmoe"
+    """The Weights & Biases project of ``run.wandb``."""
     progress_bar: str = "auto"
     """Rank 0's progress bar (steps, loss, samples/s, ETA): 'auto' (when stderr is a terminal), 'always' or 'never'."""
     task_sampling: str = "per_rank"
@@ -93,7 +99,9 @@ class DataConfig:
     tokenizer: str = ""
     """Tokenizer directory; empty means <root>/tokenizer. A local CLIP tokenizer directory also works."""
     num_workers: int = 1
-    """DataLoader workers per task stream and rank."""
+    """DataLoader workers per task stream and rank (when worker_budget is 0)."""
+    worker_budget: int = 0
+    """Workers per rank shared by the streams by task weight (data_specs.worker_shares); 0: num_workers per stream."""
     shuffle_buffer: int = 1000
     """Samples held in the shuffle buffer of each stream."""
     max_text_len: int = 32
@@ -111,8 +119,8 @@ class DataConfig:
         _positive(self, "shuffle_buffer", "max_text_len", "num_frames", "test_clips")
         if self.test_crops not in (1, 3):
             raise ValueError(f"data.test_crops={self.test_crops} must be 1 or 3")
-        if self.num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if min(self.num_workers, self.worker_budget) < 0:
+            raise ValueError(f"data.num_workers={self.num_workers}, data.worker_budget={self.worker_budget}: need >= 0")
 
 
 @dataclass
@@ -138,6 +146,9 @@ class ModelConfig:
     or ``uphead`` (M3ViT's convolutional up-sampling head, used for PASCAL-Context)."""
     task_embedding: bool = False
     """A learned embedding per task added to the tokens before every block (Mod-Squad's task embedding)."""
+    timm_layout: bool = False
+    """timm's ViT layout (no embedding LayerNorm, no LayerScale), so that ``run.init_from`` can start from a timm ViT
+    checkpoint (``models/timm_compat.py``)."""
 
     def __post_init__(self):
         if self.head_classes < 0:
@@ -292,6 +303,14 @@ class TaskConfig:
     Members share ``dataset``, ``batch_size``, ``weight`` and ``augment``; the group's stream is its first task's."""
     label: str = ""
     """Dense tasks: the label map in the dataset's dense.json (default: the task type's, e.g. ``semseg``)."""
+    train_data: str = ""
+    """Shards open_clip-style instead of <dataset>/train: brace patterns, '::' lists, folders, pipe: (data_specs.py)."""
+    train_num_samples: int = 0
+    """Samples of train_data (one epoch over all ranks); required unless a sizes.json beside its shards counts them."""
+    val_data: str = ""
+    """Val shards as a spec like train_data; '' reads <dataset>/val."""
+    val_num_samples: int = 0
+    """Samples of val_data, checked against what evaluation reads (a warning); 0: not checked."""
 
     def __post_init__(self):
         if not self.name:
@@ -312,6 +331,7 @@ class TaskConfig:
             raise ValueError(f"tasks[{self.name}].label names a dense label map: only dense task types read one")
         if self.spec.targets == "pixels" and self.label_smoothing:
             raise ValueError(f"tasks[{self.name}].label_smoothing does not apply to dense tasks")
+        check_spec_fields(self)  # train_data, val_data and their counts: a ValueError naming the field
         if self.spec.targets == "pixels" and self.augment.rand_augment:
             raise ValueError(f"tasks[{self.name}].augment.rand_augment: its geometric ops would move the pixels away "
                              "from their label maps (dense tasks take random_resized_crop and hflip)")
@@ -418,23 +438,24 @@ class Config:
 
     def validate_paths(self) -> None:
         """Checks what must exist on disk before training (separate so configs can be built without data)."""
-        root = Path(self.data.root)
-        if not (root / schema.SIZES).is_file():
+        root, folders = Path(self.data.root), [t for t in self.tasks if not t.train_data]  # specs: data_specs.py
+        if folders and not (root / schema.SIZES).is_file():
             raise FileNotFoundError(f"data.root={root}: no {schema.SIZES} (run `condmoe-prep synthetic --out {root}`)")
         for task in self.tasks:
             splits = ("train", "val") if self.run.eval_every else ("train",)  # evaluation during training reads val
-            for split in splits:
+            for split in (s for s in splits if not (task.val_data if s == "val" else task.train_data)):
                 shards = root / task.dataset / split
                 if not any(shards.glob("*.tar")):
                     raise FileNotFoundError(f"tasks[{task.name}].dataset: no shards in {shards}")
-        self._check_sizes(root)
+        if folders:
+            self._check_sizes(root)
         if not resolve_path(self.deepspeed_config).is_file():
             raise FileNotFoundError(f"deepspeed_config: {self.deepspeed_config} not found")
 
     def _check_sizes(self, root: Path) -> None:
         """sizes.json's train counts (they size every epoch) against the manifest: a one-line ``ValueError`` naming
         the file and the key, or a warning for a split that nothing cross-checks."""
-        for line in schema.check_sizes(root, [f"{task.dataset}/train" for task in self.tasks]):
+        for line in schema.check_sizes(root, [f"{task.dataset}/train" for task in self.tasks if not task.train_data]):
             log.warning("warning: %s", line)
 
     @property

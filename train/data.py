@@ -14,7 +14,7 @@ re-opens at its epoch and skips the batches already consumed in it.
 import io
 import logging
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -30,10 +30,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
 
 from condmoe.data_prep import schema
-from condmoe.data_prep.schema import shard_urls
 from condmoe.models.tasks import task_spec
 from condmoe.models.text_tokenizer import TextTokenizer
 from condmoe.train.config import DataConfig, TaskConfig
+from condmoe.train.data_specs import checked_count, spec_members, split_by_rank, train_shards, val_shards
 from condmoe.train.dense_data import BadLabel, DenseTarget, dense_targets
 from condmoe.train.masking import IGNORE, mask_whole_words, word_starts
 from condmoe.train.tarstream import tar_samples
@@ -45,18 +45,6 @@ log = logging.getLogger(__name__)
 # Pixel normalisation of the synthetic data and of the demo; real datasets usually want ImageNet's.
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
-
-
-def split_by_rank(urls: list[str], rank: int, world_size: int) -> list[str]:
-    """This rank's shards: every ``world_size``-th one, so ranks read disjoint data, when there are enough shards.
-
-    With fewer shards than ranks every rank resamples from all of them (its own seed still gives it its own order):
-    an exact split would leave ranks without data, and a rank without data hangs the others in the next collective.
-    """
-    if len(urls) < world_size:
-        log.warning("%d shards for %d ranks: every rank samples from all shards", len(urls), world_size)
-        return urls
-    return urls[rank::world_size]
 
 
 BAD_LABEL = "first_bad_label"  # batch entry (a str) from a worker to its stream; never reaches the trainer
@@ -331,14 +319,18 @@ def sample_fields(task_type: str, handler, dense: dict[str, DenseTarget] | None 
             image = sample[schema.IMAGE]
             return sample["__key__"], image, {name: target.read(sample, image.size) for name, target in dense.items()}
         return [wds.map(pick_dense, handler=handler)]
-    inputs = task_spec(task_type).inputs
-    if inputs == "text":
+    spec = task_spec(task_type)
+    if spec.inputs == "text":
         return [wds.to_tuple("__key__", schema.TEXT, handler=handler)]
-    if inputs == "video":
+
+    def label(sample):  # caption datasets (coco, karpathy, msrvtt) have no class: only class targets need one
+        return sample[schema.LABEL] if spec.targets == "classes" else sample.get(schema.LABEL, -1)
+
+    if spec.inputs == "video":
         def pick(sample):
-            return sample["__key__"], video_frames(sample), sample[schema.LABEL], sample.get(schema.TEXT, "")
+            return sample["__key__"], video_frames(sample), label(sample), sample.get(schema.TEXT, "")
         return [wds.map(pick, handler=handler)]
-    return [wds.to_tuple("__key__", schema.IMAGE, schema.LABEL, schema.TEXT, handler=handler)]
+    return [wds.map(lambda s: (s["__key__"], s[schema.IMAGE], label(s), s[schema.TEXT]), handler=handler)]
 
 
 def _raw_members(dense: dict[str, DenseTarget]) -> frozenset[str]:
@@ -346,9 +338,10 @@ def _raw_members(dense: dict[str, DenseTarget]) -> frozenset[str]:
 
 
 def build_pipeline(urls: list[str], collate: Collate, batch_size: int, shuffle_buffer: int, seed: int,
-                   batches_per_worker: int, num_classes: int | None = None) -> wds.DataPipeline:
-    """Resampled shards -> samples -> shuffle -> decode -> label check -> batches; deterministic in ``seed`` (and
-    worker id).
+                   batches_per_worker: int, num_classes: int | None = None,
+                   members: Callable[[dict], dict] | None = None) -> wds.DataPipeline:
+    """Resampled shards -> samples -> shuffle -> decode -> (``members``: a spec's member names, ``spec_members``) ->
+    label check -> batches; deterministic in ``seed`` (and worker id).
 
     Each batch carries ``num_skipped``: the bad samples its worker skipped since its previous batch (labels outside
     ``[0, num_classes)`` included, when ``num_classes`` is given).
@@ -362,6 +355,7 @@ def build_pipeline(urls: list[str], collate: Collate, batch_size: int, shuffle_b
         # Random crops need the pixels: draft decoding only when the images are not augmented.
         wds.map(partial(decode_sample, min_side=0 if collate.augment.active or collate.dense else collate.img_size,
                         raw=_raw_members(collate.dense)), handler=skip),
+        *([wds.map(members, handler=skip)] if members else []),
         *label_stages(num_classes, skip),
         *sample_fields(collate.task_type, skip, collate.dense),
         wds.map(skip.reset),
@@ -374,17 +368,20 @@ class TaskStream:
     """Endless batches of one task on one rank; ``position`` counts the batches handed out so far.
 
     Epoch ``e`` is a fresh pipeline seeded with (seed, rank, task index, e); a stream restored to position p opens
-    epoch ``p // batches_per_epoch`` and skips ``p % batches_per_epoch`` batches.
+    epoch ``p // batches_per_epoch`` and skips ``p % batches_per_epoch`` batches. ``num_workers``: the stream's share
+    of ``data.worker_budget`` (None: ``data.num_workers``).
     """
 
     def __init__(self, task: TaskConfig, task_index: int, data: DataConfig, tokenizer: TextTokenizer, img_size: int,
-                 rank: int, world_size: int, seed: int, group: Sequence[TaskConfig] = ()):
+                 rank: int, world_size: int, seed: int, group: Sequence[TaskConfig] = (),
+                 num_workers: int | None = None):
         self.task = task  # a group's stream is its first task's, and its batches carry every member's target
-        self.urls = split_by_rank(shard_urls(data.root, task.dataset, "train"), rank, world_size)
-        num_samples = schema.num_samples(data.root, task.dataset, "train")
+        urls, num_samples = train_shards(data.root, task)  # the dataset folder, or the task's train_data spec
+        self.urls = split_by_rank(urls, rank, world_size)
+        self.members = partial(spec_members, task_type=task.type) if task.train_data else None
         self.num_classes = task_num_classes(data.root, task.type, task.dataset)
         self._warned_bad_label = False
-        self.num_workers = data.num_workers
+        self.num_workers = data.num_workers if num_workers is None else num_workers
         # An epoch is about one pass of the dataset over all ranks; with_epoch counts per worker.
         batches = max(1, num_samples // (task.batch_size * world_size))
         self.batches_per_worker = -(-batches // max(1, self.num_workers))
@@ -403,7 +400,7 @@ class TaskStream:
         seed = stable_seed(*self.seed_parts, epoch)
         self.collate.seed = seed
         pipeline = build_pipeline(self.urls, self.collate, self.task.batch_size, self.shuffle_buffer, seed,
-                                  self.batches_per_worker, self.num_classes)
+                                  self.batches_per_worker, self.num_classes, self.members)
         if self.num_workers == 0:
             return iter(pipeline)
         loader = DataLoader(pipeline, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
@@ -465,18 +462,20 @@ class TaskSampler:
 def val_batches(root: str | Path, dataset: str, img_size: int, batch_size: int, tokenizer: TextTokenizer,
                 rank: int = 0, world_size: int = 1, task_type: str = "image_text_retrieval",
                 num_frames: int = 4, dense: dict[str, DenseTarget] | None = None,
-                split: str = "val", views: tuple[int, int] = (1, 1)) -> Iterator[dict[str, torch.Tensor]]:
+                split: str = "val", views: tuple[int, int] = (1, 1), spec: str = "",
+                num_samples: int = 0) -> Iterator[dict[str, torch.Tensor]]:
     """Every val sample exactly once, in shard order, collated for ``task_type`` (``text_ids`` from the first caption
     of each sample, ``captions`` all of them; MLM masks seeded by the sample key; dense tasks' ``target.<task>`` for
     the tasks in ``dense``). ``split`` reads another split the same way (expert selection reads train); ``views``
-    ``(clips, crops)`` makes each video ``[clips x crops, T, 3, H, W]`` (``Collate.video_views``).
+    ``(clips, crops)`` makes each video ``[clips x crops, T, 3, H, W]`` (``Collate.video_views``). ``spec`` (a task's
+    ``val_data``) reads those shards instead; its ``num_samples``, when given, is checked on one rank (a warning).
 
     With ``world_size > 1`` each rank reads every ``world_size``-th shard (an exact split: evaluation must see each
     sample once; ranks may get different batch counts, so gather results rather than step in lock-step).
     """
     collate = Collate(task_type, img_size, tokenizer, random_caption=False, num_frames=num_frames, dense=dense,
                       all_captions=True, views=views)
-    urls = shard_urls(root, dataset, split)[rank::world_size]
+    urls = val_shards(root, dataset, split, spec)[rank::world_size]
     if not urls:
         return
     skip = SkipBadSamples(str(Path(urls[0]).parent))
@@ -486,6 +485,7 @@ def val_batches(root: str | Path, dataset: str, img_size: int, batch_size: int, 
         partial(tar_samples, handler=skip),
         wds.map(partial(decode_sample, min_side=0 if dense else img_size, raw=_raw_members(collate.dense)),
                 handler=skip),
+        *([wds.map(partial(spec_members, task_type=task_type), handler=skip)] if spec else []),
         *label_stages(task_num_classes(root, task_type, dataset), skip),
         *sample_fields(task_type, skip, collate.dense),
         wds.map(skip.reset),
@@ -493,6 +493,6 @@ def val_batches(root: str | Path, dataset: str, img_size: int, batch_size: int, 
         skip.attach,
     )
     warned = False
-    for batch in pipeline:
+    for batch in checked_count(pipeline, spec, num_samples if world_size == 1 else 0):
         warned = pop_bad_label(batch, f"{dataset}/{split}", warned)
         yield batch

@@ -39,7 +39,8 @@ def evaluate_task(model: UniPerceiver, cfg: Config, task_index: int, tokenizer: 
     views = (cfg.data.test_clips, cfg.data.test_crops) if task.type == "video_classification" else (1, 1)
     batches = ({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()} for batch in
                val_batches(cfg.data.root, task.dataset, img_size, batch_size, tokenizer, task_type=task.type,
-                           num_frames=cfg.data.num_frames, dense=dense, views=views))
+                           num_frames=cfg.data.num_frames, dense=dense, views=views, spec=task.val_data,
+                           num_samples=task.val_num_samples))
     return METRICS[task.spec.metric](model, cfg, task, batches, tokenizer, task_id)
 
 

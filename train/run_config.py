@@ -54,7 +54,8 @@ def kind(key: str, old: Any = None, new: Any = None) -> str:
 
 
 # data.* and tasks.*.* fields that only training reads.
-_TRAINING_ONLY = ("data.num_workers", "data.shuffle_buffer", "tasks.*.weight", "tasks.*.batch_size",
+_TRAINING_ONLY = ("data.num_workers", "data.worker_budget", "tasks.*.train_data", "tasks.*.train_num_samples",
+                  "data.shuffle_buffer", "tasks.*.weight", "tasks.*.batch_size",
                   "tasks.*.loss_weight", "tasks.*.label_smoothing", "tasks.*.split_targets",
                   "tasks.*.gather_negatives")
 

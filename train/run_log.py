@@ -9,6 +9,7 @@ The trainer feeds it per micro-step (``add_micro_step``, ``add_bad_samples``: de
 import json
 import logging
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -43,6 +44,7 @@ class RunLog:
         self.warned_drops: set[str] = set()  # layers already warned about (once per run)
         self.peak_tflops = device_peak_tflops(cfg.run.peak_tflops, engine.device)
         self.tensorboard = None  # rank 0's SummaryWriter, opened by open()
+        self.wandb = None  # rank 0's wandb run (run.wandb), opened by open()
 
     @property
     def model(self):
@@ -57,12 +59,17 @@ class RunLog:
 
             # purge_step drops what a killed run logged after the checkpoint it resumes from
             self.tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=start)
+        if self.info.is_main and self.cfg.run.wandb:
+            self.wandb = _open_wandb(self.cfg, self.output_dir)
 
     def close(self) -> None:
-        """Closes tensorboard and lets go of the engine (the trainer destroys it next)."""
+        """Closes tensorboard and Weights & Biases and lets go of the engine (the trainer destroys it next)."""
         if self.tensorboard is not None:
             self.tensorboard.close()
             self.tensorboard = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
         self.engine = None
 
     def add_bad_samples(self, count: int) -> None:
@@ -212,6 +219,8 @@ class RunLog:
             record["mfu"] = flops / (self.peak_tflops * 1e12 * self.info.world_size)
         with (self.output_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(_wandb_scalars(record), step=record["step"])
         if self.tensorboard is not None:
             self._tensorboard(record)
             if counts_XLE is not None:
@@ -281,3 +290,28 @@ def _hms(seconds: float) -> str:
     """``1:02:03`` (hours unbounded)."""
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+WANDB_KEYS = ("loss", "aux_loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "seconds_per_step", "mfu",
+              "bad_samples", "eta_s")
+
+
+def _open_wandb(cfg: Config, output_dir: Path):
+    """``wandb.init`` with the resolved config; the run id is kept in <output_dir>/wandb_id so that a resume continues
+    the same run."""
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError("run.wandb=true needs the wandb package: pip install wandb") from None
+    id_file = output_dir / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id + "\n")
+    return wandb.init(project=cfg.run.wandb_project, dir=str(output_dir), name=output_dir.name, id=run_id,
+                      resume="allow", config=cfg.to_dict())
+
+
+def _wandb_scalars(record: dict) -> dict[str, float]:
+    """The record's scalars as wandb keys: ``train/<key>`` and ``task_loss/<task>``."""
+    scalars = {f"train/{key}": record[key] for key in WANDB_KEYS if record.get(key) is not None}
+    scalars.update({f"task_loss/{task}": value for task, value in record["task_loss"].items()})
+    return scalars
