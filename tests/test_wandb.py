@@ -22,7 +22,7 @@ def test_an_offline_wandb_run_with_the_config_resumes_the_same_run(tiny_data, tm
     args = ["-m", "condmoe.train", "--config", str(REPO / "configs" / "demo.yaml"), f"data.root={tiny_data}",
             f"run.output_dir={out}", "run.wandb=true", "run.log_every=1", "run.tensorboard=false",
             "data.shuffle_buffer=50", "tasks.0.batch_size=8", "tasks.1.batch_size=8"]
-    run([*torchrun(2), *args, "run.max_steps=2"])
+    run([*torchrun(1), *args, "run.max_steps=2", "moe.ep_size=1"])
     run_id = (out / "wandb_id").read_text().strip()
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and runs[0].name.endswith(run_id)
@@ -30,6 +30,6 @@ def test_an_offline_wandb_run_with_the_config_resumes_the_same_run(tiny_data, tm
     # and the metrics' keys are in it as written
     data = (runs[0] / f"run-{run_id}.wandb").read_bytes()
     assert all(key in data for key in (b"wandb_project", b"num_experts", b"train/loss", b"task_loss/", b"train/eta_s"))
-    run([*torchrun(2), *args, "run.max_steps=3"])  # resumed: the same id again
+    run([*torchrun(1), *args, "run.max_steps=3", "moe.ep_size=1"])  # resumed: the same id again
     assert (out / "wandb_id").read_text().strip() == run_id
     assert sorted(r.name.rsplit("-", 1)[1] for r in (out / "wandb").glob("offline-run-*")) == [run_id, run_id]
